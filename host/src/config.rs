@@ -1,0 +1,493 @@
+//! `pipeline.toml`: parsed once, at start, into typed structs.
+//!
+//! Every table refuses unknown keys, so a typo is an error that names the key
+//! and its line rather than a silently ignored setting. Checks that serde
+//! cannot express (ranges, a plugin file that must exist, …) run in
+//! [`PipelineConfig::check`] and are reported all together. Environment
+//! overrides from the seed (`REDIS_DEDUPE_TTL`, `FLUSH_INTERVAL_1M`,
+//! `FLUSH_INTERVAL_15M`, `DATABASE_URL`) are applied by
+//! [`PipelineConfig::apply_env`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{}: invalid configuration:\n{}", path.display(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+    #[error("environment variable {name}={value:?}: {message}")]
+    Env {
+        name: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+/// The whole of `pipeline.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub bus: BusConfig,
+    #[serde(default)]
+    pub dedupe: DedupeConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub windows: WindowsConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+    /// The rule plugins by name: `anomaly`, `overload`, `tariff`, `aggregate`.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// Per-region capacity and base price, keyed by region name.
+    #[serde(default)]
+    pub regions: BTreeMap<String, RegionConfig>,
+    /// Used for a region that is not listed under `[regions]`.
+    #[serde(default)]
+    pub region_defaults: RegionConfig,
+    /// Where relative paths in this file are resolved from (its folder).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest number of readings in one `POST /telemetry/batch`.
+    pub max_batch: usize,
+    /// Largest request body accepted, bytes.
+    pub max_body_bytes: usize,
+    /// Seconds returned in `Retry-After` when the pipeline is saturated.
+    pub retry_after_s: u32,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_batch: 1000,
+            max_body_bytes: 4 << 20,
+            retry_after_s: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// In-process, partitioned like Kafka.
+    Memory,
+    /// Apache Kafka (or a Kafka-protocol broker) via rdkafka.
+    Kafka,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    pub kind: BusKind,
+    /// Partitions of every topic (Kafka dev default: 3).
+    pub partitions: u32,
+    /// Records a partition may hold that its slowest consumer group has not
+    /// committed yet; past it, producers are refused (ingest answers 503).
+    pub max_lag_per_partition: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            kind: BusKind::Memory,
+            partitions: 3,
+            max_lag_per_partition: 200_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupeKind {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupeConfig {
+    pub kind: DedupeKind,
+    /// Seconds a `reading:{meterId}:{timestamp}` key is remembered
+    /// (env `REDIS_DEDUPE_TTL`).
+    pub reading_ttl_s: u64,
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        DedupeConfig {
+            kind: DedupeKind::Memory,
+            reading_ttl_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://path.db` or `postgres://…` (env `DATABASE_URL`).
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite://segs.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowsConfig {
+    /// How often open windows are examined and idle ones closed, seconds
+    /// (env `FLUSH_INTERVAL_1M`).
+    pub flush_interval_1m_s: u64,
+    /// The same for 15-minute windows (env `FLUSH_INTERVAL_15M`).
+    pub flush_interval_15m_s: u64,
+    /// How far behind the newest event time a reading may arrive and still
+    /// land in an open window, seconds.
+    pub allowed_lateness_s: u64,
+    /// Readings the per-meter baseline averages over (an exponentially
+    /// weighted mean once it has this many).
+    pub baseline_window: u32,
+    /// Readings per anomaly plugin call, at most.
+    pub anomaly_batch: usize,
+}
+
+impl Default for WindowsConfig {
+    fn default() -> Self {
+        WindowsConfig {
+            flush_interval_1m_s: 60,
+            flush_interval_15m_s: 900,
+            allowed_lateness_s: 5,
+            baseline_window: 30,
+            anomaly_batch: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Seconds an `alert:dedupe:{meterId}:{type}:{bucket}` key is kept.
+    pub dedupe_ttl_s: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig { dedupe_ttl_s: 300 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Bound of one plugin call, milliseconds.
+    pub call_timeout_ms: u64,
+    /// Largest linear memory of one plugin instance, MiB.
+    pub max_memory_mib: usize,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            call_timeout_ms: 500,
+            max_memory_mib: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Path of the component file, relative to pipeline.toml's folder.
+    pub component: PathBuf,
+    /// Handed to the plugin at load time; it may refuse it.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegionConfig {
+    /// Grid capacity of the region, kW: load % = total consumption / capacity.
+    pub capacity_kw: f64,
+    /// Base tariff of the region, per kWh.
+    pub base_price_per_kwh: f64,
+}
+
+impl Default for RegionConfig {
+    fn default() -> Self {
+        RegionConfig {
+            capacity_kw: 1000.0,
+            base_price_per_kwh: 6.5,
+        }
+    }
+}
+
+/// The plugins a pipeline must have.
+pub const PLUGIN_NAMES: [&str; 4] = ["anomaly", "overload", "tariff", "aggregate"];
+
+impl PipelineConfig {
+    /// Reads, parses and checks `path`.
+    pub fn load(path: &Path) -> Result<PipelineConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base_dir = path
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&text, path, base_dir)
+    }
+
+    /// Parses and checks TOML text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path, base_dir: PathBuf) -> Result<PipelineConfig, ConfigError> {
+        let mut cfg: PipelineConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.base_dir = base_dir;
+        cfg.check().map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot; returns every problem found.
+    pub fn check(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        let mut need = |ok: bool, msg: String| {
+            if !ok {
+                problems.push(msg);
+            }
+        };
+        need(
+            (1..=100_000).contains(&self.ingest.max_batch),
+            format!("ingest.max_batch = {}: must be 1..=100000", self.ingest.max_batch),
+        );
+        need(
+            self.ingest.max_body_bytes >= 1024,
+            "ingest.max_body_bytes: must be at least 1024".into(),
+        );
+        need(
+            (1..=1024).contains(&self.bus.partitions),
+            format!("bus.partitions = {}: must be 1..=1024", self.bus.partitions),
+        );
+        need(
+            self.bus.max_lag_per_partition >= 1000,
+            "bus.max_lag_per_partition: must be at least 1000".into(),
+        );
+        need(
+            self.windows.flush_interval_1m_s >= 1,
+            "windows.flush_interval_1m_s: must be at least 1".into(),
+        );
+        need(
+            self.windows.flush_interval_15m_s >= 1,
+            "windows.flush_interval_15m_s: must be at least 1".into(),
+        );
+        need(
+            self.windows.baseline_window >= 1,
+            "windows.baseline_window: must be at least 1".into(),
+        );
+        need(
+            self.windows.anomaly_batch >= 1,
+            "windows.anomaly_batch: must be at least 1".into(),
+        );
+        need(
+            self.sandbox.call_timeout_ms >= 1,
+            "sandbox.call_timeout_ms: must be at least 1".into(),
+        );
+        need(
+            self.sandbox.max_memory_mib >= 1,
+            "sandbox.max_memory_mib: must be at least 1".into(),
+        );
+        for name in PLUGIN_NAMES {
+            need(
+                self.plugins.contains_key(name),
+                format!("plugins.{name}: missing (every pipeline needs the {name} plugin)"),
+            );
+        }
+        for name in self.plugins.keys() {
+            need(
+                PLUGIN_NAMES.contains(&name.as_str()),
+                format!(
+                    "plugins.{name}: unknown plugin (known: {})",
+                    PLUGIN_NAMES.join(", ")
+                ),
+            );
+        }
+        let region_ok = |key: &str, r: &RegionConfig, problems: &mut Vec<String>| {
+            if !(r.capacity_kw.is_finite() && r.capacity_kw > 0.0) {
+                problems.push(format!("{key}.capacity_kw: must be a positive number"));
+            }
+            if !(r.base_price_per_kwh.is_finite() && r.base_price_per_kwh > 0.0) {
+                problems.push(format!("{key}.base_price_per_kwh: must be a positive number"));
+            }
+        };
+        region_ok("region_defaults", &self.region_defaults, &mut problems);
+        for (name, r) in &self.regions {
+            region_ok(&format!("regions.\"{name}\""), r, &mut problems);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Applies the seed's environment overrides.
+    pub fn apply_env(&mut self) -> Result<(), ConfigError> {
+        fn secs(name: &'static str) -> Result<Option<u64>, ConfigError> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .map(Some)
+                    .ok_or(ConfigError::Env {
+                        name,
+                        value: v,
+                        message: "expected a whole number of seconds, at least 1".into(),
+                    }),
+                Err(_) => Ok(None),
+            }
+        }
+        if let Some(v) = secs("REDIS_DEDUPE_TTL")? {
+            self.dedupe.reading_ttl_s = v;
+        }
+        if let Some(v) = secs("FLUSH_INTERVAL_1M")? {
+            self.windows.flush_interval_1m_s = v;
+        }
+        if let Some(v) = secs("FLUSH_INTERVAL_15M")? {
+            self.windows.flush_interval_15m_s = v;
+        }
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            if url.trim().is_empty() {
+                return Err(ConfigError::Env {
+                    name: "DATABASE_URL",
+                    value: url,
+                    message: "must not be empty".into(),
+                });
+            }
+            self.store.url = url;
+        }
+        Ok(())
+    }
+
+    /// A plugin's component path, resolved against the config file's folder.
+    pub fn component_path(&self, plugin: &str) -> Option<PathBuf> {
+        self.plugins
+            .get(plugin)
+            .map(|p| self.base_dir.join(&p.component))
+    }
+
+    /// Capacity and base price of `region` (the defaults if it is not listed).
+    pub fn region(&self, region: &str) -> &RegionConfig {
+        self.regions.get(region).unwrap_or(&self.region_defaults)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[plugins.anomaly]
+component = "a.wasm"
+[plugins.overload]
+component = "o.wasm"
+[plugins.tariff]
+component = "t.wasm"
+[plugins.aggregate]
+component = "g.wasm"
+"#;
+
+    fn parse(text: &str) -> Result<PipelineConfig, ConfigError> {
+        PipelineConfig::parse(text, Path::new("pipeline.toml"), PathBuf::from("/cfg"))
+    }
+
+    #[test]
+    fn the_shipped_pipeline_toml_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline.toml");
+        let cfg = PipelineConfig::load(&path).unwrap();
+        assert!(cfg.regions.contains_key("Mumbai-North"));
+        assert_eq!(cfg.plugins.len(), 4);
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = parse(MINIMAL).unwrap();
+        assert_eq!(cfg.ingest.max_batch, 1000);
+        assert_eq!(cfg.dedupe.reading_ttl_s, 60);
+        assert_eq!(cfg.windows.flush_interval_15m_s, 900);
+        assert_eq!(cfg.component_path("tariff").unwrap(), PathBuf::from("/cfg/t.wasm"));
+        assert_eq!(cfg.region("Nowhere").base_price_per_kwh, 6.5);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = parse(&format!("{MINIMAL}\n[windows]\nflush_interval_1m = 30\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flush_interval_1m"), "{err}");
+        assert!(err.contains("line 13"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = parse(&format!("{MINIMAL}\n[ingest]\nmax_batch = \"lots\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_batch"), "{err}");
+        assert!(err.contains("line 13"), "{err}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_at_once() {
+        let text = format!(
+            "{MINIMAL}\n[bus]\npartitions = 0\n[regions.\"X\"]\ncapacity_kw = -1\nbase_price_per_kwh = 0\n[plugins.magic]\ncomponent = \"m.wasm\"\n"
+        );
+        let ConfigError::Invalid { problems, .. } = parse(&text).unwrap_err() else {
+            panic!("expected Invalid");
+        };
+        let all = problems.join("\n");
+        assert!(all.contains("bus.partitions"), "{all}");
+        assert!(all.contains("regions.\"X\".capacity_kw"), "{all}");
+        assert!(all.contains("regions.\"X\".base_price_per_kwh"), "{all}");
+        assert!(all.contains("plugins.magic"), "{all}");
+    }
+
+    #[test]
+    fn missing_plugin_is_named() {
+        let err = parse("[plugins.anomaly]\ncomponent = \"a.wasm\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("plugins.overload: missing"), "{err}");
+    }
+}

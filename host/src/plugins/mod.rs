@@ -1,0 +1,297 @@
+//! The plugin runtime: loads rule components with wasmtime, gives them their
+//! config, and calls them once per batch inside a sandbox.
+//!
+//! Owns the wasmtime `Engine`, the epoch ticker that bounds every call, the
+//! per-instance memory cap, and the recovery after a trap (the instance is
+//! rebuilt from its pre-instantiated form and configured again before the next
+//! call). It does not know where batches come from or what is done with the
+//! decisions: that is the pipeline's business.
+//!
+//! Sandbox: guests are linked against WASI preview 2 (the Rust standard
+//! library needs it) with an empty `WasiCtx`: no preopened directories, no
+//! environment, no arguments, no sockets, stdio closed.
+
+mod bindings;
+mod rules;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+pub use bindings::{ConfigValue, Severity};
+pub use rules::{
+    AggregateRule, AnomalyRule, OverloadRule, TariffRule, aggregate, anomaly, overload, tariff,
+};
+
+/// How often the epoch ticker advances the engine's epoch.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Limits every guest call runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Wall-clock bound of one call (rounded up to the epoch tick).
+    pub call_timeout: Duration,
+    /// Largest linear memory a guest may grow to, in bytes.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            call_timeout: Duration::from_millis(500),
+            max_memory_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("plugin `{name}`: cannot read {}: {source}", path.display())]
+    Read {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "plugin `{name}`: {} is not a valid {world} component: {reason}",
+        path.display()
+    )]
+    Invalid {
+        name: String,
+        path: PathBuf,
+        world: &'static str,
+        reason: String,
+    },
+    #[error("plugin `{name}` refused its config: {message}")]
+    Config { name: String, message: String },
+    #[error("plugin `{name}`: config key `{key}`: {message}")]
+    ConfigValue {
+        name: String,
+        key: String,
+        message: String,
+    },
+    #[error("plugin `{name}` failed during `{call}`: {reason}")]
+    Trap {
+        name: String,
+        call: &'static str,
+        reason: String,
+    },
+    #[error("plugin `{name}`: `{call}` returned {got} results for {expected} inputs")]
+    Contract {
+        name: String,
+        call: &'static str,
+        expected: usize,
+        got: usize,
+    },
+}
+
+/// Identity of a loaded component, for listings and logs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PluginVersion {
+    pub name: String,
+    pub path: PathBuf,
+    /// SHA-256 of the component file, hex.
+    pub sha256: String,
+    /// When it was loaded, RFC 3339.
+    pub loaded_at: String,
+}
+
+/// The shared wasmtime engine and linker. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<GuestState>>,
+    limits: Limits,
+}
+
+impl Runtime {
+    pub fn new(limits: Limits) -> Result<Runtime, wasmtime::Error> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        spawn_epoch_ticker(engine.weak());
+        Ok(Runtime {
+            engine,
+            linker: Arc::new(linker),
+            limits,
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Reads and compiles a component file. Compilation is the slow part of a
+    /// load (tens to hundreds of milliseconds): keep it off the hot path.
+    fn compile(
+        &self,
+        name: &str,
+        path: &Path,
+        world: &'static str,
+    ) -> Result<(Component, PluginVersion), PluginError> {
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |reason: String| PluginError::Invalid {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            world,
+            reason,
+        };
+        if !is_component(&bytes) {
+            return Err(invalid(
+                "it is a core wasm module or not wasm at all; build it as a component \
+                 (`cargo xtask build-plugins` targets wasm32-wasip2)"
+                    .into(),
+            ));
+        }
+        let component =
+            Component::new(&self.engine, &bytes).map_err(|e| invalid(format!("{e:#}")))?;
+        let version = PluginVersion {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            sha256: hex(&Sha256::digest(&bytes)),
+            loaded_at: crate::time::format_rfc3339_ms(crate::time::now_ms()),
+        };
+        Ok((component, version))
+    }
+
+    fn new_store(&self) -> Store<GuestState> {
+        let state = GuestState {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.limits.max_memory_bytes)
+                .instances(4)
+                .tables(16)
+                .memories(4)
+                .build(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(u64::MAX / 2);
+        store
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        let ticks = self.limits.call_timeout.as_micros() / EPOCH_TICK.as_micros();
+        (ticks as u64).max(1) + 1
+    }
+}
+
+/// What a store holds for its guest: a closed WASI context and the limits.
+pub struct GuestState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+}
+
+impl WasiView for GuestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Advances the engine epoch every [`EPOCH_TICK`] until the engine is dropped.
+fn spawn_epoch_ticker(engine: wasmtime::EngineWeak) {
+    std::thread::Builder::new()
+        .name("segs-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = engine.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .expect("spawning the epoch ticker thread");
+}
+
+/// A component binary starts with the wasm magic and a layer-1 version
+/// (core modules have layer 0).
+fn is_component(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[0..4] == *b"\0asm" && bytes[6..8] == [1, 0]
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Turns a `[plugins.<name>.config]` TOML table into the WIT config list.
+/// Nested tables and arrays are refused here, naming the key.
+pub fn config_from_toml(
+    name: &str,
+    table: &toml::Table,
+) -> Result<Vec<(String, ConfigValue)>, PluginError> {
+    table
+        .iter()
+        .map(|(key, value)| {
+            let v = match value {
+                toml::Value::Float(f) => ConfigValue::Float(*f),
+                toml::Value::Integer(i) => ConfigValue::Integer(*i),
+                toml::Value::Boolean(b) => ConfigValue::Boolean(*b),
+                toml::Value::String(s) => ConfigValue::Text(s.clone()),
+                other => {
+                    return Err(PluginError::ConfigValue {
+                        name: name.to_owned(),
+                        key: key.clone(),
+                        message: format!(
+                            "a {} is not supported; plugin config values are numbers, booleans or strings",
+                            other.type_str()
+                        ),
+                    });
+                }
+            };
+            Ok((key.clone(), v))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_components_from_core_modules() {
+        assert!(is_component(b"\0asm\x0d\0\x01\0"));
+        assert!(!is_component(b"\0asm\x01\0\0\0"));
+        assert!(!is_component(b"hello wo"));
+        assert!(!is_component(b""));
+    }
+
+    #[test]
+    fn config_refuses_nested_values_naming_the_key() {
+        let table: toml::Table = toml::from_str("a = 1\nb = [1, 2]").unwrap();
+        let err = config_from_toml("anomaly", &table).unwrap_err().to_string();
+        assert!(err.contains("`b`"), "{err}");
+        assert!(err.contains("array"), "{err}");
+    }
+
+    #[test]
+    fn config_maps_scalars() {
+        let table: toml::Table = toml::from_str("f = 1.5\ni = 10\nb = true\ns = 'x'").unwrap();
+        let cfg = config_from_toml("anomaly", &table).unwrap();
+        assert_eq!(cfg.len(), 4);
+        assert!(
+            cfg.iter()
+                .any(|(k, v)| k == "i" && matches!(v, ConfigValue::Integer(10)))
+        );
+    }
+}
