@@ -148,12 +148,15 @@ impl Default for DedupeConfig {
 pub struct StoreConfig {
     /// `sqlite://path.db` or `postgres://…` (env `DATABASE_URL`).
     pub url: String,
+    /// Keep every reading in `raw_readings` (7-day retention).
+    pub archive_raw_readings: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             url: "sqlite://segs.db".into(),
+            archive_raw_readings: true,
         }
     }
 }

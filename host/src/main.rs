@@ -1,1 +1,266 @@
-fn main() {}
+//! The `segs` binary: the command line, logging, and the live status line.
+//! Everything else lives in the library; this is the only place `anyhow` is
+//! used.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use segs::app::App;
+use segs::config::PipelineConfig;
+use segs::simulator::{self, Mode, SendTarget, SimConfig, SimStats};
+
+#[derive(Parser)]
+#[command(name = "segs", version, about = "Smart Energy Grid stream host")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline: HTTP ingest, windows, rule plugins, store, read API.
+    /// With no arguments: the embedded default with the built-in simulator.
+    Run(RunArgs),
+    /// Send simulated smart-meter telemetry to a segs server.
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The pipeline file.
+    #[arg(long, default_value = "pipeline.toml", env = "SEGS_CONFIG")]
+    config: PathBuf,
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "SEGS_LISTEN")]
+    listen: SocketAddr,
+    /// Serve only: do not start the built-in simulator.
+    #[arg(long)]
+    no_simulator: bool,
+    #[command(flatten)]
+    sim: SimArgs,
+    /// Simulated seconds per real second for the built-in simulator
+    /// (1 = real time).
+    #[arg(long, default_value_t = 10.0)]
+    speedup: f64,
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Virtual meters.
+    #[arg(long, default_value_t = 200)]
+    meters: u32,
+    /// Seconds of simulated time between two readings of a meter.
+    #[arg(long, default_value_t = 10)]
+    interval: u32,
+    /// Simulation mode.
+    #[arg(long, value_enum, default_value_t = ModeArg::Normal)]
+    mode: ModeArg,
+    /// Seed of the generated stream (same seed, same readings).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// No scripted spike / outage / regional surge.
+    #[arg(long)]
+    no_phases: bool,
+    /// Share of readings sent twice, to exercise dedupe (0..1).
+    #[arg(long, default_value_t = 0.01)]
+    duplicates: f64,
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Base URL of the segs server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    #[command(flatten)]
+    sim: SimArgs,
+    /// Readings per second (default: as fast as the server answers, or real
+    /// time with --realtime).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Stop after this many ticks (one reading per meter each).
+    #[arg(long)]
+    ticks: Option<u64>,
+    /// Readings per request.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Send tick k at k × interval after the start (live), not as fast as
+    /// possible.
+    #[arg(long)]
+    realtime: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Normal,
+    Peak,
+    Outage,
+}
+
+impl SimArgs {
+    fn config(&self) -> SimConfig {
+        let mut cfg = SimConfig {
+            meters: self.meters,
+            interval_s: self.interval,
+            mode: match self.mode {
+                ModeArg::Normal => Mode::Normal,
+                ModeArg::Peak => Mode::Peak,
+                ModeArg::Outage => Mode::Outage,
+            },
+            seed: self.seed,
+            duplicate_ratio: self.duplicates,
+            ..SimConfig::default()
+        };
+        cfg.start_ms = segs::time::window_start(segs::time::now_ms(), i64::from(self.interval) * 1000);
+        if !self.no_phases {
+            cfg.phases = simulator::default_phases(cfg.meters, &cfg.regions, cfg.interval_s);
+        }
+        cfg
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SEGS_LOG")
+                .unwrap_or_else(|_| "warn,segs=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    rt.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Simulate(args) => simulate(args).await,
+        }
+    })
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let mut config = PipelineConfig::load(&args.config)?;
+    config.apply_env()?;
+    let store_url = config.store.url.clone();
+    let app = App::start(config, args.listen)
+        .await
+        .context("segs could not start")?;
+    let base = format!("http://{}", app.addr);
+    println!("segs is running: HTTP API on {base}, store {store_url}");
+    for p in &app.plugins {
+        println!(
+            "  plugin {:<9} {} (sha256 {})",
+            p.name,
+            p.path.display(),
+            &p.sha256[..12]
+        );
+    }
+    println!(
+        "try:\n  curl -s {base}/alerts | jq\n  curl -s {base}/tariffs/current | jq\n  \
+         curl -s '{base}/aggregates/regional?limit=8' | jq\n  curl -s {base}/healthz | jq\n  \
+         sqlite3 segs.db 'select type, severity, meter_id, region, message from alerts'"
+    );
+
+    let sim_stats = SimStats::new();
+    let sim = if args.no_simulator {
+        None
+    } else {
+        let cfg = args.sim.config();
+        let per_second = f64::from(cfg.meters) / f64::from(cfg.interval_s) * args.speedup.max(0.01);
+        println!(
+            "simulator: {} meters every {} s (simulated), {:.0}x real time, seed {}{}",
+            cfg.meters,
+            cfg.interval_s,
+            args.speedup,
+            cfg.seed,
+            if cfg.phases.is_empty() {
+                String::new()
+            } else {
+                ", with a scripted spike, outage and regional surge".to_owned()
+            }
+        );
+        let target = SendTarget {
+            url: base.clone(),
+            batch_size: 1000,
+            rate: Some(per_second),
+            realtime: args.speedup == 1.0,
+            ..SendTarget::default()
+        };
+        let stats = sim_stats.clone();
+        Some(tokio::spawn(async move { simulator::run(cfg, target, stats).await }))
+    };
+
+    let status = tokio::spawn(status_line(app.ctx.clone(), sim_stats.clone()));
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    println!("\nstopping: closing open windows and storing them…");
+    sim_stats.request_stop();
+    if let Some(sim) = sim {
+        let _ = sim.await;
+    }
+    status.abort();
+    app.shutdown().await;
+    println!("stopped.");
+    Ok(())
+}
+
+/// Prints one status line every two seconds.
+async fn status_line(ctx: segs::pipeline::Context, sim: Arc<SimStats>) {
+    let mut last = (Instant::now(), 0u64);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let m = &ctx.metrics;
+        let accepted = m.accepted.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let rate = (accepted - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+        last = (now, accepted);
+        let tariffs = match ctx.store.current_tariffs().await {
+            Ok(t) => t
+                .iter()
+                .map(|t| format!("{} {:.2}", t.region, t.price_per_kwh))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(_) => "?".into(),
+        };
+        println!(
+            "{:>7.0} readings/s | accepted {} dup {} | windows {} | alerts {} (deduped {}) | tariffs: {} | sim sent {}",
+            rate,
+            accepted,
+            m.duplicates.load(Ordering::Relaxed),
+            m.windows_closed.load(Ordering::Relaxed),
+            m.alerts_stored.load(Ordering::Relaxed),
+            m.alerts_deduplicated.load(Ordering::Relaxed),
+            if tariffs.is_empty() { "base".to_owned() } else { tariffs },
+            sim.sent.load(Ordering::Relaxed),
+        );
+    }
+}
+
+async fn simulate(args: SimulateArgs) -> Result<()> {
+    let cfg = args.sim.config();
+    let target = SendTarget {
+        url: args.url,
+        batch_size: args.batch_size,
+        rate: args.rate,
+        duration: args.duration.map(Duration::from_secs),
+        ticks: args.ticks,
+        realtime: args.realtime,
+    };
+    let stats = SimStats::new();
+    let stopper = stats.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            stopper.request_stop();
+        }
+    });
+    let summary = simulator::run(cfg, target, stats).await?;
+    println!("{summary:?}");
+    Ok(())
+}

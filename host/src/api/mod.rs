@@ -1,0 +1,317 @@
+//! The HTTP API: the router with ingest's endpoints and the read API over the
+//! store (alerts, tariffs, aggregates), plus `/healthz`.
+//!
+//! Rows are returned as JSON with the seed's column names (snake_case).
+//! Every bad query parameter or body gets a 400 with a JSON body naming the
+//! field. Alert status changes are also published to `alert_status_updates`.
+//!
+//! Must not: compute aggregates or run rules.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::bus::{Bus, Topic};
+use crate::ingest::{self, IngestState};
+use crate::pipeline::{Metrics, status_update_payload};
+use crate::store::{AggregateQuery, AlertFilter, Store, Transition, WindowWidth};
+
+/// What the read API needs.
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The whole HTTP surface of segs.
+pub fn router(ingest: IngestState, api: ApiState) -> Router {
+    let limit = ingest.max_body_bytes;
+    let telemetry = Router::new()
+        .route("/telemetry/batch", post(ingest::post_batch))
+        .route("/telemetry", post(ingest::post_one))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(ingest);
+    let read = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/alerts", get(list_alerts))
+        .route("/alerts/{id}/acknowledge", post(acknowledge))
+        .route("/alerts/{id}/resolve", post(resolve))
+        .route("/tariffs/current", get(current_tariffs))
+        .route("/tariffs", get(tariff_history))
+        .route("/aggregates/1m", get(aggregates_1m))
+        .route("/aggregates/15m", get(aggregates_15m))
+        .route("/aggregates/regional", get(aggregates_regional))
+        .with_state(api);
+    telemetry.merge(read).fallback(not_found)
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "not_found", "no such endpoint".into(), vec![])
+}
+
+fn error(status: StatusCode, code: &str, message: String, details: Vec<Value>) -> Response {
+    (status, Json(json!({ "error": code, "message": message, "details": details }))).into_response()
+}
+
+fn bad_request(field: &str, message: impl Into<String>) -> Response {
+    let message = message.into();
+    error(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        format!("{field}: {message}"),
+        vec![json!({ "field": field, "message": message })],
+    )
+}
+
+fn store_failed(e: crate::store::StoreError) -> Response {
+    tracing::error!(error = %e, "read API: store call failed");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        e.to_string(),
+        vec![],
+    )
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Response> {
+    q.map(|Query(t)| t).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            e.body_text(),
+            vec![],
+        )
+    })
+}
+
+fn limit(l: Option<u32>) -> Result<u32, Response> {
+    match l {
+        None => Ok(100),
+        Some(n @ 1..=10_000) => Ok(n),
+        Some(_) => Err(bad_request("limit", "must be 1..=10000")),
+    }
+}
+
+fn instant(field: &str, v: Option<&str>) -> Result<Option<i64>, Response> {
+    match v {
+        None => Ok(None),
+        Some(s) => crate::time::parse_rfc3339_ms(s)
+            .map(Some)
+            .ok_or_else(|| bad_request(field, "must be an RFC 3339 timestamp with a zone")),
+    }
+}
+
+async fn healthz(State(s): State<ApiState>) -> Response {
+    Json(json!({ "status": "ok", "metrics": s.metrics.snapshot() })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertParams {
+    region: Option<String>,
+    status: Option<String>,
+    #[serde(rename = "type")]
+    alert_type: Option<String>,
+    severity: Option<String>,
+    meter_id: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_alerts(State(s): State<ApiState>, q: Result<Query<AlertParams>, QueryRejection>) -> Response {
+    let p = match query(q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if let Some(st) = &p.status {
+        if !["active", "acknowledged", "resolved"].contains(&st.as_str()) {
+            return bad_request("status", "must be active, acknowledged or resolved");
+        }
+    }
+    if let Some(sev) = &p.severity {
+        if !["low", "medium", "high", "critical"].contains(&sev.as_str()) {
+            return bad_request("severity", "must be low, medium, high or critical");
+        }
+    }
+    let limit = match limit(p.limit) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let filter = AlertFilter {
+        region: p.region,
+        status: p.status,
+        alert_type: p.alert_type,
+        severity: p.severity,
+        meter_id: p.meter_id,
+        limit,
+    };
+    match s.store.list_alerts(&filter).await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => store_failed(e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ByBody {
+    by: Option<String>,
+}
+
+fn alert_id(id: &str) -> Result<uuid::Uuid, Response> {
+    id.parse()
+        .map_err(|_| bad_request("id", "must be a UUID"))
+}
+
+async fn acknowledge(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    body: Result<Json<ByBody>, JsonRejection>,
+) -> Response {
+    let id = match alert_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let by = match body {
+        Ok(Json(ByBody { by: Some(by) })) if !by.trim().is_empty() => by,
+        Ok(_) => return bad_request("by", "required: who acknowledges the alert"),
+        Err(e) => return bad_request("body", e.body_text()),
+    };
+    let now = crate::time::now_ms();
+    let t = s.store.acknowledge_alert(id, &by, now).await;
+    transition(&s, t, Some(&by), now).await
+}
+
+async fn resolve(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    body: Option<Json<ByBody>>,
+) -> Response {
+    let id = match alert_id(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let by = body.and_then(|Json(b)| b.by);
+    let now = crate::time::now_ms();
+    let t = s.store.resolve_alert(id, now).await;
+    transition(&s, t, by.as_deref(), now).await
+}
+
+async fn transition(
+    s: &ApiState,
+    t: Result<Transition, crate::store::StoreError>,
+    by: Option<&str>,
+    now: i64,
+) -> Response {
+    match t {
+        Ok(Transition::Changed { from, row }) => {
+            let value = status_update_payload(&row, &from, by, now);
+            let record = crate::bus::Record::new(
+                bytes::Bytes::from(row.id.to_string()),
+                bytes::Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
+                now,
+            );
+            if let Err(e) = s.bus.produce(Topic::AlertStatusUpdates, vec![record]).await {
+                tracing::error!(error = %e, "could not publish an alert status update");
+            }
+            Json(row).into_response()
+        }
+        Ok(Transition::Unchanged(row)) => Json(row).into_response(),
+        Ok(Transition::NotFound) => error(StatusCode::NOT_FOUND, "not_found", "no alert with that id".into(), vec![]),
+        Ok(Transition::Refused { status }) => error(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("the alert is {status}; that change is not allowed"),
+            vec![],
+        ),
+        Err(e) => store_failed(e),
+    }
+}
+
+async fn current_tariffs(State(s): State<ApiState>) -> Response {
+    match s.store.current_tariffs().await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => store_failed(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TariffParams {
+    region: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn tariff_history(State(s): State<ApiState>, q: Result<Query<TariffParams>, QueryRejection>) -> Response {
+    let p = match query(q) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let limit = match limit(p.limit) {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    match s.store.tariff_history(p.region.as_deref(), limit).await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => store_failed(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AggregateParams {
+    meter_id: Option<String>,
+    region: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<u32>,
+}
+
+fn aggregate_query(p: AggregateParams) -> Result<AggregateQuery, Response> {
+    Ok(AggregateQuery {
+        from_ms: instant("from", p.from.as_deref())?,
+        to_ms: instant("to", p.to.as_deref())?,
+        limit: limit(p.limit)?,
+        meter_id: p.meter_id,
+        region: p.region,
+    })
+}
+
+async fn meter_aggregates(s: ApiState, width: WindowWidth, q: Result<Query<AggregateParams>, QueryRejection>) -> Response {
+    let q = match query(q).and_then(aggregate_query) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    match s.store.meter_aggregates(width, &q).await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => store_failed(e),
+    }
+}
+
+async fn aggregates_1m(State(s): State<ApiState>, q: Result<Query<AggregateParams>, QueryRejection>) -> Response {
+    meter_aggregates(s, WindowWidth::OneMinute, q).await
+}
+
+async fn aggregates_15m(State(s): State<ApiState>, q: Result<Query<AggregateParams>, QueryRejection>) -> Response {
+    meter_aggregates(s, WindowWidth::FifteenMinutes, q).await
+}
+
+async fn aggregates_regional(State(s): State<ApiState>, q: Result<Query<AggregateParams>, QueryRejection>) -> Response {
+    let q = match query(q).and_then(aggregate_query) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    if q.meter_id.is_some() {
+        return bad_request("meter_id", "not a filter of regional aggregates");
+    }
+    match s.store.regional_aggregates(&q).await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => store_failed(e),
+    }
+}

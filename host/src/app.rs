@@ -1,0 +1,166 @@
+//! Assembling a running segs from its config: the bus, dedupe and store
+//! implementations the config names, the plugin runtime and the four rules,
+//! the pipeline stages, and the HTTP server.
+//!
+//! `segs run` and the end-to-end tests both go through [`App::start`], so the
+//! tests exercise the code path operators run.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, ApiState};
+use crate::bus::{Bus, MemoryBus};
+use crate::config::{BusKind, DedupeKind, PipelineConfig};
+use crate::dedupe::{Dedupe, MemoryDedupe, RedisDedupe};
+use crate::ingest::IngestState;
+use crate::pipeline::{self, Context, Metrics, PipelineError, Plugins, Running};
+use crate::plugins::{Limits, PluginVersion, Runtime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("store {url}: {source}")]
+    Store {
+        url: String,
+        source: crate::store::StoreError,
+    },
+    #[error("dedupe: {0}")]
+    Dedupe(#[from] crate::dedupe::DedupeError),
+    #[error("bus.kind = \"kafka\": the Kafka bus is not available in this build yet; use kind = \"memory\"")]
+    KafkaUnavailable,
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("wasmtime: {0}")]
+    Runtime(String),
+}
+
+/// A running segs: HTTP server plus pipeline.
+pub struct App {
+    /// Where the HTTP server listens (the real port when 0 was asked for).
+    pub addr: SocketAddr,
+    pub ctx: Context,
+    /// The rule components in use.
+    pub plugins: Vec<PluginVersion>,
+    running: Running,
+    server: JoinHandle<()>,
+    stop_server: oneshot::Sender<()>,
+}
+
+impl App {
+    /// Builds everything `config` names, loads and checks the plugins, starts
+    /// the stages and serves HTTP on `listen`. Any refusal (a bad component,
+    /// a config a plugin rejects, an unreachable store) stops the start
+    /// before anything is served.
+    pub async fn start(config: PipelineConfig, listen: SocketAddr) -> Result<App, AppError> {
+        let config = Arc::new(config);
+        let bus: Arc<dyn Bus> = match config.bus.kind {
+            BusKind::Memory => Arc::new(MemoryBus::new(
+                config.bus.partitions,
+                config.bus.max_lag_per_partition,
+            )),
+            BusKind::Kafka => return Err(AppError::KafkaUnavailable),
+        };
+        let dedupe: Arc<dyn Dedupe> = match config.dedupe.kind {
+            DedupeKind::Memory => {
+                let d = Arc::new(MemoryDedupe::new());
+                d.clone().spawn_sweeper(Duration::from_secs(10));
+                d
+            }
+            DedupeKind::Redis => {
+                let url = std::env::var("REDIS_URL")
+                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+                Arc::new(RedisDedupe::connect(&url).await?)
+            }
+        };
+        let store = crate::store::open(&config.store.url)
+            .await
+            .map_err(|source| AppError::Store {
+                url: config.store.url.clone(),
+                source,
+            })?;
+
+        let runtime = Runtime::new(Limits {
+            call_timeout: Duration::from_millis(config.sandbox.call_timeout_ms),
+            max_memory_bytes: config.sandbox.max_memory_mib << 20,
+        })
+        .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
+        let plugins = Plugins::load(&config, &runtime)?;
+        let versions = vec![
+            plugins.anomaly.version().clone(),
+            plugins.overload.version().clone(),
+            plugins.tariff.version().clone(),
+            plugins.aggregate.version().clone(),
+        ];
+
+        let metrics = Arc::new(Metrics::default());
+        let ctx = Context {
+            config: config.clone(),
+            bus: bus.clone(),
+            dedupe: dedupe.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+        };
+        let running = pipeline::start(ctx.clone(), plugins).await?;
+
+        let ingest = IngestState {
+            bus: bus.clone(),
+            dedupe,
+            metrics: metrics.clone(),
+            max_batch: config.ingest.max_batch,
+            max_body_bytes: config.ingest.max_body_bytes,
+            reading_ttl: Duration::from_secs(config.dedupe.reading_ttl_s),
+            retry_after_s: config.ingest.retry_after_s,
+        };
+        let api = ApiState {
+            store,
+            bus,
+            metrics,
+        };
+        let router = api::router(ingest, api);
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| AppError::Listen {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| AppError::Listen {
+            addr: listen,
+            source,
+        })?;
+        let (stop_server, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async {
+                let _ = stopped.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+        Ok(App {
+            addr,
+            ctx,
+            plugins: versions,
+            running,
+            server,
+            stop_server,
+        })
+    }
+
+    /// Stops taking requests, then lets the pipeline finish what it holds:
+    /// open windows are closed, stored and published; alerts and tariffs
+    /// derived from them are stored.
+    pub async fn shutdown(self) {
+        let _ = self.stop_server.send(());
+        let _ = self.server.await;
+        self.running.shutdown().await;
+    }
+}

@@ -1,0 +1,251 @@
+//! The alert stage (`alert-group` on `alerts` and `aggregates_1m_regional`):
+//! the overload rule over regional windows, alert dedupe, the `alerts`
+//! table, and `alerts_processed`.
+//!
+//! The overload rule's state (consecutive overloaded windows per region) is
+//! kept here, passed into each call and taken back from its answer, so a
+//! plugin swap or restart does not reset an incident in progress.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::{Context, POLL_MAX, POLL_WAIT, json_record, publish, with_retry};
+use crate::bus::{Consumer, Delivered, Topic};
+use crate::dedupe::KeyBatch;
+use crate::plugins::{OverloadRule, overload};
+use crate::store::{AlertRow, NewAlert};
+
+pub struct AlertStage {
+    ctx: Context,
+    overload: OverloadRule,
+    consecutive: HashMap<String, u32>,
+}
+
+/// A regional window as read off `aggregates_1m_regional`.
+struct RegionalWindow {
+    region: String,
+    timestamp_ms: i64,
+    load_percentage: f64,
+    total_consumption: f64,
+    capacity_kw: f64,
+}
+
+impl AlertStage {
+    pub fn new(ctx: Context, overload: OverloadRule) -> AlertStage {
+        AlertStage {
+            ctx,
+            overload,
+            consecutive: HashMap::new(),
+        }
+    }
+
+    pub async fn run(mut self, mut consumer: Box<dyn Consumer>, stop: watch::Receiver<bool>) {
+        loop {
+            // Drain what is there before honouring a stop, so alerts raised
+            // by the stream stage's final flush are stored.
+            let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "alert stage: poll failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if records.is_empty() {
+                if *stop.borrow() {
+                    break;
+                }
+                continue;
+            }
+            self.process(&records).await;
+            if let Err(e) = consumer.commit().await {
+                tracing::error!(error = %e, "alert stage: commit failed");
+            }
+        }
+    }
+
+    async fn process(&mut self, records: &[Delivered]) {
+        let mut regional = Vec::new();
+        for d in records {
+            let value: Value = match serde_json::from_slice(&d.record.value) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(topic = d.topic.name(), offset = d.offset, error = %e, "skipping a record that is not JSON");
+                    continue;
+                }
+            };
+            match d.topic {
+                Topic::Alerts => {
+                    // Keep order: regional windows seen so far go first.
+                    self.evaluate_overload(std::mem::take(&mut regional)).await;
+                    self.raise(value).await;
+                }
+                Topic::Aggregates1mRegional => match parse_regional(&value) {
+                    Some(w) => regional.push(w),
+                    None => {
+                        self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+                _ => {}
+            }
+        }
+        self.evaluate_overload(regional).await;
+    }
+
+    /// Runs the overload rule over regional windows in order. A region's
+    /// state chains from one window to the next, so a call holds each region
+    /// at most once.
+    async fn evaluate_overload(&mut self, windows: Vec<RegionalWindow>) {
+        let mut rest = windows.as_slice();
+        while !rest.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            let n = rest
+                .iter()
+                .take_while(|w| seen.insert(w.region.as_str()))
+                .count();
+            let (round, tail) = rest.split_at(n);
+            rest = tail;
+            let inputs: Vec<overload::RegionWindow> = round
+                .iter()
+                .map(|w| overload::RegionWindow {
+                    load_percentage: w.load_percentage,
+                    total_consumption: w.total_consumption,
+                    capacity_kw: w.capacity_kw,
+                    consecutive: self.consecutive.get(&w.region).copied().unwrap_or(0),
+                })
+                .collect();
+            let decisions = match self.overload.evaluate(&inputs) {
+                Ok(d) => d,
+                Err(e) => {
+                    // Policy: state stays as it was; this round raises nothing.
+                    self.ctx.metrics.plugin_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "overload round skipped");
+                    continue;
+                }
+            };
+            for (w, d) in round.iter().zip(decisions) {
+                self.consecutive.insert(w.region.clone(), d.consecutive);
+                if let Some(alert) = d.alert {
+                    let value = json!({
+                        "id": uuid::Uuid::new_v4(),
+                        "type": "OVERLOAD",
+                        "severity": super::stream::severity_name(alert.severity),
+                        "meter_id": Value::Null,
+                        "region": w.region,
+                        "timestamp": crate::time::format_rfc3339_ms(w.timestamp_ms),
+                        "message": alert.message,
+                        "metadata": {
+                            "load_percentage": w.load_percentage,
+                            "total_consumption": w.total_consumption,
+                            "capacity": w.capacity_kw,
+                            "consecutive_windows": d.consecutive,
+                        },
+                    });
+                    self.raise(value).await;
+                }
+            }
+        }
+    }
+
+    /// Dedupe, store, publish one alert.
+    async fn raise(&mut self, alert: Value) {
+        let Some(new) = parse_alert(&alert) else {
+            self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%alert, "skipping an alert without id/type/severity/timestamp");
+            return;
+        };
+        let ttl = Duration::from_secs(self.ctx.config.alerts.dedupe_ttl_s);
+        let bucket = new.timestamp_ms.div_euclid(ttl.as_millis().max(1) as i64);
+        let subject = new
+            .meter_id
+            .as_deref()
+            .or(new.region.as_deref())
+            .unwrap_or("-");
+        let mut keys = KeyBatch::default();
+        keys.push_with(|k| {
+            use std::fmt::Write as _;
+            let _ = write!(k, "alert:dedupe:{subject}:{}:{bucket}", new.alert_type);
+        });
+        match self.ctx.dedupe.check_and_mark(&keys, ttl).await {
+            Ok(fresh) if !fresh[0] => {
+                self.ctx
+                    .metrics
+                    .alerts_deduplicated
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Without dedupe we would rather store a repeat than lose one.
+                tracing::warn!(error = %e, "alert dedupe unavailable; storing anyway");
+            }
+        }
+        let store = self.ctx.store.clone();
+        let row = with_retry(&self.ctx, "insert alert", || store.insert_alert(&new)).await;
+        self.ctx.metrics.alerts_stored.fetch_add(1, Ordering::Relaxed);
+        let now = crate::time::now_ms();
+        let value = processed_payload(&row, now);
+        let key = row.id.to_string();
+        let record = json_record(&key, &value, &[("type", &row.alert_type), ("severity", &row.severity)], now);
+        publish(&self.ctx, Topic::AlertsProcessed, vec![record]).await;
+    }
+}
+
+/// The seed's `alerts_processed` payload.
+pub fn processed_payload(row: &AlertRow, now_ms: i64) -> Value {
+    json!({
+        "alertId": row.id,
+        "type": row.alert_type,
+        "severity": row.severity,
+        "meterId": row.meter_id,
+        "region": row.region,
+        "message": row.message,
+        "status": row.status,
+        "timestamp": crate::time::format_rfc3339_ms(row.timestamp_ms),
+        "processedAt": crate::time::format_rfc3339_ms(now_ms),
+    })
+}
+
+/// The `alert_status_updates` payload of a status change.
+pub fn status_update_payload(row: &AlertRow, previous: &str, by: Option<&str>, now_ms: i64) -> Value {
+    json!({
+        "alertId": row.id,
+        "type": row.alert_type,
+        "region": row.region,
+        "meterId": row.meter_id,
+        "status": row.status,
+        "previousStatus": previous,
+        "by": by,
+        "timestamp": crate::time::format_rfc3339_ms(now_ms),
+    })
+}
+
+fn parse_alert(v: &Value) -> Option<NewAlert> {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    Some(NewAlert {
+        id: s("id")?.parse().ok()?,
+        alert_type: s("type")?,
+        severity: s("severity")?,
+        region: s("region"),
+        meter_id: s("meter_id"),
+        message: s("message").unwrap_or_default(),
+        timestamp_ms: crate::time::parse_rfc3339_ms(v.get("timestamp")?.as_str()?)?,
+        metadata: v.get("metadata").cloned().unwrap_or_else(|| json!({})),
+    })
+}
+
+fn parse_regional(v: &Value) -> Option<RegionalWindow> {
+    Some(RegionalWindow {
+        region: v.get("region")?.as_str()?.to_owned(),
+        timestamp_ms: crate::time::parse_rfc3339_ms(v.get("timestamp")?.as_str()?)?,
+        load_percentage: v.get("load_percentage")?.as_f64()?,
+        total_consumption: v.get("total_consumption")?.as_f64()?,
+        capacity_kw: v.get("capacity_kw").and_then(Value::as_f64).unwrap_or(0.0),
+    })
+}

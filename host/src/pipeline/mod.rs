@@ -1,0 +1,288 @@
+//! The pipeline: the stages between the bus topics, wired as in the seed.
+//!
+//! ```text
+//! telemetry-readings ─▶ stream (windows + anomaly + aggregate) ─▶ alerts, aggregates_1m,
+//!                    │                                            aggregates_15m, aggregates_1m_regional
+//!                    └▶ archive (raw_readings)
+//! alerts, aggregates_1m_regional ─▶ alert stage (overload, dedupe, store) ─▶ alerts_processed
+//! aggregates_1m_regional ─▶ tariff stage (tariff rule, store) ─▶ tariff_updates
+//! ```
+//!
+//! Stages talk only through the bus, each in its own consumer group, so the
+//! same stage code runs on the in-process bus and on Kafka. Each stage owns
+//! the plugin it calls and the state that plugin needs between calls.
+
+mod alerts;
+mod archive;
+mod stream;
+mod tariff;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::bus::{Bus, Record, Topic};
+use crate::config::PipelineConfig;
+use crate::dedupe::Dedupe;
+use crate::plugins::{
+    AggregateRule, AnomalyRule, OverloadRule, PluginError, Runtime, TariffRule, config_from_toml,
+};
+use crate::store::Store;
+
+pub use alerts::{processed_payload, status_update_payload};
+
+/// Consumer groups, as the seed names them.
+pub const STREAM_GROUP: &str = "stream-processor-group";
+pub const ALERT_GROUP: &str = "alert-group";
+pub const TARIFF_GROUP: &str = "tariff-group";
+pub const ARCHIVE_GROUP: &str = "raw-archive-group";
+
+/// Counters every stage adds to; read by the status line and `/healthz`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub accepted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected_requests: AtomicU64,
+    pub refused_busy: AtomicU64,
+    pub readings_processed: AtomicU64,
+    pub late_readings: AtomicU64,
+    pub bad_records: AtomicU64,
+    pub windows_closed: AtomicU64,
+    pub anomalies: AtomicU64,
+    pub alerts_stored: AtomicU64,
+    pub alerts_deduplicated: AtomicU64,
+    pub tariffs_published: AtomicU64,
+    pub raw_archived: AtomicU64,
+    pub plugin_failures: AtomicU64,
+    pub stage_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "accepted": g(&self.accepted),
+            "duplicates": g(&self.duplicates),
+            "rejected_requests": g(&self.rejected_requests),
+            "refused_busy": g(&self.refused_busy),
+            "readings_processed": g(&self.readings_processed),
+            "late_readings": g(&self.late_readings),
+            "bad_records": g(&self.bad_records),
+            "windows_closed": g(&self.windows_closed),
+            "anomalies": g(&self.anomalies),
+            "alerts_stored": g(&self.alerts_stored),
+            "alerts_deduplicated": g(&self.alerts_deduplicated),
+            "tariffs_published": g(&self.tariffs_published),
+            "raw_archived": g(&self.raw_archived),
+            "plugin_failures": g(&self.plugin_failures),
+            "stage_errors": g(&self.stage_errors),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("plugin `{0}` is not configured in pipeline.toml")]
+    MissingPlugin(&'static str),
+    #[error("bus: {0}")]
+    Bus(#[from] crate::bus::BusError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("wasmtime: {0}")]
+    Wasmtime(String),
+}
+
+/// The four rule plugins, loaded and configured.
+pub struct Plugins {
+    pub anomaly: AnomalyRule,
+    pub overload: OverloadRule,
+    pub tariff: TariffRule,
+    pub aggregate: AggregateRule,
+}
+
+impl Plugins {
+    /// Loads every plugin pipeline.toml names; the first refusal is returned
+    /// (a component that is not valid, or a config the plugin rejects).
+    pub fn load(config: &PipelineConfig, runtime: &Runtime) -> Result<Plugins, PipelineError> {
+        fn args(
+            config: &PipelineConfig,
+            name: &'static str,
+        ) -> Result<(std::path::PathBuf, Vec<(String, crate::plugins::ConfigValue)>), PipelineError>
+        {
+            let plugin = config
+                .plugins
+                .get(name)
+                .ok_or(PipelineError::MissingPlugin(name))?;
+            let path = config
+                .component_path(name)
+                .ok_or(PipelineError::MissingPlugin(name))?;
+            Ok((path, config_from_toml(name, &plugin.config)?))
+        }
+        let (p, c) = args(config, "anomaly")?;
+        let anomaly = AnomalyRule::load(runtime, "anomaly", &p, c)?;
+        let (p, c) = args(config, "overload")?;
+        let overload = OverloadRule::load(runtime, "overload", &p, c)?;
+        let (p, c) = args(config, "tariff")?;
+        let tariff = TariffRule::load(runtime, "tariff", &p, c)?;
+        let (p, c) = args(config, "aggregate")?;
+        let aggregate = AggregateRule::load(runtime, "aggregate", &p, c)?;
+        Ok(Plugins {
+            anomaly,
+            overload,
+            tariff,
+            aggregate,
+        })
+    }
+}
+
+/// What the stages share.
+#[derive(Clone)]
+pub struct Context {
+    pub config: Arc<PipelineConfig>,
+    pub bus: Arc<dyn Bus>,
+    pub dedupe: Arc<dyn Dedupe>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The running stages. Dropping it does not stop them; call
+/// [`Running::shutdown`].
+pub struct Running {
+    stop_stream: watch::Sender<bool>,
+    stream: JoinHandle<()>,
+    stop_downstream: watch::Sender<bool>,
+    downstream: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the stages in data-flow order: the stream stage first (it
+    /// closes, stores and publishes its open windows), then the stages that
+    /// consume what it produced, once they have drained their topics.
+    pub async fn shutdown(self) {
+        let _ = self.stop_stream.send(true);
+        let _ = self.stream.await;
+        let _ = self.stop_downstream.send(true);
+        for t in self.downstream {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts every stage. Subscriptions are made before this returns, so no
+/// record produced afterwards is missed.
+pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineError> {
+    let (stop_stream, stream_rx) = watch::channel(false);
+    let (stop_downstream, stop_rx) = watch::channel(false);
+    let Plugins {
+        anomaly,
+        overload,
+        tariff,
+        aggregate,
+    } = plugins;
+    let mut tasks = Vec::new();
+
+    let consumer = ctx.bus.subscribe(STREAM_GROUP, &[Topic::TelemetryReadings]).await?;
+    let stage = stream::StreamStage::new(ctx.clone(), anomaly, aggregate);
+    let stream = tokio::spawn(stage.run(consumer, stream_rx));
+
+    let consumer = ctx
+        .bus
+        .subscribe(ALERT_GROUP, &[Topic::Alerts, Topic::Aggregates1mRegional])
+        .await?;
+    let stage = alerts::AlertStage::new(ctx.clone(), overload);
+    tasks.push(tokio::spawn(stage.run(consumer, stop_rx.clone())));
+
+    let consumer = ctx
+        .bus
+        .subscribe(TARIFF_GROUP, &[Topic::Aggregates1mRegional])
+        .await?;
+    let stage = tariff::TariffStage::new(ctx.clone(), tariff).await?;
+    tasks.push(tokio::spawn(stage.run(consumer, stop_rx.clone())));
+
+    if ctx.config.store.archive_raw_readings {
+        let consumer = ctx
+            .bus
+            .subscribe(ARCHIVE_GROUP, &[Topic::TelemetryReadings])
+            .await?;
+        let stage = archive::ArchiveStage::new(ctx.clone());
+        tasks.push(tokio::spawn(stage.run(consumer, stop_rx.clone())));
+    }
+    Ok(Running {
+        stop_stream,
+        stream,
+        stop_downstream,
+        downstream: tasks,
+    })
+}
+
+/// How long a stage waits on an empty poll before checking its timers.
+const POLL_WAIT: Duration = Duration::from_millis(200);
+/// Records a stage takes per poll.
+const POLL_MAX: usize = 4096;
+
+/// Publishes `records`, retrying while the bus pushes back (a downstream
+/// topic is full): a stage must not drop what it derived.
+async fn publish(ctx: &Context, topic: Topic, records: Vec<Record>) {
+    if records.is_empty() {
+        return;
+    }
+    let mut delay = Duration::from_millis(10);
+    loop {
+        match ctx.bus.produce(topic, records.clone()).await {
+            Ok(()) => return,
+            Err(crate::bus::BusError::Full { .. }) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(topic = topic.name(), error = %e, "publish failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// A JSON record with headers.
+fn json_record(key: &str, value: &serde_json::Value, headers: &[(&str, &str)], now_ms: i64) -> Record {
+    let mut r = Record::new(
+        bytes::Bytes::copy_from_slice(key.as_bytes()),
+        bytes::Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+        now_ms,
+    );
+    r.headers = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    r
+}
+
+/// Runs a store call, retrying failures with backoff until it succeeds.
+/// Derived results are never dropped because the database blinked; the
+/// stage's offsets are not committed meanwhile, so the bus pushes back on
+/// ingest instead (503) and nothing acknowledged is lost.
+async fn with_retry<T, F, Fut>(ctx: &Context, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+{
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%e, attempt, what, "store call failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,635 @@
+//! Store: the persistence seam. Every SQL byte of segs lives under this
+//! module — the [`Store`] trait, its row types, and the backends
+//! ([`sqlite`] today; PostgreSQL/TimescaleDB later) with their migrations in
+//! `migrations/<backend>/`.
+//!
+//! What it must not do: business rules. The store does not decide when an
+//! alert fires, what a tariff costs or when a window closes; it stores what
+//! it is given, atomically, and answers queries. The few semantics it does
+//! own are storage semantics: a window upserted twice merges (sums add up, so
+//! a late reading is still counted), an alert's status only moves forward
+//! (active → acknowledged → resolved) and each move is audited, and a new
+//! tariff deactivates the region's previous one in the same transaction.
+//!
+//! Conventions shared by every backend:
+//! - timestamps travel as `i64` milliseconds since the Unix epoch (`*_ms`
+//!   fields) and serialize to JSON as RFC 3339 strings in the canonical form
+//!   `2025-11-12T06:30:00.000Z` ([`rfc3339_ms`]);
+//! - JSON keys of the row types are the seed's column names (snake_case);
+//! - every write method is one transaction per call, however many rows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub mod sqlite;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The URL names a backend this build cannot open yet.
+    #[error("unsupported store: {0}")]
+    Unsupported(String),
+    /// The URL is not one the store understands.
+    #[error("invalid store URL: {0}")]
+    InvalidUrl(String),
+    /// The database refused the data (a CHECK, NOT NULL, UNIQUE or foreign
+    /// key constraint): the input is bad, retrying will not help.
+    #[error("rejected by the database: {0}")]
+    Rejected(String),
+    /// Any other database failure (I/O, lock timeout, …).
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    /// Applying the embedded migrations failed.
+    #[error("migrating the database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value could not be read back (e.g. a timestamp typed in by
+    /// hand in another format).
+    #[error("unreadable value in {table}.{column}: {value:?}")]
+    Corrupt {
+        table: &'static str,
+        column: &'static str,
+        value: String,
+    },
+    /// Encoding a JSON column failed.
+    #[error("encoding JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e {
+            use sqlx::error::ErrorKind as K;
+            if matches!(
+                db.kind(),
+                K::UniqueViolation
+                    | K::ForeignKeyViolation
+                    | K::NotNullViolation
+                    | K::CheckViolation
+            ) {
+                return StoreError::Rejected(db.message().to_owned());
+            }
+        }
+        StoreError::Database(e)
+    }
+}
+
+/// Serde helper: `i64` epoch milliseconds ⇄ canonical RFC 3339 string
+/// (`#[serde(with = "rfc3339_ms")]`, or `rfc3339_ms::option` for
+/// `Option<i64>`, which maps `None` to `null`).
+pub mod rfc3339_ms {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    use crate::time::{format_rfc3339_ms, parse_rfc3339_ms};
+
+    pub fn serialize<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_rfc3339_ms(*ms))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_rfc3339_ms(&s)
+            .ok_or_else(|| D::Error::custom(format!("invalid RFC 3339 timestamp {s:?}")))
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+            match ms {
+                Some(ms) => super::serialize(ms, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                None => Ok(None),
+                Some(s) => parse_rfc3339_ms(&s)
+                    .map(Some)
+                    .ok_or_else(|| D::Error::custom(format!("invalid RFC 3339 timestamp {s:?}"))),
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ rows
+
+/// One reading as kept in `raw_readings`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawReading {
+    pub meter_id: String,
+    pub region: String,
+    #[serde(rename = "timestamp", with = "rfc3339_ms")]
+    pub timestamp_ms: i64,
+    pub power_kw: f64,
+    #[serde(default)]
+    pub voltage: Option<f64>,
+    #[serde(default)]
+    pub current: Option<f64>,
+    #[serde(default)]
+    pub frequency: Option<f64>,
+    #[serde(default)]
+    pub power_factor: Option<f64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub energy_kwh: Option<f64>,
+}
+
+/// Which per-meter window table: `aggregates_1m` or `aggregates_15m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WindowWidth {
+    OneMinute,
+    FifteenMinutes,
+}
+
+impl WindowWidth {
+    /// The table that holds windows of this width.
+    pub fn table(self) -> &'static str {
+        match self {
+            WindowWidth::OneMinute => "aggregates_1m",
+            WindowWidth::FifteenMinutes => "aggregates_15m",
+        }
+    }
+}
+
+/// One meter's window, as stored in `aggregates_1m` / `aggregates_15m`:
+/// the seed's columns plus the running sums (`power_sum`, `voltage_sum`,
+/// `voltage_count`) that let a later upsert of the same window merge into
+/// it. Writers must fill the sums; `avg_power_kw` and `voltage_avg` are
+/// recomputed from them on every merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeterAggregate {
+    pub meter_id: String,
+    pub region: String,
+    #[serde(rename = "window_start", with = "rfc3339_ms")]
+    pub window_start_ms: i64,
+    pub avg_power_kw: f64,
+    pub max_power_kw: f64,
+    pub min_power_kw: f64,
+    pub energy_kwh_sum: f64,
+    pub voltage_avg: Option<f64>,
+    pub count: u32,
+    pub power_sum: f64,
+    pub voltage_sum: f64,
+    pub voltage_count: u32,
+}
+
+impl MeterAggregate {
+    /// Folds `other` (a window with the same key) into `self`, exactly as
+    /// the stored upsert does: counts and sums add, max/min take the
+    /// extreme, averages are recomputed from the sums.
+    fn merge(&mut self, other: &MeterAggregate) {
+        self.count = self.count.saturating_add(other.count);
+        self.power_sum += other.power_sum;
+        self.voltage_sum += other.voltage_sum;
+        self.voltage_count = self.voltage_count.saturating_add(other.voltage_count);
+        self.energy_kwh_sum += other.energy_kwh_sum;
+        self.max_power_kw = self.max_power_kw.max(other.max_power_kw);
+        self.min_power_kw = self.min_power_kw.min(other.min_power_kw);
+        if self.count > 0 {
+            self.avg_power_kw = self.power_sum / f64::from(self.count);
+        }
+        self.voltage_avg =
+            (self.voltage_count > 0).then(|| self.voltage_sum / f64::from(self.voltage_count));
+    }
+}
+
+/// Merges entries of `aggs` that share a key (meter_id, window_start), in
+/// order of first appearance, so one upsert never applies a key twice.
+fn merge_duplicate_windows(aggs: &[MeterAggregate]) -> Vec<MeterAggregate> {
+    let mut index: std::collections::HashMap<(&str, i64), usize> =
+        std::collections::HashMap::with_capacity(aggs.len());
+    let mut out: Vec<MeterAggregate> = Vec::with_capacity(aggs.len());
+    for a in aggs {
+        match index.entry((a.meter_id.as_str(), a.window_start_ms)) {
+            std::collections::hash_map::Entry::Occupied(e) => out[*e.get()].merge(a),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(out.len());
+                out.push(a.clone());
+            }
+        }
+    }
+    out
+}
+
+/// One region's 1-minute window, as published on `aggregates_1m_regional`
+/// (where the window start is called `timestamp`) and stored in the table of
+/// that name (column `window_start`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionalAggregate {
+    pub region: String,
+    #[serde(rename = "timestamp", alias = "window_start", with = "rfc3339_ms")]
+    pub window_start_ms: i64,
+    pub meter_count: u32,
+    pub total_consumption: f64,
+    pub avg_consumption: f64,
+    pub max_consumption: f64,
+    pub min_consumption: f64,
+    pub load_percentage: f64,
+    pub active_meters: Vec<String>,
+}
+
+/// An alert to store; it starts `active`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAlert {
+    pub id: Uuid,
+    /// Column `type`: `ANOMALY`, `OVERLOAD`, …
+    pub alert_type: String,
+    /// `low` | `medium` | `high` | `critical` (a CHECK constraint; anything
+    /// else is [`StoreError::Rejected`]).
+    pub severity: String,
+    pub region: Option<String>,
+    pub meter_id: Option<String>,
+    pub message: String,
+    pub timestamp_ms: i64,
+    /// Stored as a JSON document; `null` is stored as `{}`.
+    pub metadata: serde_json::Value,
+}
+
+/// A row of `alerts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertRow {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub alert_type: String,
+    pub severity: String,
+    pub region: Option<String>,
+    pub meter_id: Option<String>,
+    pub message: String,
+    /// `active` | `acknowledged` | `resolved`.
+    pub status: String,
+    #[serde(rename = "timestamp", with = "rfc3339_ms")]
+    pub timestamp_ms: i64,
+    pub acknowledged: bool,
+    pub acknowledged_by: Option<String>,
+    #[serde(rename = "acknowledged_at", with = "rfc3339_ms::option", default)]
+    pub acknowledged_at_ms: Option<i64>,
+    #[serde(rename = "resolved_at", with = "rfc3339_ms::option", default)]
+    pub resolved_at_ms: Option<i64>,
+    pub metadata: serde_json::Value,
+    #[serde(rename = "created_at", with = "rfc3339_ms")]
+    pub created_at_ms: i64,
+    #[serde(rename = "updated_at", with = "rfc3339_ms")]
+    pub updated_at_ms: i64,
+}
+
+/// Filters for [`Store::list_alerts`]; `None` means "any".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertFilter {
+    pub region: Option<String>,
+    pub status: Option<String>,
+    pub alert_type: Option<String>,
+    pub severity: Option<String>,
+    pub meter_id: Option<String>,
+    /// At most this many rows (0 returns none).
+    pub limit: u32,
+}
+
+impl Default for AlertFilter {
+    fn default() -> Self {
+        AlertFilter {
+            region: None,
+            status: None,
+            alert_type: None,
+            severity: None,
+            meter_id: None,
+            limit: 100,
+        }
+    }
+}
+
+/// Outcome of an alert status change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    /// The status moved from `from` to the row's new status; an audit row
+    /// was written.
+    Changed { from: String, row: AlertRow },
+    /// The alert was already in the requested status; nothing was written.
+    Unchanged(AlertRow),
+    /// No alert has that id.
+    NotFound,
+    /// The alert's status does not allow the move (e.g. acknowledging a
+    /// resolved alert); nothing was written.
+    Refused { status: String },
+}
+
+/// A new tariff for a region; it becomes the region's only active row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTariff {
+    pub region: String,
+    pub price_per_kwh: f64,
+    pub effective_from_ms: i64,
+    pub previous_price: Option<f64>,
+    pub change_percent: Option<f64>,
+    pub load_percentage: Option<f64>,
+    /// e.g. `HIGH_LOAD`.
+    pub reason: String,
+}
+
+/// A row of `tariffs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TariffRow {
+    /// `TRF-{REGION}-{n:06}`.
+    pub tariff_id: String,
+    pub region: String,
+    pub time_of_day: Option<String>,
+    pub price_per_kwh: f64,
+    #[serde(rename = "effective_from", with = "rfc3339_ms")]
+    pub effective_from_ms: i64,
+    #[serde(rename = "effective_to", with = "rfc3339_ms::option", default)]
+    pub effective_to_ms: Option<i64>,
+    pub is_active: bool,
+    pub created_by: Option<String>,
+    #[serde(rename = "created_at", with = "rfc3339_ms")]
+    pub created_at_ms: i64,
+    #[serde(rename = "updated_at", with = "rfc3339_ms")]
+    pub updated_at_ms: i64,
+    pub previous_price: Option<f64>,
+    pub change_percent: Option<f64>,
+    pub load_percentage: Option<f64>,
+    pub reason: String,
+}
+
+/// Filters for the aggregate queries; `None` means "any".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggregateQuery {
+    /// Ignored by [`Store::regional_aggregates`].
+    pub meter_id: Option<String>,
+    pub region: Option<String>,
+    /// Windows starting at or after this instant.
+    pub from_ms: Option<i64>,
+    /// Windows starting before this instant (exclusive).
+    pub to_ms: Option<i64>,
+    /// At most this many rows (0 returns none).
+    pub limit: u32,
+}
+
+impl Default for AggregateQuery {
+    fn default() -> Self {
+        AggregateQuery {
+            meter_id: None,
+            region: None,
+            from_ms: None,
+            to_ms: None,
+            limit: 1000,
+        }
+    }
+}
+
+/// How long time-series rows are kept (by their event time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub raw_readings: Duration,
+    /// Also applies to `aggregates_1m_regional`.
+    pub aggregates_1m: Duration,
+    pub aggregates_15m: Duration,
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+impl Default for Retention {
+    /// 7 / 30 / 365 days, as the seed's TimescaleDB policies.
+    fn default() -> Self {
+        Retention {
+            raw_readings: DAY * 7,
+            aggregates_1m: DAY * 30,
+            aggregates_15m: DAY * 365,
+        }
+    }
+}
+
+/// Rows deleted by one [`Store::apply_retention`] run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RetentionReport {
+    pub raw_readings: u64,
+    pub aggregates_1m: u64,
+    pub aggregates_15m: u64,
+    pub aggregates_1m_regional: u64,
+}
+
+/// Options for [`open_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreOptions {
+    pub retention: Retention,
+}
+
+// ----------------------------------------------------------------- trait
+
+/// The persistence seam. Write methods take whole batches and run one
+/// transaction per call.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    /// Appends readings to `raw_readings`.
+    async fn insert_raw_readings(&self, readings: &[RawReading]) -> Result<(), StoreError>;
+
+    /// Upserts per-meter windows on (meter_id, window_start). A window that
+    /// is already stored is merged with the new one (counts and sums add,
+    /// max/min take the extreme, averages are recomputed), so a reading that
+    /// arrives after its window was flushed is still counted; entries of
+    /// `aggs` with the same key are merged first. Returns one row per
+    /// distinct key, as stored after the merge, in order of first
+    /// appearance in `aggs`.
+    async fn upsert_meter_aggregates(
+        &self,
+        width: WindowWidth,
+        aggs: &[MeterAggregate],
+    ) -> Result<Vec<MeterAggregate>, StoreError>;
+
+    /// Upserts regional windows on (region, window_start); a stored window is
+    /// replaced (the last entry wins if `aggs` repeats a key).
+    async fn upsert_regional_aggregates(
+        &self,
+        aggs: &[RegionalAggregate],
+    ) -> Result<(), StoreError>;
+
+    /// Stores a new `active` alert and returns the row. Storing an id that
+    /// already exists changes nothing and returns the stored row, so a
+    /// replayed alert is harmless.
+    async fn insert_alert(&self, alert: &NewAlert) -> Result<AlertRow, StoreError>;
+
+    /// Alerts matching `filter`, newest `timestamp` first (ties: newest
+    /// `created_at` first).
+    async fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<AlertRow>, StoreError>;
+
+    async fn get_alert(&self, id: Uuid) -> Result<Option<AlertRow>, StoreError>;
+
+    /// active → acknowledged (sets acknowledged, acknowledged_by,
+    /// acknowledged_at = `at_ms`), audited.
+    async fn acknowledge_alert(
+        &self,
+        id: Uuid,
+        by: &str,
+        at_ms: i64,
+    ) -> Result<Transition, StoreError>;
+
+    /// active | acknowledged → resolved (sets resolved_at = `at_ms`),
+    /// audited.
+    async fn resolve_alert(&self, id: Uuid, at_ms: i64) -> Result<Transition, StoreError>;
+
+    /// In one transaction: deactivates the region's active tariff
+    /// (effective_to = the new effective_from) and inserts the new active
+    /// one with id `TRF-{REGION}-{n:06}`.
+    async fn insert_tariff(&self, tariff: &NewTariff) -> Result<TariffRow, StoreError>;
+
+    /// The active tariff of every region, by region.
+    async fn current_tariffs(&self) -> Result<Vec<TariffRow>, StoreError>;
+
+    /// Tariffs, newest effective_from first.
+    async fn tariff_history(
+        &self,
+        region: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<TariffRow>, StoreError>;
+
+    /// Stored per-meter windows, by window_start then meter_id.
+    async fn meter_aggregates(
+        &self,
+        width: WindowWidth,
+        query: &AggregateQuery,
+    ) -> Result<Vec<MeterAggregate>, StoreError>;
+
+    /// Stored regional windows, by window_start then region.
+    async fn regional_aggregates(
+        &self,
+        query: &AggregateQuery,
+    ) -> Result<Vec<RegionalAggregate>, StoreError>;
+
+    /// Readings counted in `aggregates_1m` (the sum of `count`).
+    async fn count_readings_1m(&self) -> Result<u64, StoreError>;
+
+    /// Rows in `raw_readings`.
+    async fn count_raw_readings(&self) -> Result<u64, StoreError>;
+
+    /// Deletes time-series rows older than the configured [`Retention`],
+    /// measured back from `now_ms`.
+    async fn apply_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError>;
+}
+
+// ------------------------------------------------------------------ open
+
+/// Opens the store named by `url` with default [`StoreOptions`].
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    open_with(url, &StoreOptions::default()).await
+}
+
+/// Opens the store named by `url` and brings its schema up to date:
+/// - `sqlite://path.db` (created if missing) or `sqlite::memory:`;
+/// - `postgres://…` / `postgresql://…`: not built yet
+///   ([`StoreError::Unsupported`]).
+pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>, StoreError> {
+    let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
+    match scheme {
+        "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open(url, options).await?)),
+        "postgres" | "postgresql" => Err(StoreError::Unsupported(
+            "the PostgreSQL store is not built yet; use a sqlite:// URL".into(),
+        )),
+        "" => Err(StoreError::InvalidUrl(
+            "the URL has no scheme; expected sqlite://path.db, sqlite::memory: or postgres://…"
+                .into(),
+        )),
+        other => Err(StoreError::InvalidUrl(format!(
+            "unknown URL scheme `{other}`; expected sqlite://path.db, sqlite::memory: or postgres://…"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agg(meter: &str, start: i64, powers: &[f64], volts: &[f64]) -> MeterAggregate {
+        let power_sum: f64 = powers.iter().sum();
+        let voltage_sum: f64 = volts.iter().sum();
+        MeterAggregate {
+            meter_id: meter.into(),
+            region: "R".into(),
+            window_start_ms: start,
+            avg_power_kw: power_sum / powers.len() as f64,
+            max_power_kw: powers.iter().copied().fold(f64::MIN, f64::max),
+            min_power_kw: powers.iter().copied().fold(f64::MAX, f64::min),
+            energy_kwh_sum: powers.len() as f64 * 0.01,
+            voltage_avg: (!volts.is_empty()).then(|| voltage_sum / volts.len() as f64),
+            count: powers.len() as u32,
+            power_sum,
+            voltage_sum,
+            voltage_count: volts.len() as u32,
+        }
+    }
+
+    #[test]
+    fn duplicate_windows_merge_in_first_seen_order() {
+        let merged = merge_duplicate_windows(&[
+            agg("B", 0, &[1.0, 3.0], &[230.0]),
+            agg("A", 0, &[5.0], &[]),
+            agg("B", 0, &[8.0], &[240.0]),
+            agg("B", 60_000, &[2.0], &[]),
+        ]);
+        let keys: Vec<_> = merged
+            .iter()
+            .map(|a| (a.meter_id.as_str(), a.window_start_ms))
+            .collect();
+        assert_eq!(keys, [("B", 0), ("A", 0), ("B", 60_000)]);
+        let b = &merged[0];
+        assert_eq!(b.count, 3);
+        assert_eq!(b.power_sum, 12.0);
+        assert_eq!(b.avg_power_kw, 4.0);
+        assert_eq!(b.max_power_kw, 8.0);
+        assert_eq!(b.min_power_kw, 1.0);
+        assert_eq!(b.voltage_count, 2);
+        assert_eq!(b.voltage_avg, Some(235.0));
+        assert!((b.energy_kwh_sum - 0.03).abs() < 1e-12);
+        assert_eq!(merged[1], agg("A", 0, &[5.0], &[]));
+    }
+
+    #[tokio::test]
+    async fn open_names_the_problem() {
+        let err = |r: Result<Arc<dyn Store>, StoreError>| match r {
+            Ok(_) => panic!("opened"),
+            Err(e) => e,
+        };
+        let e = err(open("postgres://u:secret@localhost/segs").await);
+        assert!(matches!(e, StoreError::Unsupported(_)), "{e}");
+        assert!(
+            e.to_string().contains("PostgreSQL store is not built yet"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("secret"), "{e}");
+
+        let e = err(open("mysql://u:secret@localhost/segs").await);
+        assert!(matches!(e, StoreError::InvalidUrl(_)), "{e}");
+        assert!(e.to_string().contains("`mysql`"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+
+        let e = err(open("segs.db").await);
+        assert!(e.to_string().contains("no scheme"), "{e}");
+    }
+
+    #[test]
+    fn rfc3339_helper_round_trips_and_refuses_garbage() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct T {
+            #[serde(with = "rfc3339_ms")]
+            at: i64,
+            #[serde(with = "rfc3339_ms::option", default)]
+            maybe: Option<i64>,
+        }
+        let t = T {
+            at: 1_762_929_000_000,
+            maybe: None,
+        };
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, r#"{"at":"2025-11-12T06:30:00.000Z","maybe":null}"#);
+        assert_eq!(serde_json::from_str::<T>(&json).unwrap(), t);
+        let t2: T = serde_json::from_str(r#"{"at":"2025-11-12T12:00:00+05:30"}"#).unwrap();
+        assert_eq!(t2, t);
+        let t3: T =
+            serde_json::from_str(r#"{"at":"2025-11-12T06:30:00Z","maybe":"2025-11-12T06:31:00Z"}"#)
+                .unwrap();
+        assert_eq!(t3.maybe, Some(1_762_929_060_000));
+        assert!(serde_json::from_str::<T>(r#"{"at":"yesterday"}"#).is_err());
+    }
+}

@@ -1,0 +1,1027 @@
+//! The embedded store: [`Store`] over one SQLite file (or `sqlite::memory:`)
+//! through sqlx, schema from `migrations/sqlite/`, applied on open.
+//!
+//! Owns the SQLite-specific choices: WAL journal with `synchronous=NORMAL`
+//! and a busy timeout; every write is one `BEGIN IMMEDIATE` transaction (the
+//! write lock is taken up front, so a read-then-write inside it cannot fail
+//! on a stale snapshot); multi-row INSERTs are cut into chunks whose sizes
+//! come from a fixed ladder of powers of two, so each table has a handful of
+//! distinct statements, all kept prepared by the connection's statement
+//! cache. Timestamps are TEXT in the canonical RFC 3339 form, which sorts
+//! and compares correctly as text.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use uuid::Uuid;
+
+use super::{
+    AggregateQuery, AlertFilter, AlertRow, MeterAggregate, NewAlert, NewTariff, RawReading,
+    RegionalAggregate, Retention, RetentionReport, Store, StoreError, StoreOptions, TariffRow,
+    Transition, WindowWidth, merge_duplicate_windows,
+};
+use crate::time::{format_rfc3339_ms, now_ms, parse_rfc3339_ms};
+
+/// Bound parameters per statement in the bundled SQLite
+/// (`SQLITE_MAX_VARIABLE_NUMBER`, 32766 since 3.32).
+const MAX_VARIABLES: usize = 32_766;
+/// Rows per INSERT statement, at most (a power of two).
+const MAX_CHUNK_ROWS: usize = 2048;
+/// Rows deleted per statement by the retention job, so that writers are
+/// never locked out for long.
+const RETENTION_BATCH: i64 = 20_000;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+const FILE_POOL_CONNECTIONS: u32 = 4;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// The SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    pool: SqlitePool,
+    retention: Retention,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` — `sqlite://path`,
+    /// `sqlite:path` or `sqlite::memory:` — and applies the migrations.
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::InvalidUrl(format!("{url}: {e}")))?
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = if is_memory_url(url) {
+            // Each connection to `:memory:` would see its own database, and a
+            // shared-cache database vanishes with its last connection: use
+            // exactly one connection, kept for the life of the pool.
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .min_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(connect)
+                .await?
+        } else {
+            let connect = connect
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal);
+            SqlitePoolOptions::new()
+                .max_connections(FILE_POOL_CONNECTIONS)
+                .connect_with(connect)
+                .await?
+        };
+        MIGRATOR.run(&pool).await?;
+        Ok(SqliteStore {
+            pool,
+            retention: options.retention,
+        })
+    }
+
+    /// The underlying pool (for tests and diagnostics).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn is_memory_url(url: &str) -> bool {
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let (db, params) = rest.split_once('?').unwrap_or((rest, ""));
+    db == ":memory:" || params.split('&').any(|p| p == "mode=memory")
+}
+
+// ------------------------------------------------------------ statements
+
+/// Chunk sizes covering `n` rows: as many `max` chunks as fit, then the
+/// binary decomposition of the rest, so only log2(max) + 1 distinct
+/// statement shapes ever exist per table.
+fn chunk_sizes(mut n: usize, max: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if n == 0 {
+            return None;
+        }
+        let size = if n >= max {
+            max
+        } else {
+            1 << (usize::BITS - 1 - n.leading_zeros())
+        };
+        n -= size;
+        Some(size)
+    })
+}
+
+/// The largest power-of-two row count whose parameters fit one statement.
+fn max_chunk_rows(columns: usize) -> usize {
+    let fit = MAX_VARIABLES / columns;
+    let pow2 = 1 << (usize::BITS - 1 - fit.leading_zeros());
+    pow2.min(MAX_CHUNK_ROWS)
+}
+
+/// `{head} VALUES (?,…),(?,…) {tail}` for `rows` rows of `columns` values.
+fn values_sql(head: &str, columns: usize, rows: usize, tail: &str) -> String {
+    let mut s = String::with_capacity(head.len() + tail.len() + 10 + rows * (2 * columns + 2));
+    s.push_str(head);
+    s.push_str(" VALUES ");
+    for r in 0..rows {
+        if r > 0 {
+            s.push(',');
+        }
+        s.push('(');
+        for c in 0..columns {
+            if c > 0 {
+                s.push(',');
+            }
+            s.push('?');
+        }
+        s.push(')');
+    }
+    s.push(' ');
+    s.push_str(tail);
+    s
+}
+
+const RAW_INSERT: &str = "INSERT INTO raw_readings (meter_id, region, timestamp, power_kw, \
+     voltage, current, frequency, power_factor, temperature, energy_kwh)";
+const RAW_COLUMNS: usize = 10;
+
+const AGG_COLUMNS: &str = "meter_id, region, window_start, avg_power_kw, max_power_kw, \
+     min_power_kw, energy_kwh_sum, voltage_avg, count, power_sum, voltage_sum, voltage_count";
+const AGG_INSERT_COLUMNS: usize = 14;
+
+fn agg_upsert_head(table: &str) -> String {
+    format!("INSERT INTO {table} ({AGG_COLUMNS}, created_at, updated_at)")
+}
+
+fn agg_upsert_tail(t: &str) -> String {
+    format!(
+        "ON CONFLICT (meter_id, window_start) DO UPDATE SET \
+         count = {t}.count + excluded.count, \
+         power_sum = {t}.power_sum + excluded.power_sum, \
+         voltage_sum = {t}.voltage_sum + excluded.voltage_sum, \
+         voltage_count = {t}.voltage_count + excluded.voltage_count, \
+         energy_kwh_sum = {t}.energy_kwh_sum + excluded.energy_kwh_sum, \
+         max_power_kw = max({t}.max_power_kw, excluded.max_power_kw), \
+         min_power_kw = min({t}.min_power_kw, excluded.min_power_kw), \
+         avg_power_kw = CASE WHEN {t}.count + excluded.count > 0 \
+             THEN ({t}.power_sum + excluded.power_sum) / ({t}.count + excluded.count) \
+             ELSE {t}.avg_power_kw END, \
+         voltage_avg = CASE WHEN {t}.voltage_count + excluded.voltage_count > 0 \
+             THEN ({t}.voltage_sum + excluded.voltage_sum) \
+                  / ({t}.voltage_count + excluded.voltage_count) \
+             ELSE NULL END, \
+         updated_at = excluded.updated_at \
+         RETURNING {AGG_COLUMNS}"
+    )
+}
+
+const REGIONAL_COLUMNS: &str = "region, window_start, meter_count, total_consumption, \
+     avg_consumption, max_consumption, min_consumption, load_percentage, active_meters";
+const REGIONAL_INSERT_COLUMNS: usize = 10;
+const REGIONAL_TAIL: &str = "ON CONFLICT (region, window_start) DO UPDATE SET \
+     meter_count = excluded.meter_count, \
+     total_consumption = excluded.total_consumption, \
+     avg_consumption = excluded.avg_consumption, \
+     max_consumption = excluded.max_consumption, \
+     min_consumption = excluded.min_consumption, \
+     load_percentage = excluded.load_percentage, \
+     active_meters = excluded.active_meters";
+
+const ALERT_COLUMNS: &str = "id, type, severity, region, meter_id, message, status, timestamp, \
+     acknowledged, acknowledged_by, acknowledged_at, resolved_at, metadata, created_at, updated_at";
+
+const TARIFF_COLUMNS: &str = "tariff_id, region, time_of_day, price_per_kwh, effective_from, \
+     effective_to, is_active, created_by, created_at, updated_at, previous_price, \
+     change_percent, load_percentage, reason";
+
+// --------------------------------------------------------------- decoding
+
+fn ts(row: &SqliteRow, table: &'static str, column: &'static str) -> Result<i64, StoreError> {
+    let s: &str = row.try_get(column)?;
+    parse_rfc3339_ms(s).ok_or_else(|| StoreError::Corrupt {
+        table,
+        column,
+        value: s.to_owned(),
+    })
+}
+
+fn ts_opt(
+    row: &SqliteRow,
+    table: &'static str,
+    column: &'static str,
+) -> Result<Option<i64>, StoreError> {
+    let s: Option<&str> = row.try_get(column)?;
+    s.map(|s| {
+        parse_rfc3339_ms(s).ok_or_else(|| StoreError::Corrupt {
+            table,
+            column,
+            value: s.to_owned(),
+        })
+    })
+    .transpose()
+}
+
+fn u32_col(row: &SqliteRow, table: &'static str, column: &'static str) -> Result<u32, StoreError> {
+    let v: i64 = row.try_get(column)?;
+    u32::try_from(v).map_err(|_| StoreError::Corrupt {
+        table,
+        column,
+        value: v.to_string(),
+    })
+}
+
+fn count_col(v: i64, table: &'static str, column: &'static str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt {
+        table,
+        column,
+        value: v.to_string(),
+    })
+}
+
+fn meter_aggregate(row: &SqliteRow, table: &'static str) -> Result<MeterAggregate, StoreError> {
+    Ok(MeterAggregate {
+        meter_id: row.try_get("meter_id")?,
+        region: row.try_get("region")?,
+        window_start_ms: ts(row, table, "window_start")?,
+        avg_power_kw: row.try_get("avg_power_kw")?,
+        max_power_kw: row.try_get("max_power_kw")?,
+        min_power_kw: row.try_get("min_power_kw")?,
+        energy_kwh_sum: row.try_get("energy_kwh_sum")?,
+        voltage_avg: row.try_get("voltage_avg")?,
+        count: u32_col(row, table, "count")?,
+        power_sum: row.try_get("power_sum")?,
+        voltage_sum: row.try_get("voltage_sum")?,
+        voltage_count: u32_col(row, table, "voltage_count")?,
+    })
+}
+
+fn regional_aggregate(row: &SqliteRow) -> Result<RegionalAggregate, StoreError> {
+    const T: &str = "aggregates_1m_regional";
+    let active: &str = row.try_get("active_meters")?;
+    Ok(RegionalAggregate {
+        region: row.try_get("region")?,
+        window_start_ms: ts(row, T, "window_start")?,
+        meter_count: u32_col(row, T, "meter_count")?,
+        total_consumption: row.try_get("total_consumption")?,
+        avg_consumption: row.try_get("avg_consumption")?,
+        max_consumption: row.try_get("max_consumption")?,
+        min_consumption: row.try_get("min_consumption")?,
+        load_percentage: row.try_get("load_percentage")?,
+        active_meters: serde_json::from_str(active).map_err(|_| StoreError::Corrupt {
+            table: T,
+            column: "active_meters",
+            value: active.to_owned(),
+        })?,
+    })
+}
+
+fn alert_row(row: &SqliteRow) -> Result<AlertRow, StoreError> {
+    const T: &str = "alerts";
+    let id: &str = row.try_get("id")?;
+    let metadata: &str = row.try_get("metadata")?;
+    Ok(AlertRow {
+        id: Uuid::parse_str(id).map_err(|_| StoreError::Corrupt {
+            table: T,
+            column: "id",
+            value: id.to_owned(),
+        })?,
+        alert_type: row.try_get("type")?,
+        severity: row.try_get("severity")?,
+        region: row.try_get("region")?,
+        meter_id: row.try_get("meter_id")?,
+        message: row.try_get("message")?,
+        status: row.try_get("status")?,
+        timestamp_ms: ts(row, T, "timestamp")?,
+        acknowledged: row.try_get::<i64, _>("acknowledged")? != 0,
+        acknowledged_by: row.try_get("acknowledged_by")?,
+        acknowledged_at_ms: ts_opt(row, T, "acknowledged_at")?,
+        resolved_at_ms: ts_opt(row, T, "resolved_at")?,
+        metadata: serde_json::from_str(metadata).map_err(|_| StoreError::Corrupt {
+            table: T,
+            column: "metadata",
+            value: metadata.to_owned(),
+        })?,
+        created_at_ms: ts(row, T, "created_at")?,
+        updated_at_ms: ts(row, T, "updated_at")?,
+    })
+}
+
+fn tariff_row(row: &SqliteRow) -> Result<TariffRow, StoreError> {
+    const T: &str = "tariffs";
+    Ok(TariffRow {
+        tariff_id: row.try_get("tariff_id")?,
+        region: row.try_get("region")?,
+        time_of_day: row.try_get("time_of_day")?,
+        price_per_kwh: row.try_get("price_per_kwh")?,
+        effective_from_ms: ts(row, T, "effective_from")?,
+        effective_to_ms: ts_opt(row, T, "effective_to")?,
+        is_active: row.try_get::<i64, _>("is_active")? != 0,
+        created_by: row.try_get("created_by")?,
+        created_at_ms: ts(row, T, "created_at")?,
+        updated_at_ms: ts(row, T, "updated_at")?,
+        previous_price: row.try_get("previous_price")?,
+        change_percent: row.try_get("change_percent")?,
+        load_percentage: row.try_get("load_percentage")?,
+        reason: row.try_get("reason")?,
+    })
+}
+
+/// `TRF-{PREFIX}-…` prefix of a region: upper-cased, every character that
+/// is not an ASCII letter or digit replaced by '-'.
+fn tariff_prefix(region: &str) -> String {
+    region
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------- alert changes
+
+#[derive(Clone, Copy)]
+enum AlertChange<'a> {
+    Acknowledge { by: &'a str },
+    Resolve,
+}
+
+impl AlertChange<'_> {
+    fn target(self) -> &'static str {
+        match self {
+            AlertChange::Acknowledge { .. } => "acknowledged",
+            AlertChange::Resolve => "resolved",
+        }
+    }
+
+    fn allowed_from(self) -> &'static [&'static str] {
+        match self {
+            AlertChange::Acknowledge { .. } => &["active"],
+            AlertChange::Resolve => &["active", "acknowledged"],
+        }
+    }
+}
+
+impl SqliteStore {
+    async fn change_alert(
+        &self,
+        id: Uuid,
+        change: AlertChange<'_>,
+        at_ms: i64,
+    ) -> Result<Transition, StoreError> {
+        let id_text = id.hyphenated().to_string();
+        let at = format_rfc3339_ms(at_ms);
+        let now = format_rfc3339_ms(now_ms());
+        let mut tx = self.write_tx().await?;
+
+        // Under BEGIN IMMEDIATE nobody else can write between this read and
+        // the update below; the update's status guard keeps it correct even
+        // so.
+        let select = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?");
+        let Some(current) = sqlx::query(&select)
+            .bind(&id_text)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(Transition::NotFound);
+        };
+        let current = alert_row(&current)?;
+        if current.status == change.target() {
+            return Ok(Transition::Unchanged(current));
+        }
+        if !change.allowed_from().contains(&current.status.as_str()) {
+            return Ok(Transition::Refused {
+                status: current.status,
+            });
+        }
+
+        let updated = match change {
+            AlertChange::Acknowledge { by } => {
+                let sql = format!(
+                    "UPDATE alerts SET status = 'acknowledged', acknowledged = 1, \
+                     acknowledged_by = ?, acknowledged_at = ?, updated_at = ? \
+                     WHERE id = ? AND status IN ('active') RETURNING {ALERT_COLUMNS}"
+                );
+                sqlx::query(&sql)
+                    .bind(by)
+                    .bind(&at)
+                    .bind(&now)
+                    .bind(&id_text)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+            AlertChange::Resolve => {
+                let sql = format!(
+                    "UPDATE alerts SET status = 'resolved', resolved_at = ?, updated_at = ? \
+                     WHERE id = ? AND status IN ('active', 'acknowledged') \
+                     RETURNING {ALERT_COLUMNS}"
+                );
+                sqlx::query(&sql)
+                    .bind(&at)
+                    .bind(&now)
+                    .bind(&id_text)
+                    .fetch_optional(&mut *tx)
+                    .await?
+            }
+        };
+        let Some(updated) = updated else {
+            // Unreachable while the transaction holds the write lock; report
+            // what is there rather than guess.
+            return Ok(Transition::Refused {
+                status: current.status,
+            });
+        };
+        let row = alert_row(&updated)?;
+
+        let actor = match change {
+            AlertChange::Acknowledge { by } => Some(by),
+            AlertChange::Resolve => None,
+        };
+        let details = serde_json::json!({
+            "from": current.status,
+            "to": change.target(),
+            "at": at,
+        });
+        sqlx::query(
+            "INSERT INTO audit_logs (action, entity, entity_id, actor, details, created_at) \
+             VALUES (?, 'alert', ?, ?, ?, ?)",
+        )
+        .bind(format!("alert.{}", change.target()))
+        .bind(&id_text)
+        .bind(actor)
+        .bind(details.to_string())
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Transition::Changed {
+            from: current.status,
+            row,
+        })
+    }
+}
+
+// ------------------------------------------------------------------ Store
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn insert_raw_readings(&self, readings: &[RawReading]) -> Result<(), StoreError> {
+        if readings.is_empty() {
+            return Ok(());
+        }
+        let max = max_chunk_rows(RAW_COLUMNS);
+        let mut tx = self.write_tx().await?;
+        let mut rest = readings;
+        for size in chunk_sizes(readings.len(), max) {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
+            let sql = values_sql(RAW_INSERT, RAW_COLUMNS, size, "");
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                q = q
+                    .bind(r.meter_id.as_str())
+                    .bind(r.region.as_str())
+                    .bind(format_rfc3339_ms(r.timestamp_ms))
+                    .bind(r.power_kw)
+                    .bind(r.voltage)
+                    .bind(r.current)
+                    .bind(r.frequency)
+                    .bind(r.power_factor)
+                    .bind(r.temperature)
+                    .bind(r.energy_kwh);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn upsert_meter_aggregates(
+        &self,
+        width: WindowWidth,
+        aggs: &[MeterAggregate],
+    ) -> Result<Vec<MeterAggregate>, StoreError> {
+        if aggs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let table = width.table();
+        let merged = merge_duplicate_windows(aggs);
+        let head = agg_upsert_head(table);
+        let tail = agg_upsert_tail(table);
+        let now = format_rfc3339_ms(now_ms());
+        let max = max_chunk_rows(AGG_INSERT_COLUMNS);
+        let mut out = Vec::with_capacity(merged.len());
+        let mut tx = self.write_tx().await?;
+        let mut rest = merged.as_slice();
+        for size in chunk_sizes(merged.len(), max) {
+            let (chunk, after) = rest.split_at(size);
+            rest = after;
+            let sql = values_sql(&head, AGG_INSERT_COLUMNS, size, &tail);
+            let mut q = sqlx::query(&sql);
+            for a in chunk {
+                q = q
+                    .bind(a.meter_id.as_str())
+                    .bind(a.region.as_str())
+                    .bind(format_rfc3339_ms(a.window_start_ms))
+                    .bind(a.avg_power_kw)
+                    .bind(a.max_power_kw)
+                    .bind(a.min_power_kw)
+                    .bind(a.energy_kwh_sum)
+                    .bind(a.voltage_avg)
+                    .bind(i64::from(a.count))
+                    .bind(a.power_sum)
+                    .bind(a.voltage_sum)
+                    .bind(i64::from(a.voltage_count))
+                    .bind(now.as_str())
+                    .bind(now.as_str());
+            }
+            let rows = q.fetch_all(&mut *tx).await?;
+            // RETURNING promises no order: put the rows back in input order.
+            let mut stored: HashMap<(String, i64), MeterAggregate> =
+                HashMap::with_capacity(rows.len());
+            for row in &rows {
+                let a = meter_aggregate(row, table)?;
+                stored.insert((a.meter_id.clone(), a.window_start_ms), a);
+            }
+            for a in chunk {
+                let key = (a.meter_id.clone(), a.window_start_ms);
+                let row = stored.remove(&key).ok_or_else(|| StoreError::Corrupt {
+                    table,
+                    column: "window_start",
+                    value: format!(
+                        "upsert returned no row for {} @ {}",
+                        a.meter_id,
+                        format_rfc3339_ms(a.window_start_ms)
+                    ),
+                })?;
+                out.push(row);
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn upsert_regional_aggregates(
+        &self,
+        aggs: &[RegionalAggregate],
+    ) -> Result<(), StoreError> {
+        if aggs.is_empty() {
+            return Ok(());
+        }
+        // The last entry for a key wins, as it would in the table.
+        let mut last: HashMap<(&str, i64), usize> = HashMap::with_capacity(aggs.len());
+        for (i, a) in aggs.iter().enumerate() {
+            last.insert((a.region.as_str(), a.window_start_ms), i);
+        }
+        let unique: Vec<&RegionalAggregate> = aggs
+            .iter()
+            .enumerate()
+            .filter(|(i, a)| last.get(&(a.region.as_str(), a.window_start_ms)) == Some(i))
+            .map(|(_, a)| a)
+            .collect();
+
+        let head = format!("INSERT INTO aggregates_1m_regional ({REGIONAL_COLUMNS}, created_at)");
+        let now = format_rfc3339_ms(now_ms());
+        let max = max_chunk_rows(REGIONAL_INSERT_COLUMNS);
+        let mut tx = self.write_tx().await?;
+        let mut rest = unique.as_slice();
+        for size in chunk_sizes(unique.len(), max) {
+            let (chunk, after) = rest.split_at(size);
+            rest = after;
+            let sql = values_sql(&head, REGIONAL_INSERT_COLUMNS, size, REGIONAL_TAIL);
+            let mut q = sqlx::query(&sql);
+            for a in chunk {
+                q = q
+                    .bind(a.region.as_str())
+                    .bind(format_rfc3339_ms(a.window_start_ms))
+                    .bind(i64::from(a.meter_count))
+                    .bind(a.total_consumption)
+                    .bind(a.avg_consumption)
+                    .bind(a.max_consumption)
+                    .bind(a.min_consumption)
+                    .bind(a.load_percentage)
+                    .bind(serde_json::to_string(&a.active_meters)?)
+                    .bind(now.as_str());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_alert(&self, alert: &NewAlert) -> Result<AlertRow, StoreError> {
+        let id = alert.id.hyphenated().to_string();
+        let metadata = if alert.metadata.is_null() {
+            "{}".to_owned()
+        } else {
+            serde_json::to_string(&alert.metadata)?
+        };
+        let now = format_rfc3339_ms(now_ms());
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO alerts (id, type, severity, region, meter_id, message, status, \
+             timestamp, acknowledged, metadata, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, 'active', ?, 0, ?, ?, ?) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(&alert.alert_type)
+        .bind(&alert.severity)
+        .bind(&alert.region)
+        .bind(&alert.meter_id)
+        .bind(&alert.message)
+        .bind(format_rfc3339_ms(alert.timestamp_ms))
+        .bind(metadata)
+        .bind(&now)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        let select = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?");
+        let row = sqlx::query(&select).bind(&id).fetch_one(&mut *tx).await?;
+        let row = alert_row(&row)?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    async fn list_alerts(&self, filter: &AlertFilter) -> Result<Vec<AlertRow>, StoreError> {
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE 1 = 1"));
+        for (column, value) in [
+            ("region", &filter.region),
+            ("status", &filter.status),
+            ("type", &filter.alert_type),
+            ("severity", &filter.severity),
+            ("meter_id", &filter.meter_id),
+        ] {
+            if let Some(v) = value {
+                qb.push(format_args!(" AND {column} = "));
+                qb.push_bind(v.as_str());
+            }
+        }
+        qb.push(" ORDER BY timestamp DESC, created_at DESC, rowid DESC LIMIT ");
+        qb.push_bind(i64::from(filter.limit));
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(alert_row).collect()
+    }
+
+    async fn get_alert(&self, id: Uuid) -> Result<Option<AlertRow>, StoreError> {
+        let select = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?");
+        let row = sqlx::query(&select)
+            .bind(id.hyphenated().to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(alert_row).transpose()
+    }
+
+    async fn acknowledge_alert(
+        &self,
+        id: Uuid,
+        by: &str,
+        at_ms: i64,
+    ) -> Result<Transition, StoreError> {
+        self.change_alert(id, AlertChange::Acknowledge { by }, at_ms)
+            .await
+    }
+
+    async fn resolve_alert(&self, id: Uuid, at_ms: i64) -> Result<Transition, StoreError> {
+        self.change_alert(id, AlertChange::Resolve, at_ms).await
+    }
+
+    async fn insert_tariff(&self, tariff: &NewTariff) -> Result<TariffRow, StoreError> {
+        let prefix = tariff_prefix(&tariff.region);
+        let from = format_rfc3339_ms(tariff.effective_from_ms);
+        let now = format_rfc3339_ms(now_ms());
+        let mut tx = self.write_tx().await?;
+        let n: i64 = sqlx::query_scalar(
+            "INSERT INTO tariff_id_sequences (prefix, last_value) VALUES (?, 1) \
+             ON CONFLICT (prefix) DO UPDATE SET last_value = last_value + 1 \
+             RETURNING last_value",
+        )
+        .bind(&prefix)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE tariffs SET is_active = 0, effective_to = ?, updated_at = ? \
+             WHERE region = ? AND is_active = 1",
+        )
+        .bind(&from)
+        .bind(&now)
+        .bind(&tariff.region)
+        .execute(&mut *tx)
+        .await?;
+        let insert = format!(
+            "INSERT INTO tariffs ({TARIFF_COLUMNS}) \
+             VALUES (?, ?, 'all_day', ?, ?, NULL, 1, 'segs', ?, ?, ?, ?, ?, ?) \
+             RETURNING {TARIFF_COLUMNS}"
+        );
+        let row = sqlx::query(&insert)
+            .bind(format!("TRF-{prefix}-{n:06}"))
+            .bind(&tariff.region)
+            .bind(tariff.price_per_kwh)
+            .bind(&from)
+            .bind(&now)
+            .bind(&now)
+            .bind(tariff.previous_price)
+            .bind(tariff.change_percent)
+            .bind(tariff.load_percentage)
+            .bind(&tariff.reason)
+            .fetch_one(&mut *tx)
+            .await?;
+        let row = tariff_row(&row)?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    async fn current_tariffs(&self) -> Result<Vec<TariffRow>, StoreError> {
+        let sql = format!(
+            "SELECT {TARIFF_COLUMNS} FROM tariffs WHERE is_active = 1 ORDER BY region, tariff_id"
+        );
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(tariff_row).collect()
+    }
+
+    async fn tariff_history(
+        &self,
+        region: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<TariffRow>, StoreError> {
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {TARIFF_COLUMNS} FROM tariffs"));
+        if let Some(region) = region {
+            qb.push(" WHERE region = ");
+            qb.push_bind(region);
+        }
+        qb.push(" ORDER BY effective_from DESC, rowid DESC LIMIT ");
+        qb.push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(tariff_row).collect()
+    }
+
+    async fn meter_aggregates(
+        &self,
+        width: WindowWidth,
+        query: &AggregateQuery,
+    ) -> Result<Vec<MeterAggregate>, StoreError> {
+        let table = width.table();
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {AGG_COLUMNS} FROM {table} WHERE 1 = 1"));
+        if let Some(m) = &query.meter_id {
+            qb.push(" AND meter_id = ");
+            qb.push_bind(m.as_str());
+        }
+        push_window_filters(&mut qb, query);
+        qb.push(" ORDER BY window_start, meter_id LIMIT ");
+        qb.push_bind(i64::from(query.limit));
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(|r| meter_aggregate(r, table)).collect()
+    }
+
+    async fn regional_aggregates(
+        &self,
+        query: &AggregateQuery,
+    ) -> Result<Vec<RegionalAggregate>, StoreError> {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "SELECT {REGIONAL_COLUMNS} FROM aggregates_1m_regional WHERE 1 = 1"
+        ));
+        push_window_filters(&mut qb, query);
+        qb.push(" ORDER BY window_start, region LIMIT ");
+        qb.push_bind(i64::from(query.limit));
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(regional_aggregate).collect()
+    }
+
+    async fn count_readings_1m(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(count), 0) FROM aggregates_1m")
+            .fetch_one(&self.pool)
+            .await?;
+        count_col(n, "aggregates_1m", "count")
+    }
+
+    async fn count_raw_readings(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM raw_readings")
+            .fetch_one(&self.pool)
+            .await?;
+        count_col(n, "raw_readings", "reading_id")
+    }
+
+    async fn apply_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError> {
+        let r = self.retention;
+        let cutoff = |keep: Duration| {
+            let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+            format_rfc3339_ms(now_ms.saturating_sub(keep_ms))
+        };
+        Ok(RetentionReport {
+            raw_readings: self
+                .delete_before(
+                    "DELETE FROM raw_readings WHERE reading_id IN \
+                     (SELECT reading_id FROM raw_readings WHERE timestamp < ? LIMIT ?)",
+                    &cutoff(r.raw_readings),
+                )
+                .await?,
+            aggregates_1m: self
+                .delete_before(
+                    "DELETE FROM aggregates_1m WHERE (meter_id, window_start) IN \
+                     (SELECT meter_id, window_start FROM aggregates_1m \
+                      WHERE window_start < ? LIMIT ?)",
+                    &cutoff(r.aggregates_1m),
+                )
+                .await?,
+            aggregates_15m: self
+                .delete_before(
+                    "DELETE FROM aggregates_15m WHERE (meter_id, window_start) IN \
+                     (SELECT meter_id, window_start FROM aggregates_15m \
+                      WHERE window_start < ? LIMIT ?)",
+                    &cutoff(r.aggregates_15m),
+                )
+                .await?,
+            aggregates_1m_regional: self
+                .delete_before(
+                    "DELETE FROM aggregates_1m_regional WHERE (region, window_start) IN \
+                     (SELECT region, window_start FROM aggregates_1m_regional \
+                      WHERE window_start < ? LIMIT ?)",
+                    &cutoff(r.aggregates_1m),
+                )
+                .await?,
+        })
+    }
+}
+
+impl SqliteStore {
+    /// Runs a `… < ? LIMIT ?` delete in batches of [`RETENTION_BATCH`], each
+    /// its own short transaction, until nothing is left; returns the total.
+    async fn delete_before(&self, sql: &'static str, cutoff: &str) -> Result<u64, StoreError> {
+        let mut total = 0u64;
+        loop {
+            let done = sqlx::query(sql)
+                .bind(cutoff)
+                .bind(RETENTION_BATCH)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            total += done;
+            if done < RETENTION_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+fn push_window_filters<'a>(qb: &mut QueryBuilder<'a, Sqlite>, query: &'a AggregateQuery) {
+    if let Some(r) = &query.region {
+        qb.push(" AND region = ");
+        qb.push_bind(r.as_str());
+    }
+    if let Some(from) = query.from_ms {
+        qb.push(" AND window_start >= ");
+        qb.push_bind(format_rfc3339_ms(from));
+    }
+    if let Some(to) = query.to_ms {
+        qb.push(" AND window_start < ");
+        qb.push_bind(format_rfc3339_ms(to));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_exactly_with_few_shapes() {
+        for n in [0usize, 1, 2, 3, 7, 100, 2047, 2048, 2049, 50_000] {
+            let sizes: Vec<usize> = chunk_sizes(n, 2048).collect();
+            assert_eq!(sizes.iter().sum::<usize>(), n, "n = {n}");
+            assert!(
+                sizes.iter().all(|s| s.is_power_of_two() && *s <= 2048),
+                "{sizes:?}"
+            );
+        }
+        assert_eq!(chunk_sizes(13, 2048).collect::<Vec<_>>(), [8, 4, 1]);
+        assert_eq!(max_chunk_rows(10), 2048);
+        assert_eq!(max_chunk_rows(14), 2048);
+        assert!(max_chunk_rows(14) * 14 <= MAX_VARIABLES);
+        assert_eq!(max_chunk_rows(20), 1024);
+    }
+
+    #[test]
+    fn values_sql_has_one_placeholder_per_value() {
+        let sql = values_sql("INSERT INTO t (a, b)", 2, 3, "RETURNING a");
+        assert_eq!(
+            sql,
+            "INSERT INTO t (a, b) VALUES (?,?),(?,?),(?,?) RETURNING a"
+        );
+    }
+
+    #[test]
+    fn tariff_prefixes() {
+        assert_eq!(tariff_prefix("Mumbai-North"), "MUMBAI-NORTH");
+        assert_eq!(tariff_prefix("Delhi South"), "DELHI-SOUTH");
+        assert_eq!(tariff_prefix("São_Paulo.2"), "S-O-PAULO-2");
+    }
+
+    #[test]
+    fn memory_urls() {
+        assert!(is_memory_url("sqlite::memory:"));
+        assert!(is_memory_url("sqlite://:memory:"));
+        assert!(is_memory_url("sqlite://?mode=memory&cache=shared"));
+        assert!(!is_memory_url("sqlite://segs.db"));
+        assert!(!is_memory_url("sqlite:///var/lib/segs/memory.db"));
+    }
+
+    #[tokio::test]
+    async fn file_database_is_created_in_wal_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested.db");
+        let url = format!("sqlite://{}", path.display());
+        let store = SqliteStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        assert!(path.exists());
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(sync, 1, "synchronous=NORMAL");
+        let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(busy, 10_000);
+
+        // Reopening an existing file applies no migration twice.
+        drop(store);
+        let again = SqliteStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN \
+             ('users', 'meters', 'tariffs', 'alerts', 'invoices', 'invoice_line_items', \
+              'tariff_rules', 'audit_logs', 'raw_readings', 'aggregates_1m', \
+              'aggregates_15m', 'aggregates_1m_regional')",
+        )
+        .fetch_one(again.pool())
+        .await
+        .unwrap();
+        assert_eq!(tables, 12);
+    }
+
+    #[tokio::test]
+    async fn audit_rows_record_each_change() {
+        let store = SqliteStore::open("sqlite::memory:", &StoreOptions::default())
+            .await
+            .unwrap();
+        let id = Uuid::new_v4();
+        store
+            .insert_alert(&NewAlert {
+                id,
+                alert_type: "ANOMALY".into(),
+                severity: "high".into(),
+                region: Some("Mumbai-North".into()),
+                meter_id: Some("MTR-00000001".into()),
+                message: "spike".into(),
+                timestamp_ms: 1_000,
+                metadata: serde_json::json!({}),
+            })
+            .await
+            .unwrap();
+        store.acknowledge_alert(id, "ops", 2_000).await.unwrap();
+        store.acknowledge_alert(id, "ops", 2_500).await.unwrap(); // unchanged
+        store.resolve_alert(id, 3_000).await.unwrap();
+        store.resolve_alert(id, 3_500).await.unwrap(); // unchanged
+        let rows: Vec<(String, String, Option<String>, String)> =
+            sqlx::query_as("SELECT action, entity_id, actor, details FROM audit_logs ORDER BY id")
+                .fetch_all(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[0].0, "alert.acknowledged");
+        assert_eq!(rows[0].1, id.to_string());
+        assert_eq!(rows[0].2.as_deref(), Some("ops"));
+        let d: serde_json::Value = serde_json::from_str(&rows[0].3).unwrap();
+        assert_eq!(
+            d,
+            serde_json::json!({"from": "active", "to": "acknowledged", "at": "1970-01-01T00:00:02.000Z"})
+        );
+        assert_eq!(rows[1].0, "alert.resolved");
+        assert_eq!(rows[1].2, None);
+        let d: serde_json::Value = serde_json::from_str(&rows[1].3).unwrap();
+        assert_eq!(d["from"], "acknowledged");
+    }
+}

@@ -1,0 +1,540 @@
+//! Windows: the hot path. Tumbling 1-minute and 15-minute windows per meter
+//! by event time, the per-meter baseline the anomaly rule compares against,
+//! and the regional 1-minute sums derived from the per-meter windows.
+//!
+//! Architecture Invariant: this module does no I/O and never calls Wasm. It
+//! folds readings into sums and hands closed windows back to its caller (the
+//! stream stage), which runs the plugins on whole batches and stores and
+//! publishes the results.
+//!
+//! Per reading the cost is one hash lookup of the meter id (interned to a
+//! dense index the first time it is seen; that is the only allocation) and
+//! two array updates; no allocation, no lock.
+//!
+//! Closing: a window `[start, start + width)` closes when the watermark —
+//! the newest event time seen minus the allowed lateness — reaches its end
+//! ([`Windows::advance`]), when the stream has been idle for that width's
+//! flush interval (`FLUSH_INTERVAL_1M` / `FLUSH_INTERVAL_15M`;
+//! [`Windows::close_width`]), or at shutdown ([`Windows::close_all`]). A
+//! reading for a window that has already closed is still counted: it opens a
+//! *late* window of that start, which closes at the next advance and is merged
+//! into the stored row by the store (sums add up). Late windows do not revise
+//! the regional aggregate of their minute, which has been published already;
+//! they are counted in [`WindowStats::late_readings`].
+
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
+
+/// Dense index of a meter, assigned on first sight.
+pub type MeterIdx = u32;
+/// Dense index of a region, assigned on first sight.
+pub type RegionIdx = u32;
+
+pub const ONE_MINUTE_MS: i64 = 60_000;
+pub const FIFTEEN_MINUTES_MS: i64 = 900_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Width {
+    OneMinute,
+    FifteenMinutes,
+}
+
+impl Width {
+    pub fn ms(self) -> i64 {
+        match self {
+            Width::OneMinute => ONE_MINUTE_MS,
+            Width::FifteenMinutes => FIFTEEN_MINUTES_MS,
+        }
+    }
+}
+
+/// Running sums of one meter's window (the seed's `AggregateWindow`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sums {
+    pub count: u32,
+    pub power_sum: f64,
+    pub max_power: f64,
+    pub min_power: f64,
+    pub energy_sum: f64,
+    pub voltage_sum: f64,
+    pub voltage_count: u32,
+}
+
+impl Sums {
+    const EMPTY: Sums = Sums {
+        count: 0,
+        power_sum: 0.0,
+        max_power: f64::NEG_INFINITY,
+        min_power: f64::INFINITY,
+        energy_sum: 0.0,
+        voltage_sum: 0.0,
+        voltage_count: 0,
+    };
+
+    #[inline]
+    fn add(&mut self, power_kw: f64, energy_kwh: Option<f64>, voltage: Option<f64>) {
+        self.count += 1;
+        self.power_sum += power_kw;
+        self.max_power = self.max_power.max(power_kw);
+        self.min_power = self.min_power.min(power_kw);
+        self.energy_sum += energy_kwh.unwrap_or(0.0);
+        if let Some(v) = voltage {
+            self.voltage_sum += v;
+            self.voltage_count += 1;
+        }
+    }
+
+    pub fn avg_power(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.power_sum / f64::from(self.count)
+        }
+    }
+}
+
+/// One meter's slot in a closed window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeterSums {
+    pub meter: MeterIdx,
+    pub region: RegionIdx,
+    pub sums: Sums,
+}
+
+/// A window of one width and start, closed: every meter that reported in it.
+#[derive(Debug, Clone)]
+pub struct ClosedWindow {
+    pub width: Width,
+    pub start_ms: i64,
+    /// Opened after its start had already closed: merge, don't replace.
+    pub late: bool,
+    pub meters: Vec<MeterSums>,
+}
+
+/// The regional sums of a closed (on-time) 1-minute window, per region.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionSums {
+    pub region: RegionIdx,
+    pub meter_count: u32,
+    /// Sum over meters of their average power in the window, kW.
+    pub total_kw: f64,
+    pub max_kw: f64,
+    pub min_kw: f64,
+    /// The meters that reported, in first-seen order.
+    pub meters: Vec<MeterIdx>,
+}
+
+/// What a reading meant to the anomaly rule: the meter's baseline before it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    pub meter: MeterIdx,
+    pub region: RegionIdx,
+    pub baseline_kw: f64,
+    pub sample_count: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowStats {
+    pub readings: u64,
+    pub late_readings: u64,
+    pub meters: u32,
+    pub open_windows: u32,
+}
+
+/// Parameters of the windows, from `[windows]` in pipeline.toml.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowsParams {
+    pub allowed_lateness_ms: i64,
+    pub baseline_window: u32,
+}
+
+/// The open windows of one width, by start.
+#[derive(Default)]
+struct OpenWindows {
+    by_start: BTreeMap<i64, WindowSet>,
+    /// Every window ending at or before this has been closed once.
+    closed_until: i64,
+}
+
+struct WindowSet {
+    late: bool,
+    /// `slot[meter]` is the index in `meters`, or `u32::MAX`.
+    slot: Vec<u32>,
+    meters: Vec<MeterSums>,
+}
+
+impl WindowSet {
+    fn new(late: bool, meters_known: usize) -> WindowSet {
+        WindowSet {
+            late,
+            slot: vec![u32::MAX; meters_known],
+            meters: Vec::new(),
+        }
+    }
+
+    #[inline]
+    fn sums(&mut self, meter: MeterIdx, region: RegionIdx) -> &mut Sums {
+        let m = meter as usize;
+        if m >= self.slot.len() {
+            self.slot.resize(m + 1, u32::MAX);
+        }
+        let mut s = self.slot[m];
+        if s == u32::MAX {
+            s = self.meters.len() as u32;
+            self.slot[m] = s;
+            self.meters.push(MeterSums {
+                meter,
+                region,
+                sums: Sums::EMPTY,
+            });
+        }
+        &mut self.meters[s as usize].sums
+    }
+}
+
+impl OpenWindows {
+    #[inline]
+    fn set_for(&mut self, start: i64, width: i64, meters_known: usize) -> &mut WindowSet {
+        let late = start + width <= self.closed_until;
+        self.by_start
+            .entry(start)
+            .or_insert_with(|| WindowSet::new(late, meters_known))
+    }
+
+    fn close_through(&mut self, width: Width, until: i64, out: &mut Vec<ClosedWindow>) {
+        let w = width.ms();
+        while let Some(entry) = self.by_start.first_entry() {
+            if *entry.key() + w > until {
+                break;
+            }
+            let (start, set) = entry.remove_entry();
+            out.push(ClosedWindow {
+                width,
+                start_ms: start,
+                late: set.late,
+                meters: set.meters,
+            });
+        }
+        self.closed_until = self.closed_until.max(until - until.rem_euclid(w));
+    }
+}
+
+struct Baseline {
+    mean: f64,
+    samples: u32,
+}
+
+/// Per-meter windows and baselines for the meters of one stream worker.
+pub struct Windows {
+    params: WindowsParams,
+    meter_ids: FxHashMap<Box<str>, MeterIdx>,
+    meter_names: Vec<Box<str>>,
+    baselines: Vec<Baseline>,
+    region_ids: FxHashMap<Box<str>, RegionIdx>,
+    region_names: Vec<Box<str>>,
+    one_minute: OpenWindows,
+    fifteen_minutes: OpenWindows,
+    max_event_ms: i64,
+    stats: WindowStats,
+}
+
+impl Windows {
+    pub fn new(params: WindowsParams) -> Windows {
+        Windows {
+            params,
+            meter_ids: FxHashMap::default(),
+            meter_names: Vec::new(),
+            baselines: Vec::new(),
+            region_ids: FxHashMap::default(),
+            region_names: Vec::new(),
+            one_minute: OpenWindows::default(),
+            fifteen_minutes: OpenWindows::default(),
+            max_event_ms: i64::MIN,
+            stats: WindowStats::default(),
+        }
+    }
+
+    pub fn meter_name(&self, meter: MeterIdx) -> &str {
+        &self.meter_names[meter as usize]
+    }
+
+    pub fn region_name(&self, region: RegionIdx) -> &str {
+        &self.region_names[region as usize]
+    }
+
+    pub fn stats(&self) -> WindowStats {
+        WindowStats {
+            meters: self.meter_names.len() as u32,
+            open_windows: (self.one_minute.by_start.len() + self.fifteen_minutes.by_start.len())
+                as u32,
+            ..self.stats
+        }
+    }
+
+    /// Newest event time seen, if any.
+    pub fn max_event_ms(&self) -> Option<i64> {
+        (self.max_event_ms != i64::MIN).then_some(self.max_event_ms)
+    }
+
+    fn intern_meter(&mut self, meter_id: &str) -> MeterIdx {
+        if let Some(&i) = self.meter_ids.get(meter_id) {
+            return i;
+        }
+        let i = self.meter_names.len() as MeterIdx;
+        self.meter_ids.insert(meter_id.into(), i);
+        self.meter_names.push(meter_id.into());
+        self.baselines.push(Baseline {
+            mean: 0.0,
+            samples: 0,
+        });
+        i
+    }
+
+    fn intern_region(&mut self, region: &str) -> RegionIdx {
+        if let Some(&i) = self.region_ids.get(region) {
+            return i;
+        }
+        let i = self.region_names.len() as RegionIdx;
+        self.region_ids.insert(region.into(), i);
+        self.region_names.push(region.into());
+        i
+    }
+
+    /// Folds one reading into its windows and its meter's baseline. Returns
+    /// the baseline as it was *before* this reading, for the anomaly rule.
+    #[inline]
+    pub fn add(
+        &mut self,
+        meter_id: &str,
+        region: &str,
+        event_ms: i64,
+        power_kw: f64,
+        energy_kwh: Option<f64>,
+        voltage: Option<f64>,
+    ) -> Observation {
+        let meter = self.intern_meter(meter_id);
+        let region = self.intern_region(region);
+        let known = self.meter_names.len();
+        self.stats.readings += 1;
+        self.max_event_ms = self.max_event_ms.max(event_ms);
+
+        let start_1m = crate::time::window_start(event_ms, ONE_MINUTE_MS);
+        let set = self.one_minute.set_for(start_1m, ONE_MINUTE_MS, known);
+        if set.late {
+            self.stats.late_readings += 1;
+        }
+        set.sums(meter, region).add(power_kw, energy_kwh, voltage);
+        let start_15m = crate::time::window_start(event_ms, FIFTEEN_MINUTES_MS);
+        self.fifteen_minutes
+            .set_for(start_15m, FIFTEEN_MINUTES_MS, known)
+            .sums(meter, region)
+            .add(power_kw, energy_kwh, voltage);
+
+        // Baseline: the mean of the meter's readings, exponentially weighted
+        // over the last `baseline_window` once it has that many.
+        let b = &mut self.baselines[meter as usize];
+        let before = Observation {
+            meter,
+            region,
+            baseline_kw: b.mean,
+            sample_count: b.samples,
+        };
+        let n = (b.samples + 1).min(self.params.baseline_window);
+        b.mean += (power_kw - b.mean) / f64::from(n);
+        b.samples = b.samples.saturating_add(1);
+        before
+    }
+
+    /// Closes every window whose end the watermark (newest event time minus
+    /// the allowed lateness) has reached. Appends them to `out` in start
+    /// order, 1-minute windows first.
+    pub fn advance(&mut self, out: &mut Vec<ClosedWindow>) {
+        if self.max_event_ms == i64::MIN {
+            return;
+        }
+        let watermark = self.max_event_ms - self.params.allowed_lateness_ms;
+        self.close_through(watermark, out);
+    }
+
+    /// Closes every window, whatever the watermark (stream idle, shutdown).
+    pub fn close_all(&mut self, out: &mut Vec<ClosedWindow>) {
+        let until = self
+            .one_minute
+            .by_start
+            .keys()
+            .chain(self.fifteen_minutes.by_start.keys())
+            .max()
+            .map(|s| s + FIFTEEN_MINUTES_MS);
+        if let Some(until) = until {
+            self.close_through(until, out);
+        }
+    }
+
+    /// Closes every open window of one width (the stream has been idle for
+    /// that width's flush interval).
+    pub fn close_width(&mut self, width: Width, out: &mut Vec<ClosedWindow>) {
+        let open = match width {
+            Width::OneMinute => &mut self.one_minute,
+            Width::FifteenMinutes => &mut self.fifteen_minutes,
+        };
+        if let Some(last) = open.by_start.keys().next_back().copied() {
+            open.close_through(width, last + width.ms(), out);
+        }
+    }
+
+    /// Open windows of one width.
+    pub fn open_count(&self, width: Width) -> usize {
+        match width {
+            Width::OneMinute => self.one_minute.by_start.len(),
+            Width::FifteenMinutes => self.fifteen_minutes.by_start.len(),
+        }
+    }
+
+    fn close_through(&mut self, until: i64, out: &mut Vec<ClosedWindow>) {
+        self.one_minute.close_through(Width::OneMinute, until, out);
+        self.fifteen_minutes
+            .close_through(Width::FifteenMinutes, until, out);
+    }
+
+    /// The regional sums of a closed on-time 1-minute window, one entry per
+    /// region that reported, in region-index order.
+    pub fn regional(window: &ClosedWindow) -> Vec<RegionSums> {
+        let mut by_region: BTreeMap<RegionIdx, RegionSums> = BTreeMap::new();
+        for m in &window.meters {
+            let avg = m.sums.avg_power();
+            let r = by_region.entry(m.region).or_insert_with(|| RegionSums {
+                region: m.region,
+                meter_count: 0,
+                total_kw: 0.0,
+                max_kw: f64::NEG_INFINITY,
+                min_kw: f64::INFINITY,
+                meters: Vec::new(),
+            });
+            r.meter_count += 1;
+            r.total_kw += avg;
+            r.max_kw = r.max_kw.max(avg);
+            r.min_kw = r.min_kw.min(avg);
+            r.meters.push(m.meter);
+        }
+        by_region.into_values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_762_929_000_000; // 2025-11-12T06:30:00Z, a 15-minute boundary
+
+    fn windows(lateness_ms: i64) -> Windows {
+        Windows::new(WindowsParams {
+            allowed_lateness_ms: lateness_ms,
+            baseline_window: 4,
+        })
+    }
+
+    #[test]
+    fn seed_example_sums() {
+        let mut w = windows(0);
+        w.add("MTR-42", "Mumbai-North", T0 + 10_000, 5.2, Some(0.04), Some(235.6));
+        w.add("MTR-42", "Mumbai-North", T0 + 30_000, 5.5, Some(0.05), Some(238.1));
+        w.add("MTR-42", "Mumbai-North", T0 + 50_000, 5.0, Some(0.041), Some(236.8));
+        let mut out = Vec::new();
+        w.close_all(&mut out);
+        assert_eq!(out.len(), 2);
+        let one = &out[0];
+        assert_eq!((one.width, one.start_ms, one.late), (Width::OneMinute, T0, false));
+        let s = one.meters[0].sums;
+        assert_eq!(s.count, 3);
+        assert!((s.power_sum - 15.7).abs() < 1e-9);
+        assert_eq!((s.max_power, s.min_power), (5.5, 5.0));
+        assert!((s.energy_sum - 0.131).abs() < 1e-9);
+        assert!((s.voltage_sum - 710.5).abs() < 1e-9);
+        assert_eq!(s.voltage_count, 3);
+        assert!((s.avg_power() - 5.233_333).abs() < 1e-6);
+        assert_eq!(out[1].width, Width::FifteenMinutes);
+        assert_eq!(out[1].meters[0].sums.count, 3);
+    }
+
+    #[test]
+    fn windows_floor_by_event_time_and_close_on_watermark() {
+        let mut w = windows(5_000);
+        w.add("A", "R", T0 + 59_999, 1.0, None, None);
+        w.add("A", "R", T0 + 60_000, 2.0, None, None);
+        let mut out = Vec::new();
+        w.advance(&mut out);
+        assert!(out.is_empty(), "watermark T0+55s has not reached T0+60s");
+        w.add("B", "R", T0 + 65_000, 3.0, None, None);
+        w.advance(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].start_ms, T0);
+        assert_eq!(out[0].meters.len(), 1);
+        assert_eq!(out[0].meters[0].sums.count, 1);
+    }
+
+    #[test]
+    fn a_reading_after_its_window_closed_is_still_counted() {
+        let mut w = windows(0);
+        w.add("A", "R", T0 + 1_000, 1.0, None, None);
+        w.add("A", "R", T0 + 61_000, 1.0, None, None);
+        let mut out = Vec::new();
+        w.advance(&mut out);
+        assert_eq!(out.len(), 1);
+        // Late: belongs to the window that just closed.
+        w.add("A", "R", T0 + 2_000, 4.0, None, None);
+        w.add("A", "R", T0 + 121_000, 1.0, None, None);
+        out.clear();
+        w.advance(&mut out);
+        let late: Vec<_> = out.iter().filter(|c| c.late).collect();
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].start_ms, T0);
+        assert_eq!(late[0].meters[0].sums.count, 1);
+        assert_eq!(w.stats().late_readings, 1);
+        let total: u32 = out
+            .iter()
+            .filter(|c| c.width == Width::OneMinute)
+            .flat_map(|c| c.meters.iter().map(|m| m.sums.count))
+            .sum();
+        assert_eq!(total, 2, "the late reading and the T0+61s one");
+    }
+
+    #[test]
+    fn baseline_is_the_mean_before_the_reading() {
+        let mut w = windows(0);
+        let o = w.add("A", "R", T0, 2.0, None, None);
+        assert_eq!((o.baseline_kw, o.sample_count), (0.0, 0));
+        let o = w.add("A", "R", T0 + 1, 4.0, None, None);
+        assert_eq!((o.baseline_kw, o.sample_count), (2.0, 1));
+        let o = w.add("A", "R", T0 + 2, 6.0, None, None);
+        assert_eq!((o.baseline_kw, o.sample_count), (3.0, 2));
+        w.add("A", "R", T0 + 3, 8.0, None, None);
+        // Window of 4 reached: exponential weighting from here on.
+        let o = w.add("A", "R", T0 + 4, 0.0, None, None);
+        assert_eq!((o.baseline_kw, o.sample_count), (5.0, 4));
+        let o = w.add("A", "R", T0 + 5, 0.0, None, None);
+        assert_eq!((o.baseline_kw, o.sample_count), (3.75, 5));
+    }
+
+    #[test]
+    fn regional_sums_fold_meter_averages() {
+        let mut w = windows(0);
+        w.add("A", "North", T0, 2.0, None, None);
+        w.add("A", "North", T0 + 1, 4.0, None, None);
+        w.add("B", "North", T0, 10.0, None, None);
+        w.add("C", "South", T0, 1.0, None, None);
+        let mut out = Vec::new();
+        w.close_all(&mut out);
+        let regional = Windows::regional(&out[0]);
+        assert_eq!(regional.len(), 2);
+        let north = &regional[0];
+        assert_eq!(w.region_name(north.region), "North");
+        assert_eq!(north.meter_count, 2);
+        assert_eq!(north.total_kw, 13.0);
+        assert_eq!((north.max_kw, north.min_kw), (10.0, 3.0));
+        assert_eq!(
+            north.meters.iter().map(|m| w.meter_name(*m)).collect::<Vec<_>>(),
+            ["A", "B"]
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! The `Dedupe` seam: one behaviour suite (`SET key 1 NX EX ttl` semantics)
+//! run against the in-process implementation and against the real Redis at
+//! 127.0.0.1:6379.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use segs::dedupe::{Dedupe, DedupeError, KeyBatch, ManualClock, MemoryDedupe, RedisDedupe};
+
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// How the suite lets a TTL run out.
+enum Time {
+    /// Moves an injected clock.
+    Manual(Arc<ManualClock>),
+    /// Waits for real (Redis keeps its own time).
+    Real,
+}
+
+impl Time {
+    async fn pass(&self, d: Duration) {
+        match self {
+            Time::Manual(clock) => clock.advance(d),
+            Time::Real => tokio::time::sleep(d).await,
+        }
+    }
+}
+
+fn keys(prefix: &str, names: &[&str]) -> KeyBatch {
+    let mut b = KeyBatch::default();
+    for n in names {
+        b.push_with(|s| {
+            s.push_str(prefix);
+            s.push_str(n);
+        });
+    }
+    b
+}
+
+/// The behaviour every `Dedupe` must have. `prefix` keeps runs apart.
+async fn check_set_nx_ex(d: &dyn Dedupe, prefix: &str, time: Time) {
+    let ttl = Duration::from_secs(60);
+    let mark = |names: &'static [&'static str], ttl: Duration| {
+        let b = keys(prefix, names);
+        async move { d.check_and_mark(&b, ttl).await.expect("check_and_mark") }
+    };
+
+    // First seen, then a duplicate.
+    assert_eq!(mark(&["a", "b"], ttl).await, [true, true]);
+    assert_eq!(mark(&["a", "b"], ttl).await, [false, false]);
+    assert_eq!(mark(&["a", "c"], ttl).await, [false, true]);
+
+    // A key repeated within one call is a duplicate the second time.
+    assert_eq!(
+        mark(&["r", "r", "s", "r"], ttl).await,
+        [true, false, true, false]
+    );
+
+    // Nothing in, nothing out.
+    assert_eq!(mark(&[], ttl).await, Vec::<bool>::new());
+
+    // Unmark makes a key new again; the others stay marked.
+    assert_eq!(mark(&["u1", "u2"], ttl).await, [true, true]);
+    let b = keys(prefix, &["u1", "u2"]);
+    d.unmark(&b, &[0, 7]).await.expect("unmark");
+    d.unmark(&b, &[]).await.expect("unmark nothing");
+    assert_eq!(mark(&["u1", "u2"], ttl).await, [true, false]);
+
+    // Two racing callers: exactly one sees the key as new.
+    let (x, y) = tokio::join!(mark(&["race"], ttl), mark(&["race"], ttl));
+    assert_eq!(
+        [x[0], y[0]].iter().filter(|&&f| f).count(),
+        1,
+        "{x:?} {y:?}"
+    );
+
+    // TTL expiry: a key is new again once its TTL has run out, while a key
+    // marked with a longer TTL is still a duplicate.
+    let short = Duration::from_secs(1);
+    assert_eq!(mark(&["t"], short).await, [true]);
+    assert_eq!(mark(&["t"], short).await, [false]);
+    time.pass(Duration::from_millis(1500)).await;
+    assert_eq!(mark(&["t", "a"], ttl).await, [true, false]);
+}
+
+#[tokio::test]
+async fn memory_behaves_like_set_nx_ex() {
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let d = MemoryDedupe::with_clock(clock.clone());
+    check_set_nx_ex(&d, "reading:", Time::Manual(clock)).await;
+}
+
+/// A Redis connection for a test, or a failure that says how to get one.
+async fn redis() -> RedisDedupe {
+    match RedisDedupe::connect(REDIS_URL).await {
+        Ok(d) => d,
+        Err(e) => panic!(
+            "{e}\nThese tests need a real Redis at {REDIS_URL}: start it \
+             (`cargo xtask services` prints the command) and run them again."
+        ),
+    }
+}
+
+/// Unique per test run, so runs (and parallel tests) never share keys.
+fn run_prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("segs-test:{}:{nanos}:{test}:reading:", std::process::id())
+}
+
+#[tokio::test]
+async fn redis_behaves_like_set_nx_ex() {
+    let d = redis().await;
+    check_set_nx_ex(&d, &run_prefix("suite"), Time::Real).await;
+}
+
+#[tokio::test]
+async fn redis_marks_a_full_batch_in_one_call() {
+    let d = redis().await;
+    let prefix = run_prefix("batch");
+    let mut b = KeyBatch::default();
+    for i in 0..1000 {
+        b.push_with(|s| {
+            use std::fmt::Write as _;
+            let _ = write!(s, "{prefix}MTR-{i:08}:2024-01-01T00:00:00.000Z");
+        });
+    }
+    let ttl = Duration::from_secs(30);
+    let first = d.check_and_mark(&b, ttl).await.expect("first");
+    assert!(first.iter().all(|&f| f));
+    let second = d.check_and_mark(&b, ttl).await.expect("second");
+    assert!(second.iter().all(|&f| !f));
+    let all: Vec<usize> = (0..b.len()).collect();
+    d.unmark(&b, &all).await.expect("clean up");
+    assert_eq!(d.len_hint(), None);
+}
+
+#[tokio::test]
+async fn unreachable_redis_is_a_clear_error() {
+    // Nothing listens on port 1.
+    let url = "redis://127.0.0.1:1";
+    let err = RedisDedupe::connect(url)
+        .await
+        .expect_err("nothing listens there");
+    assert!(matches!(err, DedupeError::Unreachable { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("cannot reach Redis at redis://127.0.0.1:1"), "{msg}");
+
+    let err = RedisDedupe::connect("not a url")
+        .await
+        .expect_err("bad URL");
+    assert!(matches!(err, DedupeError::InvalidUrl { .. }), "{err:?}");
+}

@@ -1,0 +1,1155 @@
+//! The store seam, end to end against real SQLite databases (files in a
+//! temporary directory, and `sqlite::memory:`): window merging, tariffs,
+//! the alert lifecycle, filters, JSON shapes, retention and bulk inserts.
+
+use std::sync::Arc;
+
+use segs::store::{
+    self, AggregateQuery, AlertFilter, AlertRow, MeterAggregate, NewAlert, NewTariff, RawReading,
+    RegionalAggregate, Retention, Store, StoreOptions, Transition, WindowWidth,
+};
+use segs::time::{format_rfc3339_ms, parse_rfc3339_ms};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const DAY_MS: i64 = 86_400_000;
+
+fn t(s: &str) -> i64 {
+    parse_rfc3339_ms(s).unwrap_or_else(|| panic!("bad test timestamp {s}"))
+}
+
+/// A file-backed store in its own temporary directory (kept alive with it).
+async fn file_store() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("segs.db").display());
+    (store::open(&url).await.expect("open"), dir)
+}
+
+async fn memory_store() -> Arc<dyn Store> {
+    store::open("sqlite::memory:").await.expect("open memory")
+}
+
+/// A window holding `powers` (and `volts`), as the windows stage builds it.
+fn window(meter: &str, start: &str, powers: &[f64], volts: &[f64]) -> MeterAggregate {
+    let power_sum: f64 = powers.iter().sum();
+    let voltage_sum: f64 = volts.iter().sum();
+    MeterAggregate {
+        meter_id: meter.into(),
+        region: "Mumbai-North".into(),
+        window_start_ms: t(start),
+        avg_power_kw: power_sum / powers.len() as f64,
+        max_power_kw: powers.iter().copied().fold(f64::MIN, f64::max),
+        min_power_kw: powers.iter().copied().fold(f64::MAX, f64::min),
+        energy_kwh_sum: powers.iter().map(|p| p / 60.0).sum(),
+        voltage_avg: (!volts.is_empty()).then(|| voltage_sum / volts.len() as f64),
+        count: powers.len() as u32,
+        power_sum,
+        voltage_sum,
+        voltage_count: volts.len() as u32,
+    }
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-9
+}
+
+fn alert(
+    alert_type: &str,
+    severity: &str,
+    region: &str,
+    meter: Option<&str>,
+    at: &str,
+) -> NewAlert {
+    NewAlert {
+        id: Uuid::new_v4(),
+        alert_type: alert_type.into(),
+        severity: severity.into(),
+        region: Some(region.into()),
+        meter_id: meter.map(Into::into),
+        message: format!("{alert_type} in {region}"),
+        timestamp_ms: t(at),
+        metadata: json!({"baseline": 4.5, "current": 12.0, "change": 1.67, "type": "SPIKE"}),
+    }
+}
+
+fn tariff(region: &str, price: f64, from: &str) -> NewTariff {
+    NewTariff {
+        region: region.into(),
+        price_per_kwh: price,
+        effective_from_ms: t(from),
+        previous_price: Some(6.5),
+        change_percent: Some(10.0),
+        load_percentage: Some(79.0),
+        reason: "HIGH_LOAD".into(),
+    }
+}
+
+fn reading(meter: &str, at_ms: i64, power: f64) -> RawReading {
+    RawReading {
+        meter_id: meter.into(),
+        region: "Mumbai-North".into(),
+        timestamp_ms: at_ms,
+        power_kw: power,
+        voltage: Some(235.6),
+        current: Some(22.2),
+        frequency: Some(50.0),
+        power_factor: Some(0.95),
+        temperature: Some(31.5),
+        energy_kwh: Some(power / 60.0),
+    }
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v
+        .as_object()
+        .expect("a JSON object")
+        .keys()
+        .cloned()
+        .collect();
+    k.sort();
+    k
+}
+
+fn sorted(keys: &[&str]) -> Vec<String> {
+    let mut k: Vec<String> = keys.iter().map(|s| s.to_string()).collect();
+    k.sort();
+    k
+}
+
+fn is_canonical_time(v: &Value) -> bool {
+    v.as_str()
+        .and_then(parse_rfc3339_ms)
+        .is_some_and(|ms| v.as_str() == Some(format_rfc3339_ms(ms).as_str()))
+}
+
+// ------------------------------------------------------------ aggregates
+
+#[tokio::test]
+async fn a_late_window_merges_into_the_stored_one() {
+    let (store, _dir) = file_store().await;
+    let first = store
+        .upsert_meter_aggregates(
+            WindowWidth::OneMinute,
+            &[window(
+                "MTR-00000042",
+                "2025-11-12T06:30:00Z",
+                &[5.2, 5.5, 5.0],
+                &[235.6, 238.1, 236.8],
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].count, 3);
+    assert!(close(first[0].avg_power_kw, 15.7 / 3.0));
+
+    // A reading that arrived after the window was flushed.
+    let merged = store
+        .upsert_meter_aggregates(
+            WindowWidth::OneMinute,
+            &[window("MTR-00000042", "2025-11-12T06:30:00Z", &[8.3], &[])],
+        )
+        .await
+        .unwrap();
+    assert_eq!(merged.len(), 1);
+    let m = &merged[0];
+    assert_eq!(m.count, 4);
+    assert!(close(m.power_sum, 24.0));
+    assert!(
+        close(m.avg_power_kw, 6.0),
+        "avg recomputed: {}",
+        m.avg_power_kw
+    );
+    assert_eq!(m.max_power_kw, 8.3);
+    assert_eq!(m.min_power_kw, 5.0);
+    assert!(close(m.energy_kwh_sum, 24.0 / 60.0));
+    assert_eq!(m.voltage_count, 3, "the late reading had no voltage");
+    assert!(close(m.voltage_avg.unwrap(), 710.5 / 3.0));
+
+    // What a query reads back is what the upsert returned.
+    let stored = store
+        .meter_aggregates(WindowWidth::OneMinute, &AggregateQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(stored, merged);
+    assert_eq!(store.count_readings_1m().await.unwrap(), 4);
+
+    // The 15-minute table is a separate one.
+    assert!(
+        store
+            .meter_aggregates(WindowWidth::FifteenMinutes, &AggregateQuery::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn duplicate_keys_within_one_call_are_merged_not_double_applied() {
+    let store = memory_store().await;
+    let out = store
+        .upsert_meter_aggregates(
+            WindowWidth::FifteenMinutes,
+            &[
+                window("MTR-2", "2025-11-12T06:30:00Z", &[1.0, 3.0], &[230.0]),
+                window("MTR-1", "2025-11-12T06:30:00Z", &[4.0], &[240.0]),
+                window("MTR-2", "2025-11-12T06:30:00Z", &[8.0], &[240.0]),
+                window("MTR-2", "2025-11-12T06:45:00Z", &[2.0], &[]),
+            ],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(&str, String, u32)> = out
+        .iter()
+        .map(|a| {
+            (
+                a.meter_id.as_str(),
+                format_rfc3339_ms(a.window_start_ms),
+                a.count,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("MTR-2", "2025-11-12T06:30:00.000Z".to_string(), 3),
+            ("MTR-1", "2025-11-12T06:30:00.000Z".to_string(), 1),
+            ("MTR-2", "2025-11-12T06:45:00.000Z".to_string(), 1),
+        ],
+        "one row per key, in order of first appearance"
+    );
+    assert!(close(out[0].avg_power_kw, 4.0));
+    assert_eq!(out[0].max_power_kw, 8.0);
+    assert_eq!(out[0].min_power_kw, 1.0);
+    assert_eq!(out[0].voltage_avg, Some(235.0));
+    assert_eq!(out[2].voltage_avg, None);
+
+    // Applying the same call again doubles the counts exactly once more.
+    let again = store
+        .upsert_meter_aggregates(
+            WindowWidth::FifteenMinutes,
+            &[window(
+                "MTR-2",
+                "2025-11-12T06:30:00Z",
+                &[1.0, 3.0, 8.0],
+                &[230.0, 240.0],
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(again[0].count, 6);
+    assert!(close(again[0].avg_power_kw, 4.0));
+}
+
+#[tokio::test]
+async fn aggregate_queries_filter_and_order() {
+    let store = memory_store().await;
+    let mut aggs = Vec::new();
+    for m in ["MTR-3", "MTR-1", "MTR-2"] {
+        for start in [
+            "2025-11-12T06:32:00Z",
+            "2025-11-12T06:30:00Z",
+            "2025-11-12T06:31:00Z",
+        ] {
+            aggs.push(window(m, start, &[1.0], &[]));
+        }
+    }
+    let mut other = window("MTR-9", "2025-11-12T06:31:00Z", &[2.0], &[]);
+    other.region = "Delhi-South".into();
+    aggs.push(other);
+    store
+        .upsert_meter_aggregates(WindowWidth::OneMinute, &aggs)
+        .await
+        .unwrap();
+
+    let all = store
+        .meter_aggregates(WindowWidth::OneMinute, &AggregateQuery::default())
+        .await
+        .unwrap();
+    let order: Vec<(String, &str)> = all
+        .iter()
+        .map(|a| {
+            (
+                format_rfc3339_ms(a.window_start_ms)[14..16].to_string(),
+                a.meter_id.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(order.len(), 10);
+    let mut expected = order.clone();
+    expected.sort();
+    assert_eq!(order, expected, "by window_start then meter_id");
+
+    let q = AggregateQuery {
+        meter_id: Some("MTR-2".into()),
+        from_ms: Some(t("2025-11-12T06:31:00Z")),
+        to_ms: Some(t("2025-11-12T06:32:00Z")),
+        ..AggregateQuery::default()
+    };
+    let one = store
+        .meter_aggregates(WindowWidth::OneMinute, &q)
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1, "from inclusive, to exclusive");
+    assert_eq!(one[0].window_start_ms, t("2025-11-12T06:31:00Z"));
+
+    let q = AggregateQuery {
+        region: Some("Delhi-South".into()),
+        ..AggregateQuery::default()
+    };
+    let delhi = store
+        .meter_aggregates(WindowWidth::OneMinute, &q)
+        .await
+        .unwrap();
+    assert_eq!(delhi.len(), 1);
+    assert_eq!(delhi[0].meter_id, "MTR-9");
+
+    let q = AggregateQuery {
+        limit: 4,
+        ..AggregateQuery::default()
+    };
+    assert_eq!(
+        store
+            .meter_aggregates(WindowWidth::OneMinute, &q)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+    assert_eq!(store.count_readings_1m().await.unwrap(), 10);
+}
+
+fn regional(region: &str, at: &str, total: f64, load: f64) -> RegionalAggregate {
+    RegionalAggregate {
+        region: region.into(),
+        window_start_ms: t(at),
+        meter_count: 2,
+        total_consumption: total,
+        avg_consumption: total / 2.0,
+        max_consumption: total * 0.75,
+        min_consumption: total * 0.25,
+        load_percentage: load,
+        active_meters: vec!["MTR-00000001".into(), "MTR-00000002".into()],
+    }
+}
+
+#[tokio::test]
+async fn regional_windows_are_replaced_on_conflict() {
+    let (store, _dir) = file_store().await;
+    store
+        .upsert_regional_aggregates(&[
+            regional("Mumbai-North", "2025-11-12T06:30:00Z", 10.0, 40.0),
+            regional("Delhi-South", "2025-11-12T06:30:00Z", 20.0, 60.0),
+            regional("Mumbai-North", "2025-11-12T06:31:00Z", 30.0, 91.0),
+        ])
+        .await
+        .unwrap();
+    let replacement = regional("Mumbai-North", "2025-11-12T06:30:00Z", 12.0, 48.0);
+    store
+        .upsert_regional_aggregates(&[
+            regional("Mumbai-North", "2025-11-12T06:30:00Z", 11.0, 44.0),
+            replacement.clone(),
+        ])
+        .await
+        .unwrap();
+
+    let q = AggregateQuery {
+        region: Some("Mumbai-North".into()),
+        ..AggregateQuery::default()
+    };
+    let rows = store.regional_aggregates(&q).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0], replacement, "the last write wins");
+    assert_eq!(rows[1].load_percentage, 91.0);
+
+    let q = AggregateQuery {
+        from_ms: Some(t("2025-11-12T06:30:00Z")),
+        to_ms: Some(t("2025-11-12T06:31:00Z")),
+        ..AggregateQuery::default()
+    };
+    let minute: Vec<String> = store
+        .regional_aggregates(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.region)
+        .collect();
+    assert_eq!(minute, ["Delhi-South", "Mumbai-North"]);
+}
+
+// --------------------------------------------------------------- tariffs
+
+#[tokio::test]
+async fn a_new_tariff_deactivates_the_previous_one() {
+    let (store, _dir) = file_store().await;
+    let first = store
+        .insert_tariff(&tariff("Mumbai-North", 6.5, "2025-11-12T06:00:00Z"))
+        .await
+        .unwrap();
+    assert!(first.is_active);
+    assert_eq!(first.effective_to_ms, None);
+    assert_eq!(first.time_of_day.as_deref(), Some("all_day"));
+    assert_eq!(first.created_by.as_deref(), Some("segs"));
+
+    let second = store
+        .insert_tariff(&tariff("Mumbai-North", 7.15, "2025-11-12T06:30:00Z"))
+        .await
+        .unwrap();
+    assert!(second.is_active);
+    assert_eq!(second.price_per_kwh, 7.15);
+    assert_eq!(second.reason, "HIGH_LOAD");
+    assert_eq!(second.load_percentage, Some(79.0));
+
+    let history = store
+        .tariff_history(Some("Mumbai-North"), 10)
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].tariff_id, second.tariff_id, "newest first");
+    let old = &history[1];
+    assert_eq!(old.tariff_id, first.tariff_id);
+    assert!(!old.is_active);
+    assert_eq!(old.effective_to_ms, Some(t("2025-11-12T06:30:00Z")));
+
+    let current = store.current_tariffs().await.unwrap();
+    assert_eq!(current, vec![second]);
+}
+
+#[tokio::test]
+async fn tariff_ids_follow_a_per_region_sequence() {
+    let store = memory_store().await;
+    let mut ids = Vec::new();
+    for (region, from) in [
+        ("Mumbai-North", "2025-11-12T06:00:00Z"),
+        ("Delhi South", "2025-11-12T06:00:00Z"),
+        ("Mumbai-North", "2025-11-12T06:01:00Z"),
+        ("Mumbai-North", "2025-11-12T06:02:00Z"),
+        ("Delhi South", "2025-11-12T06:01:00Z"),
+    ] {
+        ids.push(
+            store
+                .insert_tariff(&tariff(region, 7.0, from))
+                .await
+                .unwrap()
+                .tariff_id,
+        );
+    }
+    assert_eq!(
+        ids,
+        [
+            "TRF-MUMBAI-NORTH-000001",
+            "TRF-DELHI-SOUTH-000001",
+            "TRF-MUMBAI-NORTH-000002",
+            "TRF-MUMBAI-NORTH-000003",
+            "TRF-DELHI-SOUTH-000002",
+        ]
+    );
+
+    let current: Vec<(String, String)> = store
+        .current_tariffs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.region, r.tariff_id))
+        .collect();
+    assert_eq!(
+        current,
+        [
+            (
+                "Delhi South".to_string(),
+                "TRF-DELHI-SOUTH-000002".to_string()
+            ),
+            (
+                "Mumbai-North".to_string(),
+                "TRF-MUMBAI-NORTH-000003".to_string()
+            ),
+        ],
+        "one active row per region, by region"
+    );
+
+    let all = store.tariff_history(None, 100).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(all.iter().filter(|r| r.is_active).count(), 2);
+    assert_eq!(store.tariff_history(None, 2).await.unwrap().len(), 2);
+}
+
+// ---------------------------------------------------------------- alerts
+
+#[tokio::test]
+async fn alert_lifecycle() {
+    let (store, _dir) = file_store().await;
+    let new = alert(
+        "ANOMALY",
+        "high",
+        "Mumbai-North",
+        Some("MTR-00000042"),
+        "2025-11-12T06:30:00Z",
+    );
+    let row = store.insert_alert(&new).await.unwrap();
+    assert_eq!(row.id, new.id);
+    assert_eq!(row.status, "active");
+    assert!(!row.acknowledged);
+    assert_eq!(row.metadata, new.metadata);
+
+    // Inserting the same id again changes nothing.
+    let mut replay = new.clone();
+    replay.message = "different".into();
+    assert_eq!(store.insert_alert(&replay).await.unwrap(), row);
+
+    let ack_at = t("2025-11-12T06:35:00Z");
+    let acked = match store
+        .acknowledge_alert(new.id, "operator-7", ack_at)
+        .await
+        .unwrap()
+    {
+        Transition::Changed { from, row } => {
+            assert_eq!(from, "active");
+            row
+        }
+        other => panic!("expected a change, got {other:?}"),
+    };
+    assert_eq!(acked.status, "acknowledged");
+    assert!(acked.acknowledged);
+    assert_eq!(acked.acknowledged_by.as_deref(), Some("operator-7"));
+    assert_eq!(acked.acknowledged_at_ms, Some(ack_at));
+    assert_eq!(acked.resolved_at_ms, None);
+
+    // Acknowledging twice is a no-op.
+    match store
+        .acknowledge_alert(new.id, "someone-else", ack_at + 1)
+        .await
+        .unwrap()
+    {
+        Transition::Unchanged(r) => assert_eq!(r, acked),
+        other => panic!("expected unchanged, got {other:?}"),
+    }
+
+    let res_at = t("2025-11-12T07:00:00Z");
+    let resolved = match store.resolve_alert(new.id, res_at).await.unwrap() {
+        Transition::Changed { from, row } => {
+            assert_eq!(from, "acknowledged");
+            row
+        }
+        other => panic!("expected a change, got {other:?}"),
+    };
+    assert_eq!(resolved.status, "resolved");
+    assert_eq!(resolved.resolved_at_ms, Some(res_at));
+    assert_eq!(resolved.acknowledged_by.as_deref(), Some("operator-7"));
+
+    match store.resolve_alert(new.id, res_at + 1).await.unwrap() {
+        Transition::Unchanged(r) => assert_eq!(r, resolved),
+        other => panic!("expected unchanged, got {other:?}"),
+    }
+    assert_eq!(
+        store
+            .acknowledge_alert(new.id, "late", res_at + 2)
+            .await
+            .unwrap(),
+        Transition::Refused {
+            status: "resolved".into()
+        }
+    );
+    assert_eq!(store.get_alert(new.id).await.unwrap(), Some(resolved));
+
+    let unknown = Uuid::new_v4();
+    assert_eq!(
+        store.acknowledge_alert(unknown, "x", 0).await.unwrap(),
+        Transition::NotFound
+    );
+    assert_eq!(
+        store.resolve_alert(unknown, 0).await.unwrap(),
+        Transition::NotFound
+    );
+    assert_eq!(store.get_alert(unknown).await.unwrap(), None);
+
+    // An active alert resolves directly.
+    let other = store
+        .insert_alert(&alert(
+            "OVERLOAD",
+            "critical",
+            "Delhi-South",
+            None,
+            "2025-11-12T06:31:00Z",
+        ))
+        .await
+        .unwrap();
+    match store.resolve_alert(other.id, res_at).await.unwrap() {
+        Transition::Changed { from, row } => {
+            assert_eq!(from, "active");
+            assert!(!row.acknowledged);
+            assert_eq!(row.status, "resolved");
+        }
+        other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn concurrent_acknowledgements_change_the_alert_once() {
+    let (store, _dir) = file_store().await;
+    let new = alert(
+        "ANOMALY",
+        "medium",
+        "Mumbai-North",
+        Some("MTR-1"),
+        "2025-11-12T06:30:00Z",
+    );
+    store.insert_alert(&new).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .acknowledge_alert(new.id, &format!("op-{i}"), 1_000 + i)
+                .await
+        }));
+    }
+    let mut changed = 0;
+    let mut unchanged = 0;
+    for task in tasks {
+        match task.await.unwrap().unwrap() {
+            Transition::Changed { .. } => changed += 1,
+            Transition::Unchanged(_) => unchanged += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((changed, unchanged), (1, 7));
+}
+
+#[tokio::test]
+async fn bad_severity_is_rejected() {
+    let store = memory_store().await;
+    let err = store
+        .insert_alert(&alert(
+            "ANOMALY",
+            "apocalyptic",
+            "Mumbai-North",
+            None,
+            "2025-11-12T06:30:00Z",
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, store::StoreError::Rejected(_)), "{err:?}");
+    assert!(
+        store
+            .list_alerts(&AlertFilter::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn alert_filters_and_limit() {
+    let store = memory_store().await;
+    let specs = [
+        (
+            "ANOMALY",
+            "high",
+            "Mumbai-North",
+            Some("MTR-1"),
+            "2025-11-12T06:30:00Z",
+        ),
+        (
+            "ANOMALY",
+            "low",
+            "Mumbai-North",
+            Some("MTR-2"),
+            "2025-11-12T06:33:00Z",
+        ),
+        (
+            "OVERLOAD",
+            "critical",
+            "Mumbai-North",
+            None,
+            "2025-11-12T06:31:00Z",
+        ),
+        (
+            "ANOMALY",
+            "medium",
+            "Delhi-South",
+            Some("MTR-3"),
+            "2025-11-12T06:32:00Z",
+        ),
+        (
+            "OVERLOAD",
+            "critical",
+            "Delhi-South",
+            None,
+            "2025-11-12T06:34:00Z",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (ty, sev, region, meter, at) in specs {
+        ids.push(
+            store
+                .insert_alert(&alert(ty, sev, region, meter, at))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    store.acknowledge_alert(ids[0], "op", 0).await.unwrap();
+    store.resolve_alert(ids[3], 0).await.unwrap();
+
+    let list = |f: AlertFilter| {
+        let store = store.clone();
+        async move {
+            store
+                .list_alerts(&f)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r: AlertRow| format_rfc3339_ms(r.timestamp_ms)[14..16].to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        list(AlertFilter::default()).await,
+        ["34", "33", "32", "31", "30"],
+        "newest first"
+    );
+    assert_eq!(
+        list(AlertFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .await,
+        ["34", "33"]
+    );
+    assert!(
+        list(AlertFilter {
+            limit: 0,
+            ..Default::default()
+        })
+        .await
+        .is_empty()
+    );
+    assert_eq!(
+        list(AlertFilter {
+            region: Some("Mumbai-North".into()),
+            ..Default::default()
+        })
+        .await,
+        ["33", "31", "30"]
+    );
+    assert_eq!(
+        list(AlertFilter {
+            status: Some("active".into()),
+            ..Default::default()
+        })
+        .await,
+        ["34", "33", "31"]
+    );
+    assert_eq!(
+        list(AlertFilter {
+            status: Some("acknowledged".into()),
+            ..Default::default()
+        })
+        .await,
+        ["30"]
+    );
+    assert_eq!(
+        list(AlertFilter {
+            alert_type: Some("OVERLOAD".into()),
+            ..Default::default()
+        })
+        .await,
+        ["34", "31"]
+    );
+    assert_eq!(
+        list(AlertFilter {
+            severity: Some("critical".into()),
+            ..Default::default()
+        })
+        .await,
+        ["34", "31"]
+    );
+    assert_eq!(
+        list(AlertFilter {
+            meter_id: Some("MTR-2".into()),
+            ..Default::default()
+        })
+        .await,
+        ["33"]
+    );
+    assert_eq!(
+        list(AlertFilter {
+            region: Some("Delhi-South".into()),
+            alert_type: Some("ANOMALY".into()),
+            status: Some("resolved".into()),
+            ..Default::default()
+        })
+        .await,
+        ["32"]
+    );
+}
+
+#[tokio::test]
+async fn alerts_with_equal_timestamps_list_newest_insert_first() {
+    let store = memory_store().await;
+    let a = store
+        .insert_alert(&alert(
+            "ANOMALY",
+            "low",
+            "R",
+            Some("M1"),
+            "2025-11-12T06:30:00Z",
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    let b = store
+        .insert_alert(&alert(
+            "ANOMALY",
+            "low",
+            "R",
+            Some("M2"),
+            "2025-11-12T06:30:00Z",
+        ))
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = store
+        .list_alerts(&AlertFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, [b.id, a.id]);
+}
+
+// ------------------------------------------------------------ JSON shape
+
+#[tokio::test]
+async fn rows_serialize_with_the_seeds_column_names() {
+    let store = memory_store().await;
+
+    let agg = store
+        .upsert_meter_aggregates(
+            WindowWidth::OneMinute,
+            &[window(
+                "MTR-00000042",
+                "2025-11-12T06:30:00Z",
+                &[5.2, 5.5, 5.0],
+                &[235.6],
+            )],
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    let v = serde_json::to_value(&agg).unwrap();
+    assert_eq!(
+        keys(&v),
+        sorted(&[
+            "meter_id",
+            "region",
+            "window_start",
+            "avg_power_kw",
+            "max_power_kw",
+            "min_power_kw",
+            "energy_kwh_sum",
+            "voltage_avg",
+            "count",
+            "power_sum",
+            "voltage_sum",
+            "voltage_count",
+        ])
+    );
+    assert_eq!(v["window_start"], "2025-11-12T06:30:00.000Z");
+    assert_eq!(v["count"], 3);
+    assert_eq!(serde_json::from_value::<MeterAggregate>(v).unwrap(), agg);
+
+    let reg = regional("Mumbai-North", "2025-11-12T06:30:00Z", 7892.45, 79.0);
+    let v = serde_json::to_value(&reg).unwrap();
+    assert_eq!(
+        keys(&v),
+        sorted(&[
+            "region",
+            "timestamp",
+            "meter_count",
+            "total_consumption",
+            "avg_consumption",
+            "max_consumption",
+            "min_consumption",
+            "load_percentage",
+            "active_meters",
+        ])
+    );
+    assert_eq!(v["timestamp"], "2025-11-12T06:30:00.000Z");
+    assert_eq!(v["active_meters"], json!(["MTR-00000001", "MTR-00000002"]));
+    assert_eq!(serde_json::from_value::<RegionalAggregate>(v).unwrap(), reg);
+
+    let new = alert(
+        "ANOMALY",
+        "high",
+        "Mumbai-North",
+        Some("MTR-00000042"),
+        "2025-11-12T06:30:00Z",
+    );
+    let row = store.insert_alert(&new).await.unwrap();
+    let v = serde_json::to_value(&row).unwrap();
+    assert_eq!(
+        keys(&v),
+        sorted(&[
+            "id",
+            "type",
+            "severity",
+            "region",
+            "meter_id",
+            "message",
+            "status",
+            "timestamp",
+            "acknowledged",
+            "acknowledged_by",
+            "acknowledged_at",
+            "resolved_at",
+            "metadata",
+            "created_at",
+            "updated_at",
+        ])
+    );
+    assert_eq!(v["id"], new.id.to_string());
+    assert_eq!(v["type"], "ANOMALY");
+    assert_eq!(v["timestamp"], "2025-11-12T06:30:00.000Z");
+    assert_eq!(v["acknowledged"], false);
+    assert_eq!(v["acknowledged_at"], Value::Null);
+    assert!(
+        v["metadata"].is_object(),
+        "metadata is an object, not a string"
+    );
+    assert_eq!(v["metadata"]["type"], "SPIKE");
+    assert!(is_canonical_time(&v["created_at"]), "{}", v["created_at"]);
+    assert!(is_canonical_time(&v["updated_at"]));
+    let Transition::Changed { row: acked, .. } = store
+        .acknowledge_alert(row.id, "op", t("2025-11-12T06:35:00Z"))
+        .await
+        .unwrap()
+    else {
+        panic!("not acknowledged")
+    };
+    let v = serde_json::to_value(&acked).unwrap();
+    assert_eq!(v["acknowledged"], true);
+    assert_eq!(v["acknowledged_at"], "2025-11-12T06:35:00.000Z");
+    assert_eq!(serde_json::from_value::<AlertRow>(v).unwrap(), acked);
+
+    let first = store
+        .insert_tariff(&tariff("Mumbai-North", 6.5, "2025-11-12T06:00:00Z"))
+        .await
+        .unwrap();
+    store
+        .insert_tariff(&tariff("Mumbai-North", 7.15, "2025-11-12T06:30:00Z"))
+        .await
+        .unwrap();
+    let old = store
+        .tariff_history(Some("Mumbai-North"), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.tariff_id == first.tariff_id)
+        .unwrap();
+    let v = serde_json::to_value(&old).unwrap();
+    assert_eq!(
+        keys(&v),
+        sorted(&[
+            "tariff_id",
+            "region",
+            "time_of_day",
+            "price_per_kwh",
+            "effective_from",
+            "effective_to",
+            "is_active",
+            "created_by",
+            "created_at",
+            "updated_at",
+            "previous_price",
+            "change_percent",
+            "load_percentage",
+            "reason",
+        ])
+    );
+    assert_eq!(v["effective_from"], "2025-11-12T06:00:00.000Z");
+    assert_eq!(v["effective_to"], "2025-11-12T06:30:00.000Z");
+    assert_eq!(v["is_active"], false);
+    assert_eq!(v["price_per_kwh"], 6.5);
+    assert!(is_canonical_time(&v["created_at"]));
+    assert_eq!(serde_json::from_value::<store::TariffRow>(v).unwrap(), old);
+
+    let raw = reading("MTR-00000042", t("2025-11-12T06:30:00Z"), 5.234);
+    let v = serde_json::to_value(&raw).unwrap();
+    assert_eq!(
+        keys(&v),
+        sorted(&[
+            "meter_id",
+            "region",
+            "timestamp",
+            "power_kw",
+            "voltage",
+            "current",
+            "frequency",
+            "power_factor",
+            "temperature",
+            "energy_kwh",
+        ])
+    );
+    assert_eq!(v["timestamp"], "2025-11-12T06:30:00.000Z");
+}
+
+// ------------------------------------------------------ retention, bulk
+
+#[tokio::test]
+async fn retention_deletes_only_old_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("retention.db").display());
+    let store = store::open_with(&url, &StoreOptions::default())
+        .await
+        .unwrap();
+    let now = t("2025-11-12T06:30:00Z");
+
+    store
+        .insert_raw_readings(&[
+            reading("MTR-1", now - 8 * DAY_MS, 1.0),
+            reading("MTR-1", now - 7 * DAY_MS - 1, 1.0),
+            reading("MTR-1", now - 7 * DAY_MS, 1.0), // exactly at the edge: kept
+            reading("MTR-1", now - DAY_MS, 1.0),
+            reading("MTR-1", now, 1.0),
+        ])
+        .await
+        .unwrap();
+    let at = |ms: i64| format_rfc3339_ms(ms);
+    store
+        .upsert_meter_aggregates(
+            WindowWidth::OneMinute,
+            &[
+                window("MTR-1", &at(now - 31 * DAY_MS), &[1.0], &[]),
+                window("MTR-1", &at(now - 29 * DAY_MS), &[1.0], &[]),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .upsert_meter_aggregates(
+            WindowWidth::FifteenMinutes,
+            &[
+                window("MTR-1", &at(now - 366 * DAY_MS), &[1.0], &[]),
+                window("MTR-1", &at(now - 364 * DAY_MS), &[1.0], &[]),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .upsert_regional_aggregates(&[
+            regional("R", &at(now - 31 * DAY_MS), 1.0, 1.0),
+            regional("R", &at(now - 29 * DAY_MS), 1.0, 1.0),
+        ])
+        .await
+        .unwrap();
+
+    let report = store.apply_retention(now).await.unwrap();
+    assert_eq!(report.raw_readings, 2);
+    assert_eq!(report.aggregates_1m, 1);
+    assert_eq!(report.aggregates_15m, 1);
+    assert_eq!(report.aggregates_1m_regional, 1);
+    assert_eq!(store.count_raw_readings().await.unwrap(), 3);
+    let left = store
+        .meter_aggregates(WindowWidth::OneMinute, &AggregateQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].window_start_ms, now - 29 * DAY_MS);
+    let left = store
+        .meter_aggregates(WindowWidth::FifteenMinutes, &AggregateQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].window_start_ms, now - 364 * DAY_MS);
+
+    // A second run finds nothing more.
+    assert_eq!(
+        store.apply_retention(now).await.unwrap(),
+        Default::default()
+    );
+
+    // Shorter windows are configurable.
+    drop(store);
+    let short = StoreOptions {
+        retention: Retention {
+            raw_readings: std::time::Duration::from_secs(3600),
+            ..Retention::default()
+        },
+    };
+    let store = store::open_with(&url, &short).await.unwrap();
+    let report = store.apply_retention(now).await.unwrap();
+    assert_eq!(report.raw_readings, 2);
+    assert_eq!(report.aggregates_1m, 0);
+    assert_eq!(store.count_raw_readings().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn fifty_thousand_readings_in_one_call() {
+    let (store, _dir) = file_store().await;
+    let start = t("2025-11-12T06:00:00Z");
+    let readings: Vec<RawReading> = (0..50_000i64)
+        .map(|i| {
+            let mut r = reading(
+                &format!("MTR-{:08}", i % 1000),
+                start + i * 10,
+                (i % 200) as f64 / 10.0,
+            );
+            if i % 3 == 0 {
+                r.voltage = None;
+                r.temperature = None;
+            }
+            r
+        })
+        .collect();
+    store.insert_raw_readings(&readings).await.unwrap();
+    assert_eq!(store.count_raw_readings().await.unwrap(), 50_000);
+
+    // And as many windows in one upsert (more than one statement's worth).
+    let windows: Vec<MeterAggregate> = (0..5_000i64)
+        .map(|i| {
+            let mut w = window(
+                &format!("MTR-{:08}", i % 1000),
+                "2025-11-12T06:00:00Z",
+                &[1.0, 2.0],
+                &[230.0],
+            );
+            w.window_start_ms += (i / 1000) * 60_000;
+            w
+        })
+        .collect();
+    let out = store
+        .upsert_meter_aggregates(WindowWidth::OneMinute, &windows)
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 5_000);
+    assert!(
+        out.iter()
+            .zip(&windows)
+            .all(|(o, w)| o.meter_id == w.meter_id && o.window_start_ms == w.window_start_ms)
+    );
+    assert_eq!(store.count_readings_1m().await.unwrap(), 10_000);
+}
+
+#[tokio::test]
+async fn data_survives_reopening_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("reopen.db").display());
+    {
+        let store = store::open(&url).await.unwrap();
+        store
+            .insert_raw_readings(&[reading("MTR-1", 0, 1.0)])
+            .await
+            .unwrap();
+        store
+            .upsert_meter_aggregates(
+                WindowWidth::OneMinute,
+                &[window("MTR-1", "2025-11-12T06:30:00Z", &[1.0, 2.0], &[])],
+            )
+            .await
+            .unwrap();
+    }
+    let store = store::open(&url).await.unwrap();
+    assert_eq!(store.count_raw_readings().await.unwrap(), 1);
+    assert_eq!(store.count_readings_1m().await.unwrap(), 2);
+}

@@ -1,0 +1,113 @@
+//! Runs `vectors.json` (shared with the host's wasmtime test) through the
+//! plain-Rust rule.
+
+use segs_plugin_sdk::ConfigValue;
+use serde_json::Value;
+use tariff::{Config, RegionLoad, price};
+
+const TOLERANCE: f64 = 1e-9;
+
+fn vectors() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/vectors.json");
+    let text = std::fs::read_to_string(path).expect("read vectors.json");
+    serde_json::from_str(&text).expect("parse vectors.json")
+}
+
+/// A JSON config object as config pairs: integer JSON numbers become
+/// `Integer`, numbers with a fraction or exponent `Float`.
+fn config_pairs(config: &Value) -> Vec<(String, ConfigValue)> {
+    let object = config.as_object().expect("config is a JSON object");
+    object
+        .iter()
+        .map(|(key, value)| {
+            let value = match value {
+                Value::Number(n) if n.is_f64() => ConfigValue::Float(n.as_f64().unwrap()),
+                Value::Number(n) => ConfigValue::Integer(n.as_i64().expect("integer fits i64")),
+                Value::Bool(b) => ConfigValue::Boolean(*b),
+                Value::String(s) => ConfigValue::Text(s.clone()),
+                other => panic!("config `{key}`: unsupported value {other}"),
+            };
+            (key.clone(), value)
+        })
+        .collect()
+}
+
+fn f64_of(case: &Value, field: &str) -> f64 {
+    case[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} in {case}"))
+}
+
+fn assert_close(got: f64, expected: f64, what: &str) {
+    assert!(
+        (got - expected).abs() < TOLERANCE,
+        "{what}: {got} != {expected}"
+    );
+}
+
+#[test]
+fn groups() {
+    let vectors = vectors();
+    let groups = vectors["groups"].as_array().expect("groups");
+    assert!(!groups.is_empty());
+    let mut checked = 0;
+    for group in groups {
+        let group_name = group["name"].as_str().expect("group name");
+        let config = Config::from_pairs(&config_pairs(&group["config"]))
+            .unwrap_or_else(|e| panic!("group {group_name}: config refused: {e}"));
+        let cases = group["cases"].as_array().expect("cases");
+        let regions: Vec<RegionLoad> = cases
+            .iter()
+            .map(|c| RegionLoad {
+                load_percentage: f64_of(c, "load_percentage"),
+                base_price: f64_of(c, "base_price"),
+                last_price: f64_of(c, "last_price"),
+            })
+            .collect();
+        let decisions = price(&config, &regions);
+
+        let expected = cases.iter().filter(|c| !c["expect"].is_null()).count();
+        assert_eq!(
+            decisions.len(),
+            expected,
+            "group {group_name}: {decisions:#?}"
+        );
+        assert!(
+            decisions.windows(2).all(|w| w[0].index < w[1].index),
+            "group {group_name}: decisions not in index order"
+        );
+        for (index, case) in cases.iter().enumerate() {
+            let what = format!("group {group_name}, case {index} ({})", case["name"]);
+            let found = decisions.iter().find(|d| d.index as usize == index);
+            let expect = &case["expect"];
+            if expect.is_null() {
+                assert!(found.is_none(), "{what}: unexpected {found:?}");
+                continue;
+            }
+            let found = found.unwrap_or_else(|| panic!("{what}: no decision"));
+            assert_close(found.price_per_kwh, f64_of(expect, "price_per_kwh"), &what);
+            assert_eq!(found.reason.as_str(), expect["reason"], "{what}");
+            assert_close(
+                found.change_percent,
+                f64_of(expect, "change_percent"),
+                &what,
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no decision was checked");
+}
+
+#[test]
+fn bad_configs() {
+    let vectors = vectors();
+    let bad = vectors["bad_configs"].as_array().expect("bad_configs");
+    assert!(bad.len() >= 3);
+    for entry in bad {
+        let needle = entry["error_contains"].as_str().expect("error_contains");
+        match Config::from_pairs(&config_pairs(&entry["config"])) {
+            Ok(config) => panic!("{} accepted as {config:?}", entry["config"]),
+            Err(e) => assert!(e.contains(needle), "error {e:?} lacks {needle:?}"),
+        }
+    }
+}
