@@ -70,7 +70,10 @@ fn committed(bus: &MemoryBus, group: &str, topic: Topic, partition: u32) -> Opti
 async fn keys_land_on_kafkas_partition() {
     // toPositive(murmur2("foobar")) = 1357151166 (Kafka's UtilsTest vector).
     assert_eq!(partition_for(b"foobar", 10), 1_357_151_166 % 10);
-    assert_eq!(partition_for(b"21", 3), (-973_932_308i32 as u32 & 0x7fff_ffff) % 3);
+    assert_eq!(
+        partition_for(b"21", 3),
+        (-973_932_308i32 as u32 & 0x7fff_ffff) % 3
+    );
 
     let bus = MemoryBus::new(3, 10_000);
     assert_eq!(bus.partitions(), 3);
@@ -98,7 +101,10 @@ async fn one_key_keeps_its_order() {
         let key = format!("MTR-{meter:08}");
         let mine: Vec<&Delivered> = got.iter().filter(|d| d.record.key == key).collect();
         let offsets: Vec<u64> = mine.iter().map(|d| d.offset).collect();
-        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{key}: {offsets:?}");
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "{key}: {offsets:?}"
+        );
         let vals = values(&mine.into_iter().cloned().collect::<Vec<_>>());
         assert_eq!(vals, sorted(vals.clone()), "{key}");
         assert!(vals.iter().all(|v| v % 3 + 1 == meter));
@@ -108,7 +114,10 @@ async fn one_key_keeps_its_order() {
 #[tokio::test]
 async fn every_group_sees_everything() {
     let bus = MemoryBus::new(3, 10_000);
-    let mut a = bus.subscribe("stream-processor-group", &[T]).await.expect("a");
+    let mut a = bus
+        .subscribe("stream-processor-group", &[T])
+        .await
+        .expect("a");
     let mut b = bus.subscribe("audit", &[T]).await.expect("b");
     bus.produce(T, readings(0, 100, 10)).await.expect("produce");
     let all: Vec<u32> = (0..100).collect();
@@ -167,7 +176,9 @@ async fn a_leaving_member_hands_over_at_the_committed_offset() {
 
     // A member joining later resumes at the group's committed offset.
     drop(b);
-    bus.produce(T, readings(100, 103, 5)).await.expect("produce");
+    bus.produce(T, readings(100, 103, 5))
+        .await
+        .expect("produce");
     let mut c = bus.subscribe("g", &[T]).await.expect("c");
     assert_eq!(values(&drain(&mut *c).await), [100, 101, 102]);
 }
@@ -279,7 +290,9 @@ async fn poll_waits_and_wakes_on_produce() {
 
     let waiting = tokio::spawn(async move { c.poll(10, PATIENCE).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    bus.produce(T, vec![rec("MTR-00000001", 7)]).await.expect("produce");
+    bus.produce(T, vec![rec("MTR-00000001", 7)])
+        .await
+        .expect("produce");
     let got = tokio::time::timeout(PATIENCE, waiting)
         .await
         .expect("woken well before the poll timeout")
@@ -315,7 +328,9 @@ async fn one_member_can_read_several_topics() {
         .await
         .expect("subscribe");
     assert_eq!(c.assignment().len(), 4);
-    bus.produce(Topic::Alerts, vec![rec("MTR-1", 1)]).await.expect("alerts");
+    bus.produce(Topic::Alerts, vec![rec("MTR-1", 1)])
+        .await
+        .expect("alerts");
     bus.produce(Topic::Aggregates1mRegional, vec![rec("Mumbai-North", 2)])
         .await
         .expect("regional");
@@ -326,7 +341,9 @@ async fn one_member_can_read_several_topics() {
     let topics: BTreeSet<Topic> = got.iter().map(|d| d.topic).collect();
     assert_eq!(
         topics,
-        [Topic::Alerts, Topic::Aggregates1mRegional].into_iter().collect()
+        [Topic::Alerts, Topic::Aggregates1mRegional]
+            .into_iter()
+            .collect()
     );
     assert_eq!(sorted(values(&got)), [1, 2]);
 }
@@ -338,4 +355,83 @@ async fn subscribe_needs_a_topic() {
         bus.subscribe("g", &[]).await,
         Err(BusError::NoTopics { .. })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_loses_nothing() {
+    const N: u32 = 5_000;
+    let bus = MemoryBus::new(3, 500);
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+
+    // Members that poll and commit until told to stop; each checks that
+    // a key's values come in order within one poll.
+    let member = |bus: MemoryBus, stop: tokio::sync::watch::Receiver<bool>| {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+            while !*stop.borrow() {
+                let got = c.poll(100, Duration::from_millis(5)).await.expect("poll");
+                for w in got.windows(2) {
+                    if w[0].record.key == w[1].record.key && w[0].partition == w[1].partition {
+                        assert!(w[0].offset < w[1].offset);
+                    }
+                }
+                seen.lock().extend(values(&got));
+                match c.commit().await {
+                    Ok(()) | Err(BusError::Rebalanced { .. }) => {}
+                    Err(e) => panic!("commit: {e}"),
+                }
+            }
+        })
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let a = member(bus.clone(), stop_rx.clone());
+    let b = member(bus.clone(), stop_rx.clone());
+    let (stop_c, stop_c_rx) = tokio::sync::watch::channel(false);
+    let c = member(bus.clone(), stop_c_rx);
+
+    // Produce with retry on backpressure.
+    for start in (0..N).step_by(100) {
+        let batch = readings(start, start + 100, 37);
+        loop {
+            match bus.produce(T, batch.clone()).await {
+                Ok(()) => break,
+                Err(BusError::Full { .. }) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(e) => panic!("produce: {e}"),
+            }
+        }
+        if start == N / 2 {
+            // One member leaves half way (without a final commit).
+            stop_c.send(true).expect("stop c");
+        }
+    }
+    c.await.expect("c");
+
+    // Wait until the group has committed everything.
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let done = bus
+                .stats()
+                .iter()
+                .filter(|s| s.topic == T)
+                .all(|s| s.groups.iter().all(|(_, c)| *c == s.end_offset));
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the group catches up");
+    stop_tx.send(true).expect("stop");
+    a.await.expect("a");
+    b.await.expect("b");
+
+    // At least once: every record seen, possibly some twice.
+    let seen = seen.lock();
+    let distinct: BTreeSet<u32> = seen.iter().copied().collect();
+    assert_eq!(distinct.len(), N as usize);
+    assert!(seen.len() >= N as usize);
+    // Everything committed was also dropped.
+    assert!(bus.stats().iter().all(|s| s.start_offset == s.end_offset));
 }

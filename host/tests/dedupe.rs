@@ -1,13 +1,17 @@
 //! The `Dedupe` seam: one behaviour suite (`SET key 1 NX EX ttl` semantics)
 //! run against the in-process implementation and against the real Redis at
-//! 127.0.0.1:6379.
+//! 127.0.0.1:6379 (or `SEGS_TEST_REDIS_URL`). Without Redis the Redis tests
+//! fail, saying how to start it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use segs::dedupe::{Dedupe, DedupeError, KeyBatch, ManualClock, MemoryDedupe, RedisDedupe};
 
-const REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// The Redis the tests use; `SEGS_TEST_REDIS_URL` overrides it.
+fn redis_url() -> String {
+    std::env::var("SEGS_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
 
 /// How the suite lets a TTL run out.
 enum Time {
@@ -92,10 +96,11 @@ async fn memory_behaves_like_set_nx_ex() {
 
 /// A Redis connection for a test, or a failure that says how to get one.
 async fn redis() -> RedisDedupe {
-    match RedisDedupe::connect(REDIS_URL).await {
+    let url = redis_url();
+    match RedisDedupe::connect(&url).await {
         Ok(d) => d,
         Err(e) => panic!(
-            "{e}\nThese tests need a real Redis at {REDIS_URL}: start it \
+            "{e}\nThese tests need a real Redis at {url}: start it \
              (`cargo xtask services` prints the command) and run them again."
         ),
     }
@@ -146,7 +151,10 @@ async fn unreachable_redis_is_a_clear_error() {
         .expect_err("nothing listens there");
     assert!(matches!(err, DedupeError::Unreachable { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("cannot reach Redis at redis://127.0.0.1:1"), "{msg}");
+    assert!(
+        msg.contains("cannot reach Redis at redis://127.0.0.1:1"),
+        "{msg}"
+    );
 
     let err = RedisDedupe::connect("not a url")
         .await

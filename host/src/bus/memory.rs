@@ -91,7 +91,9 @@ impl Log {
 
     /// Drops records below `offset`.
     fn trim_to(&mut self, offset: u64) {
-        let n = offset.saturating_sub(self.base).min(self.records.len() as u64) as usize;
+        let n = offset
+            .saturating_sub(self.base)
+            .min(self.records.len() as u64) as usize;
         if n > 0 {
             self.records.drain(..n);
             self.base += n as u64;
@@ -387,7 +389,11 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn subscribe(&self, group: &str, topics: &[Topic]) -> Result<Box<dyn Consumer>, BusError> {
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[Topic],
+    ) -> Result<Box<dyn Consumer>, BusError> {
         if topics.is_empty() {
             return Err(BusError::NoTopics {
                 group: group.to_owned(),
@@ -479,35 +485,34 @@ impl MemoryConsumer {
         let Some(g) = groups.get(&self.group) else {
             return;
         };
-        let mut next: Vec<Owned> = g
-            .owners
-            .iter()
-            .filter(|(_, o)| o.member == self.member)
-            .map(|(&(topic, partition), o)| {
-                match self
-                    .owned
-                    .iter()
-                    .find(|x| x.topic == topic && x.partition == partition && x.epoch == o.epoch)
-                {
-                    Some(kept) => kept.clone(),
-                    None => {
-                        let c = g.committed.get(&(topic, partition)).copied().unwrap_or(0);
-                        Owned {
-                            topic,
-                            partition,
-                            epoch: o.epoch,
-                            position: c,
-                            committed: c,
-                        }
+        let mut next = Vec::new();
+        for (&(topic, partition), owner) in &g.owners {
+            if owner.member != self.member {
+                continue;
+            }
+            let same =
+                |x: &&Owned| x.topic == topic && x.partition == partition && x.epoch == owner.epoch;
+            next.push(match self.owned.iter().find(same) {
+                // Kept across the rebalance: carry on where we were.
+                Some(kept) => kept.clone(),
+                // New to us: start at the group's committed offset.
+                None => {
+                    let c = g.committed.get(&(topic, partition)).copied().unwrap_or(0);
+                    Owned {
+                        topic,
+                        partition,
+                        epoch: owner.epoch,
+                        position: c,
+                        committed: c,
                     }
                 }
-            })
-            .collect();
+            });
+        }
         next.sort_by_key(|o| (o.topic, o.partition));
         for old in &self.owned {
-            let kept = next
-                .iter()
-                .any(|x| x.topic == old.topic && x.partition == old.partition && x.epoch == old.epoch);
+            let kept = next.iter().any(|x| {
+                x.topic == old.topic && x.partition == old.partition && x.epoch == old.epoch
+            });
             if !kept && old.position > old.committed {
                 self.lost.push((old.topic, old.partition));
             }
@@ -733,7 +738,12 @@ mod tests {
             let values: Vec<u32> = got
                 .iter()
                 .filter(|d| d.record.key == key.as_bytes())
-                .map(|d| std::str::from_utf8(&d.record.value).unwrap().parse().unwrap())
+                .map(|d| {
+                    std::str::from_utf8(&d.record.value)
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                })
                 .collect();
             let mut sorted = values.clone();
             sorted.sort();
@@ -753,7 +763,14 @@ mod tests {
             .await
             .expect_err("over the bound");
         assert!(
-            matches!(err, BusError::Full { topic: T, partition: 0, lag: 4 }),
+            matches!(
+                err,
+                BusError::Full {
+                    topic: T,
+                    partition: 0,
+                    lag: 4
+                }
+            ),
             "{err:?}"
         );
         assert_eq!(bus.stats()[0].end_offset, 4);
@@ -764,13 +781,18 @@ mod tests {
         let bus = MemoryBus::with_retention(1, 10, 3);
         // No group: no backpressure, bounded retention.
         for i in 0..20 {
-            bus.produce(T, vec![rec("k", &i.to_string())]).await.expect("produce");
+            bus.produce(T, vec![rec("k", &i.to_string())])
+                .await
+                .expect("produce");
         }
         let s = &bus.stats()[0];
         assert_eq!((s.start_offset, s.end_offset), (17, 20));
         let mut c = bus.subscribe("late", &[T]).await.expect("subscribe");
         let got = drain(&mut *c).await;
-        assert_eq!(got.iter().map(|d| d.offset).collect::<Vec<_>>(), [17, 18, 19]);
+        assert_eq!(
+            got.iter().map(|d| d.offset).collect::<Vec<_>>(),
+            [17, 18, 19]
+        );
     }
 
     #[tokio::test]
@@ -785,8 +807,12 @@ mod tests {
         bus.produce(T, (0..5).map(|i| rec("k", &i.to_string())).collect())
             .await
             .expect("produce");
-        assert_eq!(bus.stats()[0].start_offset, 0, "empty group still holds its offsets");
-        assert_eq!(bus.delete_group("g").expect("delete"), true);
+        assert_eq!(
+            bus.stats()[0].start_offset,
+            0,
+            "empty group still holds its offsets"
+        );
+        assert!(bus.delete_group("g").expect("delete"));
         bus.produce(T, vec![rec("k", "5")]).await.expect("produce");
         assert_eq!(bus.stats()[0].start_offset, 4);
     }
@@ -798,8 +824,14 @@ mod tests {
         bus.produce(T, vec![rec("k", "v")]).await.expect("produce");
         bus.close();
         assert_eq!(c.poll(10, Duration::ZERO).await.expect("drain").len(), 1);
-        assert!(matches!(c.poll(10, Duration::from_secs(30)).await, Err(BusError::Closed)));
-        assert!(matches!(bus.produce(T, vec![rec("k", "v")]).await, Err(BusError::Closed)));
+        assert!(matches!(
+            c.poll(10, Duration::from_secs(30)).await,
+            Err(BusError::Closed)
+        ));
+        assert!(matches!(
+            bus.produce(T, vec![rec("k", "v")]).await,
+            Err(BusError::Closed)
+        ));
     }
 
     #[test]
@@ -816,7 +848,10 @@ mod tests {
                 per_member[o.member as usize] += 1;
             }
             let (min, max) = (per_member.iter().min(), per_member.iter().max());
-            assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 1), "{per_member:?}");
+            assert!(
+                max.zip(min).is_some_and(|(a, b)| a - b <= 1),
+                "{per_member:?}"
+            );
             assert_eq!(g.owners.len(), 7);
         }
     }

@@ -132,7 +132,9 @@ pub enum BusError {
     /// (Kafka: `CommitFailedException`). Those records will be redelivered to
     /// the new owner, so any state built from them must be discarded.
     /// Positions of partitions still owned were committed.
-    #[error("group {group} rebalanced: partitions {partitions:?} were reassigned before their records were committed")]
+    #[error(
+        "group {group} rebalanced: partitions {partitions:?} were reassigned before their records were committed"
+    )]
     Rebalanced {
         group: String,
         partitions: Vec<(Topic, u32)>,
@@ -160,7 +162,8 @@ pub trait Bus: Send + Sync {
     /// that share a partition are appended in call order. Returns once every
     /// record is held by the bus. All-or-nothing per call: if any target
     /// partition would go over its lag bound, nothing is appended and
-    /// [`BusError::Full`] is returned.
+    /// [`BusError::Full`] is returned (always, for a call that alone puts
+    /// more than the bound on one partition of a consumed topic).
     async fn produce(&self, topic: Topic, records: Vec<Record>) -> Result<(), BusError>;
 
     /// Joins consumer group `group` on `topics`. Consumers of one group split
@@ -169,7 +172,8 @@ pub trait Bus: Send + Sync {
     /// once when every poll is followed by a successful commit); a new group
     /// starts from the earliest retained offset; a member joining an existing
     /// group resumes at the group's committed offsets.
-    async fn subscribe(&self, group: &str, topics: &[Topic]) -> Result<Box<dyn Consumer>, BusError>;
+    async fn subscribe(&self, group: &str, topics: &[Topic])
+    -> Result<Box<dyn Consumer>, BusError>;
 
     /// Partitions of every topic.
     fn partitions(&self) -> u32;

@@ -250,7 +250,9 @@ mod tests {
         let clock = Arc::new(ManualClock::new(1_000_000));
         let d = MemoryDedupe::with_clock(clock.clone());
         let ttl = Duration::from_secs(60);
-        d.check_and_mark(&batch(&["a", "b"]), ttl).await.expect("mark");
+        d.check_and_mark(&batch(&["a", "b"]), ttl)
+            .await
+            .expect("mark");
         clock.advance(Duration::from_secs(30));
         d.check_and_mark(&batch(&["c"]), ttl).await.expect("mark");
         clock.advance(Duration::from_secs(31));

@@ -13,8 +13,8 @@ pub mod redis;
 
 use std::time::Duration;
 
-pub use memory::{Clock, ManualClock, MemoryDedupe, SystemClock};
 pub use self::redis::RedisDedupe;
+pub use memory::{Clock, ManualClock, MemoryDedupe, SystemClock};
 
 /// Keys packed in one buffer: no allocation per key.
 ///
@@ -153,7 +153,8 @@ mod tests {
         k.push("");
         k.push_with(|s| {
             use std::fmt::Write as _;
-            let _ = write!(s, "reading:{}:{}", "MTR-1", 42);
+            let (meter, ts) = ("MTR-1", 42);
+            let _ = write!(s, "reading:{meter}:{ts}");
         });
         assert_eq!(k.len(), 3);
         assert_eq!(k.iter().collect::<Vec<_>>(), ["a", "", "reading:MTR-1:42"]);

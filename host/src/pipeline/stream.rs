@@ -61,7 +61,7 @@ impl StreamStage {
         let flush_1m = Duration::from_secs(self.ctx.config.windows.flush_interval_1m_s);
         let flush_15m = Duration::from_secs(self.ctx.config.windows.flush_interval_15m_s);
         let mut last_record = Instant::now();
-        while !*stop.borrow() {
+        loop {
             let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -72,6 +72,10 @@ impl StreamStage {
                 }
             };
             if records.is_empty() {
+                // Asked to stop and drained: leave (ingest has stopped first).
+                if *stop.borrow() {
+                    break;
+                }
                 // Idle: close what has waited a whole flush interval.
                 let idle = last_record.elapsed();
                 if idle >= flush_1m && self.windows.open_count(Width::OneMinute) > 0 {

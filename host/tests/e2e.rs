@@ -1,0 +1,414 @@
+//! End to end on the embedded default: real HTTP on loopback, the in-process
+//! bus and dedupe, a real SQLite file, the real plugin components. A
+//! fixed-seed simulated stream with a scripted spike, outage and regional
+//! surge goes in; exact results come out.
+//!
+//! Needs `cargo xtask build-plugins` first (`cargo xtask test` does it).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use segs::app::App;
+use segs::bus::Topic;
+use segs::config::{PipelineConfig, RegionConfig};
+use segs::simulator::{self, SendTarget, SimConfig, SimStats, Simulator};
+use segs::store::{AggregateQuery, AlertFilter, Store, WindowWidth};
+use serde_json::{Value, json};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The shipped pipeline.toml, with its store in `dir`.
+fn config(dir: &Path) -> PipelineConfig {
+    let plugins = root().join("target/plugins/anomaly.wasm");
+    assert!(
+        plugins.exists(),
+        "{} is missing: run `cargo xtask build-plugins` (or `cargo xtask test`)",
+        plugins.display()
+    );
+    let mut cfg = PipelineConfig::load(&root().join("pipeline.toml")).unwrap();
+    cfg.store.url = format!("sqlite://{}", dir.join("segs.db").display());
+    cfg
+}
+
+async fn start(cfg: PipelineConfig) -> App {
+    App::start(cfg, "127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+/// 2025-11-12T06:00:00Z: a fixed start so event time is repeatable.
+const START_MS: i64 = 1_762_927_200_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scripted_stream_gives_exact_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim_cfg = SimConfig {
+        meters: 100,
+        interval_s: 10,
+        seed: 42,
+        start_ms: START_MS,
+        duplicate_ratio: 0.03,
+        ..SimConfig::default()
+    };
+    sim_cfg.phases = simulator::default_phases(sim_cfg.meters, &sim_cfg.regions, sim_cfg.interval_s);
+    let sim = Simulator::new(sim_cfg.clone()).unwrap();
+
+    // Capacities that put every region at 60 % of capacity in normal mode,
+    // so the first region's ×1.7 surge takes it past 90 %.
+    let mut cfg = config(dir.path());
+    for r in &sim_cfg.regions {
+        cfg.regions.insert(
+            r.clone(),
+            RegionConfig {
+                capacity_kw: sim.region_base_load(r) / 0.6,
+                base_price_per_kwh: 6.5,
+            },
+        );
+    }
+    let surged = sim_cfg.regions[0].clone();
+    let spike_meter = phase_meter(&sim_cfg, "spike");
+    let outage_meter = phase_meter(&sim_cfg, "outage");
+
+    let app = start(cfg).await;
+    let store = app.ctx.store.clone();
+    let metrics = app.ctx.metrics.clone();
+    let stats = SimStats::new();
+    let target = SendTarget {
+        url: format!("http://{}", app.addr),
+        batch_size: 1000,
+        ticks: Some(72), // 12 simulated minutes
+        ..SendTarget::default()
+    };
+    let summary = simulator::run(sim_cfg.clone(), target, stats.clone())
+        .await
+        .unwrap();
+    app.shutdown().await;
+
+    let accepted = stats.accepted.load(Ordering::Relaxed);
+    let duplicates = stats.duplicates.load(Ordering::Relaxed);
+    assert_eq!(accepted, 7200, "every unique reading accepted: {summary:?}");
+    assert!(duplicates > 0, "the stream re-sent some readings");
+    assert_eq!(metrics.duplicates.load(Ordering::Relaxed), duplicates);
+    assert_eq!(stats.rejected.load(Ordering::Relaxed), 0);
+
+    // Every accepted reading is counted once, in 1-minute and 15-minute
+    // aggregates alike, and archived once.
+    assert_eq!(store.count_readings_1m().await.unwrap(), accepted);
+    assert_eq!(store.count_raw_readings().await.unwrap(), accepted);
+    let all = AggregateQuery {
+        meter_id: None,
+        region: None,
+        from_ms: None,
+        to_ms: None,
+        limit: 10_000,
+    };
+    let fifteen = store
+        .meter_aggregates(WindowWidth::FifteenMinutes, &all)
+        .await
+        .unwrap();
+    assert_eq!(fifteen.iter().map(|a| u64::from(a.count)).sum::<u64>(), accepted);
+    let one = store.meter_aggregates(WindowWidth::OneMinute, &all).await.unwrap();
+    assert_eq!(one.len(), 100 * 12, "one row per meter per minute");
+    assert!(one.iter().all(|a| a.count == 6), "6 readings per meter-minute");
+
+    // Anomalies: the spike and the outage, once each after dedupe; nothing else.
+    let alerts = store
+        .list_alerts(&AlertFilter {
+            limit: 1000,
+            ..AlertFilter::default()
+        })
+        .await
+        .unwrap();
+    let anomalies: Vec<_> = alerts.iter().filter(|a| a.alert_type == "ANOMALY").collect();
+    let kinds: Vec<(String, String)> = anomalies
+        .iter()
+        .map(|a| {
+            (
+                a.meter_id.clone().unwrap(),
+                a.metadata["type"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(anomalies.len(), 2, "{kinds:?}");
+    assert!(kinds.contains(&(spike_meter.clone(), "spike".into())), "{kinds:?}");
+    assert!(kinds.contains(&(outage_meter.clone(), "outage".into())), "{kinds:?}");
+    let outage = anomalies.iter().find(|a| a.metadata["type"] == "outage").unwrap();
+    assert_eq!(outage.severity, "high");
+
+    // Overload: one incident, one alert, in the surged region.
+    let overloads: Vec<_> = alerts.iter().filter(|a| a.alert_type == "OVERLOAD").collect();
+    assert_eq!(overloads.len(), 1, "{overloads:?}");
+    assert_eq!(overloads[0].region.as_deref(), Some(surged.as_str()));
+    assert_eq!(overloads[0].severity, "critical");
+    assert!(overloads[0].metadata["load_percentage"].as_f64().unwrap() > 90.0);
+    assert_eq!(alerts.len(), 3);
+
+    // Tariff: the surged region goes to critical pricing and back; the
+    // others never move more than 2 % from base.
+    let mut history = store.tariff_history(None, 100).await.unwrap();
+    history.reverse();
+    let moves: Vec<(String, f64, String, bool)> = history
+        .iter()
+        .map(|t| (t.region.clone(), t.price_per_kwh, t.reason.clone(), t.is_active))
+        .collect();
+    assert_eq!(
+        moves,
+        vec![
+            (surged.clone(), 7.8, "CRITICAL_LOAD".into(), false),
+            (surged.clone(), 6.5, "NORMAL_LOAD".into(), true),
+        ]
+    );
+    assert_eq!(history[0].effective_to_ms, Some(history[1].effective_from_ms));
+
+    // Regional windows: one per region per minute, the surge visible.
+    let regional = store.regional_aggregates(&all).await.unwrap();
+    assert_eq!(regional.len(), 4 * 12);
+    let peak = regional
+        .iter()
+        .filter(|r| r.region == surged)
+        .map(|r| r.load_percentage)
+        .fold(0.0, f64::max);
+    assert!(peak > 90.0, "{peak}");
+    assert!(regional.iter().all(|r| r.meter_count == 25));
+}
+
+/// The meter id a default phase of `kind` targets.
+fn phase_meter(cfg: &SimConfig, kind: &str) -> String {
+    let phase = cfg
+        .phases
+        .iter()
+        .find(|p| p.kind.label() == kind)
+        .unwrap_or_else(|| panic!("no {kind} phase"));
+    match &phase.target {
+        simulator::PhaseTarget::Meters(r) => format!("MTR-{:08}", r.start + 1),
+        other => panic!("{kind} targets {other:?}"),
+    }
+}
+
+/// A reading that passes validation.
+fn good(i: usize) -> Value {
+    json!({
+        "readingId": format!("r-{i}"),
+        "meterId": format!("MTR-{i:08}"),
+        "region": "Mumbai-North",
+        "timestamp": "2025-11-12T06:30:00.000Z",
+        "powerKw": 5.234,
+        "voltage": 235.6,
+    })
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> (u16, Value) {
+    let r = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.bytes().await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.ingest.max_body_bytes = 64 * 1024;
+    let app = start(cfg).await;
+    let batch_url = format!("http://{}/telemetry/batch", app.addr);
+    let one_url = format!("http://{}/telemetry", app.addr);
+    let client = reqwest::Client::new();
+
+    let with = |field: &str, value: Value| {
+        let mut r = good(1);
+        r[field] = value;
+        r
+    };
+    let without = |field: &str| {
+        let mut r = good(1);
+        r.as_object_mut().unwrap().remove(field);
+        r
+    };
+    let batch = |bad: Value| serde_json::to_vec(&json!([good(0), bad, good(2)])).unwrap();
+    // (what, body, expected status, field named in the details)
+    let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
+        ("bad JSON", b"[{\"meterId\": ".to_vec(), 400, None),
+        ("not an array", serde_json::to_vec(&good(0)).unwrap(), 400, None),
+        ("empty batch", b"[]".to_vec(), 400, None),
+        (
+            "oversize batch",
+            serde_json::to_vec(&(0..1001).map(|_| json!({})).collect::<Vec<_>>()).unwrap(),
+            400,
+            None,
+        ),
+        ("missing readingId", batch(without("readingId")), 400, Some("readingId")),
+        ("empty meterId", batch(with("meterId", json!(""))), 400, Some("meterId")),
+        ("missing region", batch(without("region")), 400, Some("region")),
+        ("region not a string", batch(with("region", json!(7))), 400, Some("region")),
+        ("bad timestamp", batch(with("timestamp", json!("yesterday"))), 400, Some("timestamp")),
+        ("timestamp without zone", batch(with("timestamp", json!("2025-11-12T06:30:00"))), 400, Some("timestamp")),
+        ("negative power", batch(with("powerKw", json!(-1.0))), 400, Some("powerKw")),
+        ("power as a string", batch(with("powerKw", json!("5"))), 400, Some("powerKw")),
+        ("negative voltage", batch(with("voltage", json!(-230))), 400, Some("voltage")),
+        ("negative current", batch(with("current", json!(-1))), 400, Some("current")),
+        ("negative frequency", batch(with("frequency", json!(-50))), 400, Some("frequency")),
+        ("powerFactor above 1", batch(with("powerFactor", json!(1.01))), 400, Some("powerFactor")),
+        ("temperature as text", batch(with("temperature", json!("hot"))), 400, Some("temperature")),
+        ("oversize body", vec![b' '; 65 * 1024], 413, None),
+    ];
+    for (what, body, status, field) in cases {
+        let (got, json) = post(&client, &batch_url, body).await;
+        assert_eq!(got, status, "{what}: {json}");
+        assert!(json["message"].is_string(), "{what}: a JSON error body: {json}");
+        if let Some(field) = field {
+            let details = json["details"].as_array().unwrap();
+            assert!(
+                details.iter().any(|d| d["field"] == field && d["index"] == 1),
+                "{what}: details name index 1, field {field}: {json}"
+            );
+        }
+    }
+    let (got, json) = post(&client, &one_url, serde_json::to_vec(&with("powerKw", json!(-2))).unwrap()).await;
+    assert_eq!(got, 400, "{json}");
+    assert_eq!(json["details"][0]["field"], "powerKw");
+
+    // Nothing was published: a new consumer group sees an empty topic.
+    let mut probe = app
+        .ctx
+        .bus
+        .subscribe("probe-group", &[Topic::TelemetryReadings])
+        .await
+        .unwrap();
+    let seen = probe.poll(100, Duration::from_millis(300)).await.unwrap();
+    assert!(seen.is_empty(), "{} readings were published", seen.len());
+
+    // A valid request still works, and counts once.
+    let body = serde_json::to_vec(&json!([good(0), good(1)])).unwrap();
+    let (got, json) = post(&client, &batch_url, body.clone()).await;
+    assert_eq!((got, &json), (200, &json!({"accepted": 2, "duplicates": 0})));
+    let (got, json) = post(&client, &batch_url, body).await;
+    assert_eq!((got, &json), (200, &json!({"accepted": 0, "duplicates": 2})));
+
+    let store: Arc<dyn Store> = app.ctx.store.clone();
+    app.shutdown().await;
+    assert_eq!(store.count_raw_readings().await.unwrap(), 2);
+    assert_eq!(store.count_readings_1m().await.unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_api_answers_with_seed_columns_and_refuses_bad_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(config(dir.path())).await;
+    let base = format!("http://{}", app.addr);
+    let client = reqwest::Client::new();
+    let body = serde_json::to_vec(&json!([good(0), good(1)])).unwrap();
+    assert_eq!(post(&client, &format!("{base}/telemetry/batch"), body).await.0, 200);
+
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let r = client.get(path).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(get(format!("{base}/healthz")).await.1["status"], "ok");
+    for bad in [
+        "/alerts?status=sleeping",
+        "/alerts?severity=apocalyptic",
+        "/alerts?limit=0",
+        "/alerts?colour=red",
+        "/aggregates/1m?from=yesterday",
+        "/aggregates/regional?meter_id=MTR-1",
+    ] {
+        let (status, json) = get(format!("{base}{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {json}");
+        assert!(json["message"].is_string(), "{bad}: {json}");
+    }
+    assert_eq!(get(format!("{base}/nope")).await.0, 404);
+    assert_eq!(get(format!("{base}/tariffs/current")).await, (200, json!([])));
+
+    // Close the windows: the aggregate becomes readable with seed columns.
+    let store = app.ctx.store.clone();
+    let bus = app.ctx.bus.clone();
+    let new = segs::store::NewAlert {
+        id: uuid::Uuid::new_v4(),
+        alert_type: "ANOMALY".into(),
+        severity: "high".into(),
+        region: Some("Mumbai-North".into()),
+        meter_id: Some("MTR-00000001".into()),
+        message: "test".into(),
+        timestamp_ms: START_MS,
+        metadata: json!({"type": "spike"}),
+    };
+    let alert = store.insert_alert(&new).await.unwrap();
+    let mut updates = bus
+        .subscribe("notification-probe", &[Topic::AlertStatusUpdates])
+        .await
+        .unwrap();
+    let ack = |id: String, body: Value| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let r = client
+                .post(format!("{base}/alerts/{id}/acknowledge"))
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&body).unwrap())
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap_or(Value::Null))
+        }
+    };
+    let id = alert.id.to_string();
+    assert_eq!(ack(id.clone(), json!({})).await.0, 400, "`by` is required");
+    assert_eq!(ack("not-a-uuid".into(), json!({"by": "op"})).await.0, 400);
+    assert_eq!(ack(uuid::Uuid::new_v4().to_string(), json!({"by": "op"})).await.0, 404);
+    let (status, row) = ack(id.clone(), json!({"by": "operator-7"})).await;
+    assert_eq!(status, 200, "{row}");
+    assert_eq!(row["status"], "acknowledged");
+    assert_eq!(row["acknowledged_by"], "operator-7");
+    let r = client
+        .post(format!("{base}/alerts/{id}/resolve"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(ack(id.clone(), json!({"by": "op"})).await.0, 409, "a resolved alert");
+    let published = updates.poll(10, Duration::from_secs(2)).await.unwrap();
+    let statuses: Vec<Value> = published
+        .iter()
+        .map(|d| serde_json::from_slice::<Value>(&d.record.value).unwrap()["status"].clone())
+        .collect();
+    assert_eq!(statuses, vec![json!("acknowledged"), json!("resolved")]);
+    let (status, list) = get(format!("{base}/alerts?status=resolved&type=ANOMALY")).await;
+    assert_eq!(status, 200);
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["meter_id"], "MTR-00000001");
+    assert!(list[0]["resolved_at"].is_string());
+
+    app.shutdown().await;
+    let rows = store
+        .meter_aggregates(
+            WindowWidth::OneMinute,
+            &AggregateQuery {
+                meter_id: Some("MTR-00000000".into()),
+                region: None,
+                from_ms: None,
+                to_ms: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let row = serde_json::to_value(&rows[0]).unwrap();
+    for col in ["meter_id", "region", "window_start", "avg_power_kw", "max_power_kw", "min_power_kw", "energy_kwh_sum", "voltage_avg", "count"] {
+        assert!(row.get(col).is_some(), "column {col} in {row}");
+    }
+    assert_eq!(row["window_start"], "2025-11-12T06:30:00.000Z");
+}
