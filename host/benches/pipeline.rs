@@ -78,7 +78,13 @@ fn realistic_batch() -> ReadingBatch {
 fn anomaly_native_vs_wasm() {
     let batch = realistic_batch();
     let config = anomaly::Config::default();
-    let native_findings = anomaly::detect(&config, &batch.power_kw, &batch.baseline_kw, &batch.sample_count).len();
+    let native_findings = anomaly::detect(
+        &config,
+        &batch.power_kw,
+        &batch.baseline_kw,
+        &batch.sample_count,
+    )
+    .len();
     let (nb, nm) = measure(1000, Duration::from_millis(200), || {
         black_box(anomaly::detect(
             &config,

@@ -32,7 +32,9 @@ pub enum AppError {
     },
     #[error("dedupe: {0}")]
     Dedupe(#[from] crate::dedupe::DedupeError),
-    #[error("bus.kind = \"kafka\": the Kafka bus is not available in this build yet; use kind = \"memory\"")]
+    #[error(
+        "bus.kind = \"kafka\": the Kafka bus is not available in this build yet; use kind = \"memory\""
+    )]
     KafkaUnavailable,
     #[error("cannot listen on {addr}: {source}")]
     Listen {

@@ -268,7 +268,11 @@ impl PipelineConfig {
     }
 
     /// Parses and checks TOML text; `path` is only used in messages.
-    pub fn parse(text: &str, path: &Path, base_dir: PathBuf) -> Result<PipelineConfig, ConfigError> {
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        base_dir: PathBuf,
+    ) -> Result<PipelineConfig, ConfigError> {
         let mut cfg: PipelineConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
@@ -291,7 +295,10 @@ impl PipelineConfig {
         };
         need(
             (1..=100_000).contains(&self.ingest.max_batch),
-            format!("ingest.max_batch = {}: must be 1..=100000", self.ingest.max_batch),
+            format!(
+                "ingest.max_batch = {}: must be 1..=100000",
+                self.ingest.max_batch
+            ),
         );
         need(
             self.ingest.max_body_bytes >= 1024,
@@ -349,7 +356,9 @@ impl PipelineConfig {
                 problems.push(format!("{key}.capacity_kw: must be a positive number"));
             }
             if !(r.base_price_per_kwh.is_finite() && r.base_price_per_kwh > 0.0) {
-                problems.push(format!("{key}.base_price_per_kwh: must be a positive number"));
+                problems.push(format!(
+                    "{key}.base_price_per_kwh: must be a positive number"
+                ));
             }
         };
         region_ok("region_defaults", &self.region_defaults, &mut problems);
@@ -449,7 +458,10 @@ component = "g.wasm"
         assert_eq!(cfg.ingest.max_batch, 1000);
         assert_eq!(cfg.dedupe.reading_ttl_s, 60);
         assert_eq!(cfg.windows.flush_interval_15m_s, 900);
-        assert_eq!(cfg.component_path("tariff").unwrap(), PathBuf::from("/cfg/t.wasm"));
+        assert_eq!(
+            cfg.component_path("tariff").unwrap(),
+            PathBuf::from("/cfg/t.wasm")
+        );
         assert_eq!(cfg.region("Nowhere").base_price_per_kwh, 6.5);
     }
 

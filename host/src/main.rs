@@ -119,7 +119,8 @@ impl SimArgs {
             duplicate_ratio: self.duplicates,
             ..SimConfig::default()
         };
-        cfg.start_ms = segs::time::window_start(segs::time::now_ms(), i64::from(self.interval) * 1000);
+        cfg.start_ms =
+            segs::time::window_start(segs::time::now_ms(), i64::from(self.interval) * 1000);
         if !self.no_phases {
             cfg.phases = simulator::default_phases(cfg.meters, &cfg.regions, cfg.interval_s);
         }
@@ -194,11 +195,13 @@ async fn run(args: RunArgs) -> Result<()> {
             ..SendTarget::default()
         };
         let stats = sim_stats.clone();
-        Some(tokio::spawn(async move { simulator::run(cfg, target, stats).await }))
+        Some(tokio::spawn(async move {
+            simulator::run(cfg, target, stats).await
+        }))
     };
 
     let status = tokio::spawn(status_line(app.ctx.clone(), sim_stats.clone()));
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    shutdown_signal().await?;
     println!("\nstopping: closing open windows and storing them…");
     sim_stats.request_stop();
     if let Some(sim) = sim {
@@ -207,6 +210,24 @@ async fn run(args: RunArgs) -> Result<()> {
     status.abort();
     app.shutdown().await;
     println!("stopped.");
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (what `docker stop` and systemd send).
+async fn shutdown_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     Ok(())
 }
 
@@ -237,7 +258,11 @@ async fn status_line(ctx: segs::pipeline::Context, sim: Arc<SimStats>) {
             m.windows_closed.load(Ordering::Relaxed),
             m.alerts_stored.load(Ordering::Relaxed),
             m.alerts_deduplicated.load(Ordering::Relaxed),
-            if tariffs.is_empty() { "base".to_owned() } else { tariffs },
+            if tariffs.is_empty() {
+                "base".to_owned()
+            } else {
+                tariffs
+            },
             sim.sent.load(Ordering::Relaxed),
         );
     }

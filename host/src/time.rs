@@ -172,9 +172,18 @@ mod tests {
         check("2025-11-12T06:30:00.000Z", Some("2025-11-12T06:30:00.000Z"));
         check("2025-11-12T06:30:00Z", Some("2025-11-12T06:30:00.000Z"));
         check("2025-11-12T06:30:00.5Z", Some("2025-11-12T06:30:00.500Z"));
-        check("2025-11-12T06:30:00.123456Z", Some("2025-11-12T06:30:00.123Z"));
-        check("2025-11-12T12:00:00+05:30", Some("2025-11-12T06:30:00.000Z"));
-        check("2025-11-12T01:00:00-05:30", Some("2025-11-12T06:30:00.000Z"));
+        check(
+            "2025-11-12T06:30:00.123456Z",
+            Some("2025-11-12T06:30:00.123Z"),
+        );
+        check(
+            "2025-11-12T12:00:00+05:30",
+            Some("2025-11-12T06:30:00.000Z"),
+        );
+        check(
+            "2025-11-12T01:00:00-05:30",
+            Some("2025-11-12T06:30:00.000Z"),
+        );
         check("2024-02-29T00:00:00Z", Some("2024-02-29T00:00:00.000Z"));
         check("1969-12-31T23:59:59.999Z", Some("1969-12-31T23:59:59.999Z"));
     }
@@ -207,7 +216,9 @@ mod tests {
         let mut ms = -86_400_000i64 * 800;
         while ms < 86_400_000i64 * 365 * 80 {
             let s = format_rfc3339_ms(ms);
-            let c = chrono::DateTime::parse_from_rfc3339(&s).unwrap().timestamp_millis();
+            let c = chrono::DateTime::parse_from_rfc3339(&s)
+                .unwrap()
+                .timestamp_millis();
             assert_eq!(c, ms, "{s}");
             assert_eq!(parse_rfc3339_ms(&s), Some(ms));
             ms += 86_400_000 * 3 + 3_600_123;
@@ -217,7 +228,13 @@ mod tests {
     #[test]
     fn window_start_floors() {
         let t = parse_rfc3339_ms("2025-11-12T06:44:59.999Z").unwrap();
-        assert_eq!(format_rfc3339_ms(window_start(t, 60_000)), "2025-11-12T06:44:00.000Z");
-        assert_eq!(format_rfc3339_ms(window_start(t, 900_000)), "2025-11-12T06:30:00.000Z");
+        assert_eq!(
+            format_rfc3339_ms(window_start(t, 60_000)),
+            "2025-11-12T06:44:00.000Z"
+        );
+        assert_eq!(
+            format_rfc3339_ms(window_start(t, 900_000)),
+            "2025-11-12T06:30:00.000Z"
+        );
     }
 }

@@ -35,7 +35,9 @@ fn config(dir: &Path) -> PipelineConfig {
 }
 
 async fn start(cfg: PipelineConfig) -> App {
-    App::start(cfg, "127.0.0.1:0".parse().unwrap()).await.unwrap()
+    App::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
 }
 
 /// 2025-11-12T06:00:00Z: a fixed start so event time is repeatable.
@@ -52,7 +54,8 @@ async fn a_scripted_stream_gives_exact_results() {
         duplicate_ratio: 0.03,
         ..SimConfig::default()
     };
-    sim_cfg.phases = simulator::default_phases(sim_cfg.meters, &sim_cfg.regions, sim_cfg.interval_s);
+    sim_cfg.phases =
+        simulator::default_phases(sim_cfg.meters, &sim_cfg.regions, sim_cfg.interval_s);
     let sim = Simulator::new(sim_cfg.clone()).unwrap();
 
     // Capacities that put every region at 60 % of capacity in normal mode,
@@ -108,10 +111,19 @@ async fn a_scripted_stream_gives_exact_results() {
         .meter_aggregates(WindowWidth::FifteenMinutes, &all)
         .await
         .unwrap();
-    assert_eq!(fifteen.iter().map(|a| u64::from(a.count)).sum::<u64>(), accepted);
-    let one = store.meter_aggregates(WindowWidth::OneMinute, &all).await.unwrap();
+    assert_eq!(
+        fifteen.iter().map(|a| u64::from(a.count)).sum::<u64>(),
+        accepted
+    );
+    let one = store
+        .meter_aggregates(WindowWidth::OneMinute, &all)
+        .await
+        .unwrap();
     assert_eq!(one.len(), 100 * 12, "one row per meter per minute");
-    assert!(one.iter().all(|a| a.count == 6), "6 readings per meter-minute");
+    assert!(
+        one.iter().all(|a| a.count == 6),
+        "6 readings per meter-minute"
+    );
 
     // Anomalies: the spike and the outage, once each after dedupe; nothing else.
     let alerts = store
@@ -121,7 +133,10 @@ async fn a_scripted_stream_gives_exact_results() {
         })
         .await
         .unwrap();
-    let anomalies: Vec<_> = alerts.iter().filter(|a| a.alert_type == "ANOMALY").collect();
+    let anomalies: Vec<_> = alerts
+        .iter()
+        .filter(|a| a.alert_type == "ANOMALY")
+        .collect();
     let kinds: Vec<(String, String)> = anomalies
         .iter()
         .map(|a| {
@@ -132,13 +147,25 @@ async fn a_scripted_stream_gives_exact_results() {
         })
         .collect();
     assert_eq!(anomalies.len(), 2, "{kinds:?}");
-    assert!(kinds.contains(&(spike_meter.clone(), "spike".into())), "{kinds:?}");
-    assert!(kinds.contains(&(outage_meter.clone(), "outage".into())), "{kinds:?}");
-    let outage = anomalies.iter().find(|a| a.metadata["type"] == "outage").unwrap();
+    assert!(
+        kinds.contains(&(spike_meter.clone(), "spike".into())),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(outage_meter.clone(), "outage".into())),
+        "{kinds:?}"
+    );
+    let outage = anomalies
+        .iter()
+        .find(|a| a.metadata["type"] == "outage")
+        .unwrap();
     assert_eq!(outage.severity, "high");
 
     // Overload: one incident, one alert, in the surged region.
-    let overloads: Vec<_> = alerts.iter().filter(|a| a.alert_type == "OVERLOAD").collect();
+    let overloads: Vec<_> = alerts
+        .iter()
+        .filter(|a| a.alert_type == "OVERLOAD")
+        .collect();
     assert_eq!(overloads.len(), 1, "{overloads:?}");
     assert_eq!(overloads[0].region.as_deref(), Some(surged.as_str()));
     assert_eq!(overloads[0].severity, "critical");
@@ -151,7 +178,14 @@ async fn a_scripted_stream_gives_exact_results() {
     history.reverse();
     let moves: Vec<(String, f64, String, bool)> = history
         .iter()
-        .map(|t| (t.region.clone(), t.price_per_kwh, t.reason.clone(), t.is_active))
+        .map(|t| {
+            (
+                t.region.clone(),
+                t.price_per_kwh,
+                t.reason.clone(),
+                t.is_active,
+            )
+        })
         .collect();
     assert_eq!(
         moves,
@@ -160,7 +194,10 @@ async fn a_scripted_stream_gives_exact_results() {
             (surged.clone(), 6.5, "NORMAL_LOAD".into(), true),
         ]
     );
-    assert_eq!(history[0].effective_to_ms, Some(history[1].effective_from_ms));
+    assert_eq!(
+        history[0].effective_to_ms,
+        Some(history[1].effective_from_ms)
+    );
 
     // Regional windows: one per region per minute, the surge visible.
     let regional = store.regional_aggregates(&all).await.unwrap();
@@ -236,7 +273,12 @@ async fn bad_input_is_refused_and_changes_nothing() {
     // (what, body, expected status, field named in the details)
     let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
         ("bad JSON", b"[{\"meterId\": ".to_vec(), 400, None),
-        ("not an array", serde_json::to_vec(&good(0)).unwrap(), 400, None),
+        (
+            "not an array",
+            serde_json::to_vec(&good(0)).unwrap(),
+            400,
+            None,
+        ),
         ("empty batch", b"[]".to_vec(), 400, None),
         (
             "oversize batch",
@@ -244,34 +286,109 @@ async fn bad_input_is_refused_and_changes_nothing() {
             400,
             None,
         ),
-        ("missing readingId", batch(without("readingId")), 400, Some("readingId")),
-        ("empty meterId", batch(with("meterId", json!(""))), 400, Some("meterId")),
-        ("missing region", batch(without("region")), 400, Some("region")),
-        ("region not a string", batch(with("region", json!(7))), 400, Some("region")),
-        ("bad timestamp", batch(with("timestamp", json!("yesterday"))), 400, Some("timestamp")),
-        ("timestamp without zone", batch(with("timestamp", json!("2025-11-12T06:30:00"))), 400, Some("timestamp")),
-        ("negative power", batch(with("powerKw", json!(-1.0))), 400, Some("powerKw")),
-        ("power as a string", batch(with("powerKw", json!("5"))), 400, Some("powerKw")),
-        ("negative voltage", batch(with("voltage", json!(-230))), 400, Some("voltage")),
-        ("negative current", batch(with("current", json!(-1))), 400, Some("current")),
-        ("negative frequency", batch(with("frequency", json!(-50))), 400, Some("frequency")),
-        ("powerFactor above 1", batch(with("powerFactor", json!(1.01))), 400, Some("powerFactor")),
-        ("temperature as text", batch(with("temperature", json!("hot"))), 400, Some("temperature")),
+        (
+            "missing readingId",
+            batch(without("readingId")),
+            400,
+            Some("readingId"),
+        ),
+        (
+            "empty meterId",
+            batch(with("meterId", json!(""))),
+            400,
+            Some("meterId"),
+        ),
+        (
+            "missing region",
+            batch(without("region")),
+            400,
+            Some("region"),
+        ),
+        (
+            "region not a string",
+            batch(with("region", json!(7))),
+            400,
+            Some("region"),
+        ),
+        (
+            "bad timestamp",
+            batch(with("timestamp", json!("yesterday"))),
+            400,
+            Some("timestamp"),
+        ),
+        (
+            "timestamp without zone",
+            batch(with("timestamp", json!("2025-11-12T06:30:00"))),
+            400,
+            Some("timestamp"),
+        ),
+        (
+            "negative power",
+            batch(with("powerKw", json!(-1.0))),
+            400,
+            Some("powerKw"),
+        ),
+        (
+            "power as a string",
+            batch(with("powerKw", json!("5"))),
+            400,
+            Some("powerKw"),
+        ),
+        (
+            "negative voltage",
+            batch(with("voltage", json!(-230))),
+            400,
+            Some("voltage"),
+        ),
+        (
+            "negative current",
+            batch(with("current", json!(-1))),
+            400,
+            Some("current"),
+        ),
+        (
+            "negative frequency",
+            batch(with("frequency", json!(-50))),
+            400,
+            Some("frequency"),
+        ),
+        (
+            "powerFactor above 1",
+            batch(with("powerFactor", json!(1.01))),
+            400,
+            Some("powerFactor"),
+        ),
+        (
+            "temperature as text",
+            batch(with("temperature", json!("hot"))),
+            400,
+            Some("temperature"),
+        ),
         ("oversize body", vec![b' '; 65 * 1024], 413, None),
     ];
     for (what, body, status, field) in cases {
         let (got, json) = post(&client, &batch_url, body).await;
         assert_eq!(got, status, "{what}: {json}");
-        assert!(json["message"].is_string(), "{what}: a JSON error body: {json}");
+        assert!(
+            json["message"].is_string(),
+            "{what}: a JSON error body: {json}"
+        );
         if let Some(field) = field {
             let details = json["details"].as_array().unwrap();
             assert!(
-                details.iter().any(|d| d["field"] == field && d["index"] == 1),
+                details
+                    .iter()
+                    .any(|d| d["field"] == field && d["index"] == 1),
                 "{what}: details name index 1, field {field}: {json}"
             );
         }
     }
-    let (got, json) = post(&client, &one_url, serde_json::to_vec(&with("powerKw", json!(-2))).unwrap()).await;
+    let (got, json) = post(
+        &client,
+        &one_url,
+        serde_json::to_vec(&with("powerKw", json!(-2))).unwrap(),
+    )
+    .await;
     assert_eq!(got, 400, "{json}");
     assert_eq!(json["details"][0]["field"], "powerKw");
 
@@ -288,9 +405,15 @@ async fn bad_input_is_refused_and_changes_nothing() {
     // A valid request still works, and counts once.
     let body = serde_json::to_vec(&json!([good(0), good(1)])).unwrap();
     let (got, json) = post(&client, &batch_url, body.clone()).await;
-    assert_eq!((got, &json), (200, &json!({"accepted": 2, "duplicates": 0})));
+    assert_eq!(
+        (got, &json),
+        (200, &json!({"accepted": 2, "duplicates": 0}))
+    );
     let (got, json) = post(&client, &batch_url, body).await;
-    assert_eq!((got, &json), (200, &json!({"accepted": 0, "duplicates": 2})));
+    assert_eq!(
+        (got, &json),
+        (200, &json!({"accepted": 0, "duplicates": 2}))
+    );
 
     let store: Arc<dyn Store> = app.ctx.store.clone();
     app.shutdown().await;
@@ -305,14 +428,22 @@ async fn the_read_api_answers_with_seed_columns_and_refuses_bad_queries() {
     let base = format!("http://{}", app.addr);
     let client = reqwest::Client::new();
     let body = serde_json::to_vec(&json!([good(0), good(1)])).unwrap();
-    assert_eq!(post(&client, &format!("{base}/telemetry/batch"), body).await.0, 200);
+    assert_eq!(
+        post(&client, &format!("{base}/telemetry/batch"), body)
+            .await
+            .0,
+        200
+    );
 
     let get = |path: String| {
         let client = client.clone();
         async move {
             let r = client.get(path).send().await.unwrap();
             let status = r.status().as_u16();
-            (status, serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap_or(Value::Null))
+            (
+                status,
+                serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap_or(Value::Null),
+            )
         }
     };
     assert_eq!(get(format!("{base}/healthz")).await.1["status"], "ok");
@@ -329,7 +460,10 @@ async fn the_read_api_answers_with_seed_columns_and_refuses_bad_queries() {
         assert!(json["message"].is_string(), "{bad}: {json}");
     }
     assert_eq!(get(format!("{base}/nope")).await.0, 404);
-    assert_eq!(get(format!("{base}/tariffs/current")).await, (200, json!([])));
+    assert_eq!(
+        get(format!("{base}/tariffs/current")).await,
+        (200, json!([]))
+    );
 
     // Close the windows: the aggregate becomes readable with seed columns.
     let store = app.ctx.store.clone();
@@ -361,13 +495,21 @@ async fn the_read_api_answers_with_seed_columns_and_refuses_bad_queries() {
                 .await
                 .unwrap();
             let status = r.status().as_u16();
-            (status, serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap_or(Value::Null))
+            (
+                status,
+                serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap_or(Value::Null),
+            )
         }
     };
     let id = alert.id.to_string();
     assert_eq!(ack(id.clone(), json!({})).await.0, 400, "`by` is required");
     assert_eq!(ack("not-a-uuid".into(), json!({"by": "op"})).await.0, 400);
-    assert_eq!(ack(uuid::Uuid::new_v4().to_string(), json!({"by": "op"})).await.0, 404);
+    assert_eq!(
+        ack(uuid::Uuid::new_v4().to_string(), json!({"by": "op"}))
+            .await
+            .0,
+        404
+    );
     let (status, row) = ack(id.clone(), json!({"by": "operator-7"})).await;
     assert_eq!(status, 200, "{row}");
     assert_eq!(row["status"], "acknowledged");
@@ -378,7 +520,11 @@ async fn the_read_api_answers_with_seed_columns_and_refuses_bad_queries() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(ack(id.clone(), json!({"by": "op"})).await.0, 409, "a resolved alert");
+    assert_eq!(
+        ack(id.clone(), json!({"by": "op"})).await.0,
+        409,
+        "a resolved alert"
+    );
     let published = updates.poll(10, Duration::from_secs(2)).await.unwrap();
     let statuses: Vec<Value> = published
         .iter()
@@ -407,7 +553,17 @@ async fn the_read_api_answers_with_seed_columns_and_refuses_bad_queries() {
         .unwrap();
     assert_eq!(rows.len(), 1);
     let row = serde_json::to_value(&rows[0]).unwrap();
-    for col in ["meter_id", "region", "window_start", "avg_power_kw", "max_power_kw", "min_power_kw", "energy_kwh_sum", "voltage_avg", "count"] {
+    for col in [
+        "meter_id",
+        "region",
+        "window_start",
+        "avg_power_kw",
+        "max_power_kw",
+        "min_power_kw",
+        "energy_kwh_sum",
+        "voltage_avg",
+        "count",
+    ] {
         assert!(row.get(col).is_some(), "column {col} in {row}");
     }
     assert_eq!(row["window_start"], "2025-11-12T06:30:00.000Z");

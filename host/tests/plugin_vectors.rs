@@ -83,7 +83,11 @@ fn severity(s: Severity) -> &'static str {
 
 /// Loads `name` with each of the vectors' bad configs and checks it is refused
 /// with a message naming the key. Returns how many were checked.
-fn check_bad_configs(name: &str, v: &Value, load: impl Fn(Vec<(String, ConfigValue)>) -> Result<(), plugins::PluginError>) -> usize {
+fn check_bad_configs(
+    name: &str,
+    v: &Value,
+    load: impl Fn(Vec<(String, ConfigValue)>) -> Result<(), plugins::PluginError>,
+) -> usize {
     let bad = v["bad_configs"].as_array().expect("bad_configs");
     assert!(bad.len() >= 3, "{name}: at least 3 bad configs");
     for b in bad {
@@ -94,7 +98,10 @@ fn check_bad_configs(name: &str, v: &Value, load: impl Fn(Vec<(String, ConfigVal
             matches!(err, plugins::PluginError::Config { .. }),
             "{name}: {b} refused as {err:?}, want a config refusal"
         );
-        assert!(msg.contains(want), "{name}: `{msg}` does not contain `{want}`");
+        assert!(
+            msg.contains(want),
+            "{name}: `{msg}` does not contain `{want}`"
+        );
     }
     bad.len()
 }
@@ -135,8 +142,16 @@ fn anomaly_vectors_through_wasm() {
                         plugins::anomaly::AnomalyKind::Outage => "outage",
                     };
                     assert_eq!(kind, e["kind"], "{gname} / {cname}: kind");
-                    assert_eq!(severity(g.severity), e["severity"], "{gname} / {cname}: severity");
-                    assert!(close(g.change, f(e, "change")), "{gname} / {cname}: change {}", g.change);
+                    assert_eq!(
+                        severity(g.severity),
+                        e["severity"],
+                        "{gname} / {cname}: severity"
+                    );
+                    assert!(
+                        close(g.change, f(e, "change")),
+                        "{gname} / {cname}: change {}",
+                        g.change
+                    );
                     assert_eq!(g.message, e["message"], "{gname} / {cname}: message");
                 }
             }
@@ -173,7 +188,11 @@ fn overload_vectors_through_wasm() {
         for (c, d) in cases.iter().zip(&decisions) {
             let cname = c["name"].as_str().unwrap();
             let e = &c["expect"];
-            assert_eq!(d.consecutive, u(e, "consecutive"), "{gname} / {cname}: consecutive");
+            assert_eq!(
+                d.consecutive,
+                u(e, "consecutive"),
+                "{gname} / {cname}: consecutive"
+            );
             match (&e["alert"], &d.alert) {
                 (Value::Null, None) => {}
                 (Value::Null, Some(a)) => panic!("{gname} / {cname}: unexpected alert {a:?}"),
@@ -227,8 +246,16 @@ fn tariff_vectors_through_wasm() {
                         plugins::tariff::TariffReason::CriticalLoad => "critical-load",
                     };
                     assert_eq!(reason, e["reason"], "{gname} / {cname}: reason");
-                    assert!(close(g.price_per_kwh, f(e, "price_per_kwh")), "{gname} / {cname}: price {}", g.price_per_kwh);
-                    assert!(close(g.change_percent, f(e, "change_percent")), "{gname} / {cname}: change {}", g.change_percent);
+                    assert!(
+                        close(g.price_per_kwh, f(e, "price_per_kwh")),
+                        "{gname} / {cname}: price {}",
+                        g.price_per_kwh
+                    );
+                    assert!(
+                        close(g.change_percent, f(e, "change_percent")),
+                        "{gname} / {cname}: change {}",
+                        g.change_percent
+                    );
                 }
             }
             cases_run += 1;
@@ -277,15 +304,25 @@ fn aggregate_vectors_through_wasm() {
             match (&e["voltage_avg"], g.voltage_avg) {
                 (Value::Null, None) => {}
                 (ev, Some(gv)) if ev.is_number() => {
-                    assert!(close(gv, ev.as_f64().unwrap()), "{gname} / {name}: voltage_avg {gv}")
+                    assert!(
+                        close(gv, ev.as_f64().unwrap()),
+                        "{gname} / {name}: voltage_avg {gv}"
+                    )
                 }
                 (ev, gv) => panic!("{gname} / {name}: voltage_avg {gv:?}, want {ev}"),
             }
             assert_eq!(g.count, u(e, "count"), "{gname} / {name}: count");
-            assert_eq!(Value::Bool(g.publish), e["publish"], "{gname} / {name}: publish");
+            assert_eq!(
+                Value::Bool(g.publish),
+                e["publish"],
+                "{gname} / {name}: publish"
+            );
             cases_run += 1;
         }
-        let regions = group["regions"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        let regions = group["regions"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let rwindows: Vec<_> = regions
             .iter()
             .map(|r| plugins::aggregate::RegionWindow {
@@ -323,10 +360,16 @@ fn a_core_module_or_garbage_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let core = dir.path().join("core.wasm");
     std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
-    let err = AnomalyRule::load(&rt, "anomaly", &core, vec![]).err().unwrap().to_string();
+    let err = AnomalyRule::load(&rt, "anomaly", &core, vec![])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("core wasm module"), "{err}");
     let missing = dir.path().join("nope.wasm");
-    let err = AnomalyRule::load(&rt, "anomaly", &missing, vec![]).err().unwrap().to_string();
+    let err = AnomalyRule::load(&rt, "anomaly", &missing, vec![])
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("cannot read"), "{err}");
 }
 
@@ -343,7 +386,9 @@ fn a_component_of_another_world_is_refused() {
 
 fn batch(n: usize) -> plugins::anomaly::ReadingBatch {
     plugins::anomaly::ReadingBatch {
-        power_kw: (0..n).map(|i| if i % 100 == 0 { 20.0 } else { 5.0 }).collect(),
+        power_kw: (0..n)
+            .map(|i| if i % 100 == 0 { 20.0 } else { 5.0 })
+            .collect(),
         baseline_kw: vec![5.0; n],
         sample_count: vec![50; n],
     }

@@ -60,9 +60,7 @@ fn cargo() -> Command {
 
 fn run(mut cmd: Command) -> Result<()> {
     eprintln!("xtask: running {cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("starting {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -86,9 +84,7 @@ fn ensure_guest_target() -> Result<()> {
             run(add)
         }
         _ => {
-            eprintln!(
-                "xtask: rustup not found; assuming the {GUEST_TARGET} target is installed"
-            );
+            eprintln!("xtask: rustup not found; assuming the {GUEST_TARGET} target is installed");
             Ok(())
         }
     }
@@ -124,7 +120,11 @@ fn build_plugins() -> Result<Vec<PathBuf>> {
         println!("{:>10}  {} ({} KiB)", p, to.display(), bytes.len() / 1024);
         outputs.push(to);
     }
-    println!("plugins: {} components in {}", outputs.len(), out_dir.display());
+    println!(
+        "plugins: {} components in {}",
+        outputs.len(),
+        out_dir.display()
+    );
     Ok(outputs)
 }
 

@@ -54,21 +54,51 @@ pub fn router(ingest: IngestState, api: ApiState) -> Router {
 }
 
 async fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "not_found", "no such endpoint".into(), vec![])
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint".into(),
+        vec![],
+    )
 }
 
-fn error(status: StatusCode, code: &str, message: String, details: Vec<Value>) -> Response {
-    (status, Json(json!({ "error": code, "message": message, "details": details }))).into_response()
+/// An error answer: status, a short code, a message, field details.
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Vec<Value>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": self.code, "message": self.message, "details": self.details });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn error(status: StatusCode, code: &'static str, message: String, details: Vec<Value>) -> Response {
+    ApiError {
+        status,
+        code,
+        message,
+        details,
+    }
+    .into_response()
+}
+
+fn bad_field(field: &str, message: impl Into<String>) -> ApiError {
+    let message = message.into();
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_request",
+        message: format!("{field}: {message}"),
+        details: vec![json!({ "field": field, "message": message })],
+    }
 }
 
 fn bad_request(field: &str, message: impl Into<String>) -> Response {
-    let message = message.into();
-    error(
-        StatusCode::BAD_REQUEST,
-        "bad_request",
-        format!("{field}: {message}"),
-        vec![json!({ "field": field, "message": message })],
-    )
+    bad_field(field, message).into_response()
 }
 
 fn store_failed(e: crate::store::StoreError) -> Response {
@@ -81,31 +111,29 @@ fn store_failed(e: crate::store::StoreError) -> Response {
     )
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Response> {
-    q.map(|Query(t)| t).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            e.body_text(),
-            vec![],
-        )
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        code: "bad_request",
+        message: e.body_text(),
+        details: vec![],
     })
 }
 
-fn limit(l: Option<u32>) -> Result<u32, Response> {
+fn limit(l: Option<u32>) -> Result<u32, ApiError> {
     match l {
         None => Ok(100),
         Some(n @ 1..=10_000) => Ok(n),
-        Some(_) => Err(bad_request("limit", "must be 1..=10000")),
+        Some(_) => Err(bad_field("limit", "must be 1..=10000")),
     }
 }
 
-fn instant(field: &str, v: Option<&str>) -> Result<Option<i64>, Response> {
+fn instant(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
     match v {
         None => Ok(None),
         Some(s) => crate::time::parse_rfc3339_ms(s)
             .map(Some)
-            .ok_or_else(|| bad_request(field, "must be an RFC 3339 timestamp with a zone")),
+            .ok_or_else(|| bad_field(field, "must be an RFC 3339 timestamp with a zone")),
     }
 }
 
@@ -125,10 +153,13 @@ struct AlertParams {
     limit: Option<u32>,
 }
 
-async fn list_alerts(State(s): State<ApiState>, q: Result<Query<AlertParams>, QueryRejection>) -> Response {
+async fn list_alerts(
+    State(s): State<ApiState>,
+    q: Result<Query<AlertParams>, QueryRejection>,
+) -> Response {
     let p = match query(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if let Some(st) = &p.status {
         if !["active", "acknowledged", "resolved"].contains(&st.as_str()) {
@@ -142,7 +173,7 @@ async fn list_alerts(State(s): State<ApiState>, q: Result<Query<AlertParams>, Qu
     }
     let limit = match limit(p.limit) {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let filter = AlertFilter {
         region: p.region,
@@ -164,9 +195,8 @@ struct ByBody {
     by: Option<String>,
 }
 
-fn alert_id(id: &str) -> Result<uuid::Uuid, Response> {
-    id.parse()
-        .map_err(|_| bad_request("id", "must be a UUID"))
+fn alert_id(id: &str) -> Result<uuid::Uuid, ApiError> {
+    id.parse().map_err(|_| bad_field("id", "must be a UUID"))
 }
 
 async fn acknowledge(
@@ -176,7 +206,7 @@ async fn acknowledge(
 ) -> Response {
     let id = match alert_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let by = match body {
         Ok(Json(ByBody { by: Some(by) })) if !by.trim().is_empty() => by,
@@ -195,7 +225,7 @@ async fn resolve(
 ) -> Response {
     let id = match alert_id(&id) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let by = body.and_then(|Json(b)| b.by);
     let now = crate::time::now_ms();
@@ -223,7 +253,12 @@ async fn transition(
             Json(row).into_response()
         }
         Ok(Transition::Unchanged(row)) => Json(row).into_response(),
-        Ok(Transition::NotFound) => error(StatusCode::NOT_FOUND, "not_found", "no alert with that id".into(), vec![]),
+        Ok(Transition::NotFound) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no alert with that id".into(),
+            vec![],
+        ),
         Ok(Transition::Refused { status }) => error(
             StatusCode::CONFLICT,
             "conflict",
@@ -248,14 +283,17 @@ struct TariffParams {
     limit: Option<u32>,
 }
 
-async fn tariff_history(State(s): State<ApiState>, q: Result<Query<TariffParams>, QueryRejection>) -> Response {
+async fn tariff_history(
+    State(s): State<ApiState>,
+    q: Result<Query<TariffParams>, QueryRejection>,
+) -> Response {
     let p = match query(q) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let limit = match limit(p.limit) {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match s.store.tariff_history(p.region.as_deref(), limit).await {
         Ok(rows) => Json(rows).into_response(),
@@ -273,7 +311,7 @@ struct AggregateParams {
     limit: Option<u32>,
 }
 
-fn aggregate_query(p: AggregateParams) -> Result<AggregateQuery, Response> {
+fn aggregate_query(p: AggregateParams) -> Result<AggregateQuery, ApiError> {
     Ok(AggregateQuery {
         from_ms: instant("from", p.from.as_deref())?,
         to_ms: instant("to", p.to.as_deref())?,
@@ -283,10 +321,14 @@ fn aggregate_query(p: AggregateParams) -> Result<AggregateQuery, Response> {
     })
 }
 
-async fn meter_aggregates(s: ApiState, width: WindowWidth, q: Result<Query<AggregateParams>, QueryRejection>) -> Response {
+async fn meter_aggregates(
+    s: ApiState,
+    width: WindowWidth,
+    q: Result<Query<AggregateParams>, QueryRejection>,
+) -> Response {
     let q = match query(q).and_then(aggregate_query) {
         Ok(q) => q,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match s.store.meter_aggregates(width, &q).await {
         Ok(rows) => Json(rows).into_response(),
@@ -294,18 +336,27 @@ async fn meter_aggregates(s: ApiState, width: WindowWidth, q: Result<Query<Aggre
     }
 }
 
-async fn aggregates_1m(State(s): State<ApiState>, q: Result<Query<AggregateParams>, QueryRejection>) -> Response {
+async fn aggregates_1m(
+    State(s): State<ApiState>,
+    q: Result<Query<AggregateParams>, QueryRejection>,
+) -> Response {
     meter_aggregates(s, WindowWidth::OneMinute, q).await
 }
 
-async fn aggregates_15m(State(s): State<ApiState>, q: Result<Query<AggregateParams>, QueryRejection>) -> Response {
+async fn aggregates_15m(
+    State(s): State<ApiState>,
+    q: Result<Query<AggregateParams>, QueryRejection>,
+) -> Response {
     meter_aggregates(s, WindowWidth::FifteenMinutes, q).await
 }
 
-async fn aggregates_regional(State(s): State<ApiState>, q: Result<Query<AggregateParams>, QueryRejection>) -> Response {
+async fn aggregates_regional(
+    State(s): State<ApiState>,
+    q: Result<Query<AggregateParams>, QueryRejection>,
+) -> Response {
     let q = match query(q).and_then(aggregate_query) {
         Ok(q) => q,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if q.meter_id.is_some() {
         return bad_request("meter_id", "not a filter of regional aggregates");

@@ -26,7 +26,7 @@ use serde_json::json;
 use crate::bus::{Bus, BusError, Record, Topic};
 use crate::dedupe::{Dedupe, KeyBatch};
 use crate::pipeline::Metrics;
-use validate::{ValidationError, Validated};
+use validate::{Validated, ValidationError};
 
 /// What the ingest handlers share.
 #[derive(Clone)]
@@ -41,7 +41,10 @@ pub struct IngestState {
 }
 
 /// `POST /telemetry/batch`: a JSON array of 1..=max_batch readings.
-pub async fn post_batch(State(s): State<IngestState>, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Response {
+pub async fn post_batch(
+    State(s): State<IngestState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(e) => return body_rejected(&s, e),
@@ -51,7 +54,10 @@ pub async fn post_batch(State(s): State<IngestState>, body: Result<Bytes, axum::
 }
 
 /// `POST /telemetry`: one reading object.
-pub async fn post_one(State(s): State<IngestState>, body: Result<Bytes, axum::extract::rejection::BytesRejection>) -> Response {
+pub async fn post_one(
+    State(s): State<IngestState>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(e) => return body_rejected(&s, e),
@@ -64,11 +70,18 @@ fn body_rejected(s: &IngestState, e: axum::extract::rejection::BytesRejection) -
     s.metrics.rejected_requests.fetch_add(1, Ordering::Relaxed);
     let status = e.status();
     let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        format!("Request body exceeds the limit of {} bytes", s.max_body_bytes)
+        format!(
+            "Request body exceeds the limit of {} bytes",
+            s.max_body_bytes
+        )
     } else {
         e.body_text()
     };
-    (status, Json(json!({ "error": "bad_request", "message": message, "details": [] }))).into_response()
+    (
+        status,
+        Json(json!({ "error": "bad_request", "message": message, "details": [] })),
+    )
+        .into_response()
 }
 
 fn invalid(s: &IngestState, e: ValidationError) -> Response {
@@ -118,7 +131,9 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
     let duplicates = readings.len() - accepted.len();
 
     // All accepted readings go into one buffer; records are slices of it.
-    let mut values = Vec::with_capacity(accepted.len() * (readings.first().map_or(0, |r| r.raw.get().len()) + 40));
+    let mut values = Vec::with_capacity(
+        accepted.len() * (readings.first().map_or(0, |r| r.raw.get().len()) + 40),
+    );
     let mut key_buf = Vec::with_capacity(accepted.len() * 16);
     let mut spans = Vec::with_capacity(accepted.len());
     for &i in &accepted {

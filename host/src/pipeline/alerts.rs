@@ -50,7 +50,10 @@ impl AlertStage {
             let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
                 Ok(r) => r,
                 Err(e) => {
-                    self.ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+                    self.ctx
+                        .metrics
+                        .stage_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "alert stage: poll failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
@@ -124,7 +127,10 @@ impl AlertStage {
                 Ok(d) => d,
                 Err(e) => {
                     // Policy: state stays as it was; this round raises nothing.
-                    self.ctx.metrics.plugin_failures.fetch_add(1, Ordering::Relaxed);
+                    self.ctx
+                        .metrics
+                        .plugin_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "overload round skipped");
                     continue;
                 }
@@ -188,11 +194,19 @@ impl AlertStage {
         }
         let store = self.ctx.store.clone();
         let row = with_retry(&self.ctx, "insert alert", || store.insert_alert(&new)).await;
-        self.ctx.metrics.alerts_stored.fetch_add(1, Ordering::Relaxed);
+        self.ctx
+            .metrics
+            .alerts_stored
+            .fetch_add(1, Ordering::Relaxed);
         let now = crate::time::now_ms();
         let value = processed_payload(&row, now);
         let key = row.id.to_string();
-        let record = json_record(&key, &value, &[("type", &row.alert_type), ("severity", &row.severity)], now);
+        let record = json_record(
+            &key,
+            &value,
+            &[("type", &row.alert_type), ("severity", &row.severity)],
+            now,
+        );
         publish(&self.ctx, Topic::AlertsProcessed, vec![record]).await;
     }
 }
@@ -213,7 +227,12 @@ pub fn processed_payload(row: &AlertRow, now_ms: i64) -> Value {
 }
 
 /// The `alert_status_updates` payload of a status change.
-pub fn status_update_payload(row: &AlertRow, previous: &str, by: Option<&str>, now_ms: i64) -> Value {
+pub fn status_update_payload(
+    row: &AlertRow,
+    previous: &str,
+    by: Option<&str>,
+    now_ms: i64,
+) -> Value {
     json!({
         "alertId": row.id,
         "type": row.alert_type,

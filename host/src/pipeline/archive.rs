@@ -47,7 +47,10 @@ impl ArchiveStage {
             let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
                 Ok(r) => r,
                 Err(e) => {
-                    self.ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+                    self.ctx
+                        .metrics
+                        .stage_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "archive stage: poll failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
@@ -78,7 +81,10 @@ impl ArchiveStage {
                 })
                 .collect();
             let store = self.ctx.store.clone();
-            with_retry(&self.ctx, "insert raw readings", || store.insert_raw_readings(&rows)).await;
+            with_retry(&self.ctx, "insert raw readings", || {
+                store.insert_raw_readings(&rows)
+            })
+            .await;
             self.ctx
                 .metrics
                 .raw_archived

@@ -112,8 +112,13 @@ impl Plugins {
         fn args(
             config: &PipelineConfig,
             name: &'static str,
-        ) -> Result<(std::path::PathBuf, Vec<(String, crate::plugins::ConfigValue)>), PipelineError>
-        {
+        ) -> Result<
+            (
+                std::path::PathBuf,
+                Vec<(String, crate::plugins::ConfigValue)>,
+            ),
+            PipelineError,
+        > {
             let plugin = config
                 .plugins
                 .get(name)
@@ -186,7 +191,10 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
     } = plugins;
     let mut tasks = Vec::new();
 
-    let consumer = ctx.bus.subscribe(STREAM_GROUP, &[Topic::TelemetryReadings]).await?;
+    let consumer = ctx
+        .bus
+        .subscribe(STREAM_GROUP, &[Topic::TelemetryReadings])
+        .await?;
     let stage = stream::StreamStage::new(ctx.clone(), anomaly, aggregate);
     let stream = tokio::spawn(stage.run(consumer, stream_rx));
 
@@ -249,7 +257,12 @@ async fn publish(ctx: &Context, topic: Topic, records: Vec<Record>) {
 }
 
 /// A JSON record with headers.
-fn json_record(key: &str, value: &serde_json::Value, headers: &[(&str, &str)], now_ms: i64) -> Record {
+fn json_record(
+    key: &str,
+    value: &serde_json::Value,
+    headers: &[(&str, &str)],
+    now_ms: i64,
+) -> Record {
     let mut r = Record::new(
         bytes::Bytes::copy_from_slice(key.as_bytes()),
         bytes::Bytes::from(serde_json::to_vec(value).unwrap_or_default()),

@@ -65,7 +65,10 @@ impl StreamStage {
             let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
                 Ok(r) => r,
                 Err(e) => {
-                    self.ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+                    self.ctx
+                        .metrics
+                        .stage_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "stream stage: poll failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
@@ -103,7 +106,10 @@ impl StreamStage {
 
     async fn commit(&mut self, consumer: &mut Box<dyn Consumer>) {
         if let Err(e) = consumer.commit().await {
-            self.ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+            self.ctx
+                .metrics
+                .stage_errors
+                .fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "stream stage: commit failed");
         }
     }
@@ -153,7 +159,12 @@ impl StreamStage {
         // Ingest validated it, so this is a foreign producer or a bug: count,
         // log, skip (a poison record must not stop the stream).
         self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(partition = d.partition, offset = d.offset, why, "skipping a record that is not a reading");
+        tracing::warn!(
+            partition = d.partition,
+            offset = d.offset,
+            why,
+            "skipping a record that is not a reading"
+        );
     }
 
     /// Runs the anomaly rule on the filled batch; findings become alert
@@ -173,7 +184,10 @@ impl StreamStage {
             Err(e) => {
                 // Policy: a failed batch raises no alerts; it is logged and
                 // counted (the windows have the readings regardless).
-                self.ctx.metrics.plugin_failures.fetch_add(1, Ordering::Relaxed);
+                self.ctx
+                    .metrics
+                    .plugin_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, readings = self.refs.len(), "anomaly batch skipped");
             }
         }
@@ -226,7 +240,11 @@ impl StreamStage {
         json_record(
             meter,
             &value,
-            &[("type", "ANOMALY"), ("severity", severity), ("region", region)],
+            &[
+                ("type", "ANOMALY"),
+                ("severity", severity),
+                ("region", region),
+            ],
             now,
         )
     }
@@ -235,7 +253,10 @@ impl StreamStage {
     async fn handle_closed(&mut self) {
         let closed = std::mem::take(&mut self.closed);
         for window in &closed {
-            self.ctx.metrics.windows_closed.fetch_add(1, Ordering::Relaxed);
+            self.ctx
+                .metrics
+                .windows_closed
+                .fetch_add(1, Ordering::Relaxed);
             self.finish_meters(window).await;
             if window.width == Width::OneMinute && !window.late {
                 self.finish_regions(window).await;
@@ -263,7 +284,10 @@ impl StreamStage {
             Ok(f) => f,
             Err(e) => {
                 // Policy: the host's own plain derivation, so no window is lost.
-                self.ctx.metrics.plugin_failures.fetch_add(1, Ordering::Relaxed);
+                self.ctx
+                    .metrics
+                    .plugin_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "aggregate rule failed; using plain averages");
                 inputs.iter().map(plain_meter_aggregate).collect()
             }
@@ -318,7 +342,12 @@ impl StreamStage {
                     "voltageAvg": row.voltage_avg,
                     "count": row.count,
                 });
-                json_record(&row.meter_id, &value, &[("type", kind), ("region", &row.region)], now)
+                json_record(
+                    &row.meter_id,
+                    &value,
+                    &[("type", kind), ("region", &row.region)],
+                    now,
+                )
             })
             .collect();
         publish(&self.ctx, topic, records).await;
@@ -343,7 +372,10 @@ impl StreamStage {
         let finished = match self.aggregate.finish_regions(&inputs) {
             Ok(f) => f,
             Err(e) => {
-                self.ctx.metrics.plugin_failures.fetch_add(1, Ordering::Relaxed);
+                self.ctx
+                    .metrics
+                    .plugin_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "aggregate rule failed on regions; using plain figures");
                 inputs.iter().map(plain_regional_aggregate).collect()
             }
@@ -418,7 +450,11 @@ fn round(x: f64, decimals: i32) -> f64 {
 /// The host's fallback when the aggregate rule fails: plain averages.
 fn plain_meter_aggregate(w: &aggregate::MeterWindow) -> aggregate::MeterAggregate {
     aggregate::MeterAggregate {
-        avg_power_kw: if w.count == 0 { 0.0 } else { w.power_sum / f64::from(w.count) },
+        avg_power_kw: if w.count == 0 {
+            0.0
+        } else {
+            w.power_sum / f64::from(w.count)
+        },
         max_power_kw: w.max_power,
         min_power_kw: w.min_power,
         energy_kwh_sum: w.energy_sum,
@@ -431,9 +467,17 @@ fn plain_meter_aggregate(w: &aggregate::MeterWindow) -> aggregate::MeterAggregat
 fn plain_regional_aggregate(r: &aggregate::RegionWindow) -> aggregate::RegionalAggregate {
     aggregate::RegionalAggregate {
         total_consumption: r.total_kw,
-        avg_consumption: if r.meter_count == 0 { 0.0 } else { r.total_kw / f64::from(r.meter_count) },
+        avg_consumption: if r.meter_count == 0 {
+            0.0
+        } else {
+            r.total_kw / f64::from(r.meter_count)
+        },
         max_consumption: r.max_kw,
         min_consumption: r.min_kw,
-        load_percentage: if r.capacity_kw > 0.0 { r.total_kw / r.capacity_kw * 100.0 } else { 0.0 },
+        load_percentage: if r.capacity_kw > 0.0 {
+            r.total_kw / r.capacity_kw * 100.0
+        } else {
+            0.0
+        },
     }
 }

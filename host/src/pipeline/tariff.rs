@@ -51,7 +51,10 @@ impl TariffStage {
             let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
                 Ok(r) => r,
                 Err(e) => {
-                    self.ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+                    self.ctx
+                        .metrics
+                        .stage_errors
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "tariff stage: poll failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
@@ -120,7 +123,10 @@ impl TariffStage {
             Ok(d) => d,
             Err(e) => {
                 // Policy: prices stay as they are for this round.
-                self.ctx.metrics.plugin_failures.fetch_add(1, Ordering::Relaxed);
+                self.ctx
+                    .metrics
+                    .plugin_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "tariff round skipped");
                 return;
             }

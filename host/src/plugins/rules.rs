@@ -149,12 +149,10 @@ impl<W: World> Plugin<W> {
     fn instantiate(&mut self) -> Result<(), PluginError> {
         // A fresh store: whatever the previous instance left in memory goes.
         self.store = self.runtime.new_store();
-        self.store
-            .set_epoch_deadline(self.runtime.deadline_ticks());
-        let instance = W::instantiate(&self.pre, &mut self.store)
-            .map_err(|e| self.trap("instantiate", e))?;
-        self.store
-            .set_epoch_deadline(self.runtime.deadline_ticks());
+        self.store.set_epoch_deadline(self.runtime.deadline_ticks());
+        let instance =
+            W::instantiate(&self.pre, &mut self.store).map_err(|e| self.trap("instantiate", e))?;
+        self.store.set_epoch_deadline(self.runtime.deadline_ticks());
         match instance.configure(&mut self.store, &self.config) {
             Ok(Ok(())) => {}
             Ok(Err(message)) => {
@@ -197,8 +195,7 @@ impl<W: World> Plugin<W> {
         let Some(instance) = self.instance.as_ref() else {
             unreachable!("instantiate() either sets the instance or fails")
         };
-        self.store
-            .set_epoch_deadline(self.runtime.deadline_ticks());
+        self.store.set_epoch_deadline(self.runtime.deadline_ticks());
         match f(instance, &mut self.store) {
             Ok(r) => Ok(r),
             Err(e) => {

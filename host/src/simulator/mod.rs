@@ -21,13 +21,18 @@ use std::ops::Range;
 use std::str::FromStr;
 
 pub use model::{
-    BASE_LOAD_KW, ERROR_RATE, MAX_POWER_KW, MeterInfo, OUTAGE_MAX_KW, OUTAGE_SHARE, SimBatch, SimReading,
-    Simulator, Status, Tick,
+    BASE_LOAD_KW, ERROR_RATE, MAX_POWER_KW, MeterInfo, OUTAGE_MAX_KW, OUTAGE_SHARE, SimBatch,
+    SimReading, Simulator, Status, Tick,
 };
 pub use sender::{SendTarget, SimStats, SimSummary, run};
 
 /// Regions used when none are configured.
-pub const DEFAULT_REGIONS: [&str; 4] = ["Mumbai-North", "Delhi-South", "Bangalore-East", "Chennai-West"];
+pub const DEFAULT_REGIONS: [&str; 4] = [
+    "Mumbai-North",
+    "Delhi-South",
+    "Bangalore-East",
+    "Chennai-West",
+];
 
 /// The largest meter count the id format `MTR-00000001` can name.
 pub const MAX_METERS: u32 = 99_999_999;
@@ -65,7 +70,10 @@ impl Default for SimConfig {
             mode: Mode::Normal,
             seed: 1,
             regions: DEFAULT_REGIONS.iter().map(|r| r.to_string()).collect(),
-            start_ms: crate::time::window_start(crate::time::now_ms(), i64::from(interval_s) * 1000),
+            start_ms: crate::time::window_start(
+                crate::time::now_ms(),
+                i64::from(interval_s) * 1000,
+            ),
             phases: Vec::new(),
             duplicate_ratio: 0.0,
         }
@@ -194,7 +202,9 @@ pub fn default_phases(meters: u32, regions: &[String], interval_s: u32) -> Vec<P
         phases.push(Phase {
             from_tick: 2 * per_min,
             ticks: 6 * per_min,
-            kind: PhaseKind::Surge { factor: DEMO_SURGE_FACTOR },
+            kind: PhaseKind::Surge {
+                factor: DEMO_SURGE_FACTOR,
+            },
             target: PhaseTarget::Region(region.clone()),
         });
     }
@@ -203,7 +213,9 @@ pub fn default_phases(meters: u32, regions: &[String], interval_s: u32) -> Vec<P
         phases.push(Phase {
             from_tick: (3 * per_min).max(warm),
             ticks: 2,
-            kind: PhaseKind::Spike { factor: DEMO_SPIKE_FACTOR },
+            kind: PhaseKind::Spike {
+                factor: DEMO_SPIKE_FACTOR,
+            },
             target: PhaseTarget::Meters(m..m + 1),
         });
     }

@@ -152,7 +152,10 @@ impl Simulator {
     pub fn new(cfg: SimConfig) -> Result<Self, SimError> {
         let bad = |m: String| Err(SimError::Config(m));
         if cfg.meters == 0 || cfg.meters > MAX_METERS {
-            return bad(format!("meters must be 1..={MAX_METERS}, got {}", cfg.meters));
+            return bad(format!(
+                "meters must be 1..={MAX_METERS}, got {}",
+                cfg.meters
+            ));
         }
         if cfg.interval_s == 0 {
             return bad("interval must be at least 1 s".into());
@@ -161,13 +164,18 @@ impl Simulator {
             return bad("regions must be a non-empty list of non-empty names".into());
         }
         if !(0.0..=1.0).contains(&cfg.duplicate_ratio) {
-            return bad(format!("duplicate ratio must be in 0..=1, got {}", cfg.duplicate_ratio));
+            return bad(format!(
+                "duplicate ratio must be in 0..=1, got {}",
+                cfg.duplicate_ratio
+            ));
         }
         let mut phases = Vec::with_capacity(cfg.phases.len());
         for (i, p) in cfg.phases.iter().enumerate() {
             if let PhaseKind::Spike { factor } | PhaseKind::Surge { factor } = p.kind {
                 if !(factor.is_finite() && factor >= 0.0) {
-                    return bad(format!("phase {i}: factor must be a finite number >= 0, got {factor}"));
+                    return bad(format!(
+                        "phase {i}: factor must be a finite number >= 0, got {factor}"
+                    ));
                 }
             }
             let target = match &p.target {
@@ -194,7 +202,11 @@ impl Simulator {
                 let mut rng = SplitMix64::stream(cfg.seed, &[DOMAIN_METER, u64::from(i)]);
                 let base_load = round_to(rng.range(BASE_LOAD_KW.0, BASE_LOAD_KW.1), 10.0);
                 let outage_prone = rng.next_f64() < OUTAGE_SHARE;
-                Meter { region: i % n_regions, base_load, outage_prone }
+                Meter {
+                    region: i % n_regions,
+                    base_load,
+                    outage_prone,
+                }
             })
             .collect();
         let region_json = cfg
@@ -202,7 +214,13 @@ impl Simulator {
             .iter()
             .map(|r| serde_json::to_string(r).unwrap_or_else(|_| "\"\"".into()))
             .collect();
-        Ok(Simulator { cfg, meters, region_json, phases, next_tick: 0 })
+        Ok(Simulator {
+            cfg,
+            meters,
+            region_json,
+            phases,
+            next_tick: 0,
+        })
     }
 
     pub fn config(&self) -> &SimConfig {
@@ -227,7 +245,11 @@ impl Simulator {
         let Some(idx) = self.cfg.regions.iter().position(|r| r == region) else {
             return 0.0;
         };
-        self.meters.iter().filter(|m| m.region as usize == idx).map(|m| m.base_load).sum()
+        self.meters
+            .iter()
+            .filter(|m| m.region as usize == idx)
+            .map(|m| m.base_load)
+            .sum()
     }
 
     /// The tick [`Self::next_tick`] will produce.
@@ -238,7 +260,9 @@ impl Simulator {
     /// Event time of tick `tick`.
     pub fn timestamp_ms(&self, tick: u64) -> i64 {
         let step = i64::from(self.cfg.interval_s) * 1000;
-        self.cfg.start_ms.saturating_add(step.saturating_mul(i64::try_from(tick).unwrap_or(i64::MAX)))
+        self.cfg
+            .start_ms
+            .saturating_add(step.saturating_mul(i64::try_from(tick).unwrap_or(i64::MAX)))
     }
 
     /// What meter `meter` reads at tick `tick` (pure: the same every call),
@@ -258,7 +282,11 @@ impl Simulator {
         let peak = rng.range(1.5, 2.0);
         let dark = rng.range(0.0, OUTAGE_MAX_KW);
         let volt = rng.range(-15.0, 15.0);
-        let status = if rng.next_f64() < ERROR_RATE { Status::Error } else { Status::Ok };
+        let status = if rng.next_f64() < ERROR_RATE {
+            Status::Error
+        } else {
+            Status::Ok
+        };
 
         let mut power = match self.cfg.mode {
             Mode::Peak => m.base_load * peak,
@@ -304,7 +332,11 @@ impl Simulator {
         let ratio = self.cfg.duplicate_ratio;
         let extra = (f64::from(n) * ratio * 1.2) as usize;
         let mut readings = Vec::with_capacity(n as usize + extra);
-        readings.extend((0..n).zip(&self.meters).map(|(i, m)| self.generate(i, m, tick)));
+        readings.extend(
+            (0..n)
+                .zip(&self.meters)
+                .map(|(i, m)| self.generate(i, m, tick)),
+        );
         if ratio > 0.0 {
             for i in 0..n {
                 let u = SplitMix64::stream(self.cfg.seed, &[DOMAIN_DUPLICATE, u64::from(i), tick])
@@ -314,7 +346,11 @@ impl Simulator {
                 }
             }
         }
-        Tick { index: tick, timestamp_ms: self.timestamp_ms(tick), readings }
+        Tick {
+            index: tick,
+            timestamp_ms: self.timestamp_ms(tick),
+            readings,
+        }
     }
 
     /// The next tick as `/telemetry/batch` bodies of at most `max_batch`
@@ -326,7 +362,10 @@ impl Simulator {
             .map(|chunk| {
                 let mut body = Vec::with_capacity(chunk.len() * 340 + 2);
                 self.write_batch(chunk, &mut body);
-                SimBatch { body, readings: chunk.len() }
+                SimBatch {
+                    body,
+                    readings: chunk.len(),
+                }
             })
             .collect()
     }

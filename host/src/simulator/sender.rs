@@ -195,7 +195,9 @@ pub async fn run(
     }
     if let Some(rate) = target.rate {
         if !(rate.is_finite() && rate > 0.0) {
-            return Err(SimError::Config(format!("rate must be a positive number, got {rate}")));
+            return Err(SimError::Config(format!(
+                "rate must be a positive number, got {rate}"
+            )));
         }
     }
     let interval_s = u64::from(cfg.interval_s);
@@ -258,7 +260,10 @@ pub async fn run(
 
 /// `{base}/telemetry/batch`, checked.
 fn batch_url(base: &str) -> Result<String, SimError> {
-    let bad = |reason: &str| SimError::Url { url: base.to_owned(), reason: reason.to_owned() };
+    let bad = |reason: &str| SimError::Url {
+        url: base.to_owned(),
+        reason: reason.to_owned(),
+    };
     let parsed = reqwest::Url::parse(base).map_err(|e| bad(&e.to_string()))?;
     match parsed.scheme() {
         "http" => {}
@@ -326,12 +331,17 @@ async fn send_batch(
         }
         if matches!(status.as_u16(), 503 | 429) && busy < MAX_BUSY_RETRIES {
             busy += 1;
-            let wait = retry_after(resp.headers()).unwrap_or(DEFAULT_RETRY_AFTER).min(MAX_RETRY_AFTER);
+            let wait = retry_after(resp.headers())
+                .unwrap_or(DEFAULT_RETRY_AFTER)
+                .min(MAX_RETRY_AFTER);
             SimStats::add(&stats.retries, 1);
             if stats.wait_until(Instant::now() + wait, deadline).await {
                 continue;
             }
-            stats.fail(n, format!("gave up after HTTP {status} (stopped or out of time)"));
+            stats.fail(
+                n,
+                format!("gave up after HTTP {status} (stopped or out of time)"),
+            );
             return Ok(());
         }
         let text = resp.text().await.unwrap_or_default();
@@ -352,7 +362,10 @@ fn counts(body: &[u8], readings: u64) -> (u64, u64) {
     match serde_json::from_slice::<Counts>(body) {
         Ok(c) => {
             let duplicates = c.duplicates.unwrap_or(0);
-            (c.accepted.unwrap_or(readings.saturating_sub(duplicates)), duplicates)
+            (
+                c.accepted.unwrap_or(readings.saturating_sub(duplicates)),
+                duplicates,
+            )
         }
         Err(_) => (readings, 0),
     }
@@ -360,7 +373,11 @@ fn counts(body: &[u8], readings: u64) -> (u64, u64) {
 
 /// `Retry-After` as delay-seconds or an HTTP date.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
@@ -375,10 +392,22 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(batch_url("http://127.0.0.1:8080").unwrap(), "http://127.0.0.1:8080/telemetry/batch");
-        assert_eq!(batch_url("http://h:1/").unwrap(), "http://h:1/telemetry/batch");
-        assert_eq!(batch_url("http://h/api/").unwrap(), "http://h/api/telemetry/batch");
-        assert_eq!(batch_url("http://h/telemetry/batch").unwrap(), "http://h/telemetry/batch");
+        assert_eq!(
+            batch_url("http://127.0.0.1:8080").unwrap(),
+            "http://127.0.0.1:8080/telemetry/batch"
+        );
+        assert_eq!(
+            batch_url("http://h:1/").unwrap(),
+            "http://h:1/telemetry/batch"
+        );
+        assert_eq!(
+            batch_url("http://h/api/").unwrap(),
+            "http://h/api/telemetry/batch"
+        );
+        assert_eq!(
+            batch_url("http://h/telemetry/batch").unwrap(),
+            "http://h/telemetry/batch"
+        );
         assert_eq!(
             batch_url("https://h").unwrap_err().to_string(),
             r#"invalid target URL "https://h": https is not supported (plain HTTP only)"#
@@ -400,7 +429,10 @@ mod tests {
         assert_eq!(retry_after(&h), None);
         h.insert(reqwest::header::RETRY_AFTER, "3".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        h.insert(reqwest::header::RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         h.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(retry_after(&h), None);

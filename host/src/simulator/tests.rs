@@ -19,7 +19,12 @@ fn start_ms() -> i64 {
 }
 
 fn cfg(meters: u32) -> SimConfig {
-    SimConfig { meters, seed: 7, start_ms: start_ms(), ..SimConfig::default() }
+    SimConfig {
+        meters,
+        seed: 7,
+        start_ms: start_ms(),
+        ..SimConfig::default()
+    }
 }
 
 fn sim(cfg: SimConfig) -> Simulator {
@@ -28,7 +33,10 @@ fn sim(cfg: SimConfig) -> Simulator {
 
 /// The bodies of the next `ticks` ticks.
 fn bodies(s: &mut Simulator, ticks: u64, max_batch: usize) -> Vec<Vec<u8>> {
-    (0..ticks).flat_map(|_| s.next_batches(max_batch)).map(|b| b.body).collect()
+    (0..ticks)
+        .flat_map(|_| s.next_batches(max_batch))
+        .map(|b| b.body)
+        .collect()
 }
 
 /// Each reading of a body as its fields' JSON text.
@@ -37,7 +45,9 @@ fn fields(body: &[u8]) -> Vec<HashMap<String, &RawValue>> {
 }
 
 fn num(v: &RawValue) -> f64 {
-    v.get().parse().unwrap_or_else(|_| panic!("not a number: {}", v.get()))
+    v.get()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number: {}", v.get()))
 }
 
 fn decimals(v: &RawValue) -> usize {
@@ -49,7 +59,11 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
     let a = bodies(&mut sim(cfg(25)), 4, 10);
     let b = bodies(&mut sim(cfg(25)), 4, 10);
     assert_eq!(a, b);
-    assert_eq!(a.len(), 12, "25 meters in batches of 10: 3 batches per tick");
+    assert_eq!(
+        a.len(),
+        12,
+        "25 meters in batches of 10: 3 batches per tick"
+    );
     let c = bodies(&mut sim(SimConfig { seed: 8, ..cfg(25) }), 4, 10);
     assert_ne!(a, c);
     // More meters do not change the readings of the first ones.
@@ -72,19 +86,37 @@ fn the_stream_is_pinned_across_versions() {
 fn the_seeds_meter_model() {
     let s = sim(cfg(9));
     let m = |i| s.meter(i).expect("meter");
-    assert_eq!((m(0).id.as_str(), m(0).user_id.as_str()), ("MTR-00000001", "USR-00000001"));
-    assert_eq!((m(1).id.as_str(), m(1).user_id.as_str()), ("MTR-00000002", "USR-00000001"));
-    assert_eq!((m(2).id.as_str(), m(2).user_id.as_str()), ("MTR-00000003", "USR-00000002"));
+    assert_eq!(
+        (m(0).id.as_str(), m(0).user_id.as_str()),
+        ("MTR-00000001", "USR-00000001")
+    );
+    assert_eq!(
+        (m(1).id.as_str(), m(1).user_id.as_str()),
+        ("MTR-00000002", "USR-00000001")
+    );
+    assert_eq!(
+        (m(2).id.as_str(), m(2).user_id.as_str()),
+        ("MTR-00000003", "USR-00000002")
+    );
     assert_eq!(m(8).user_id, "USR-00000005");
     let regions: Vec<&str> = (0..5).map(|i| m(i).region).collect();
     assert_eq!(
         regions,
-        ["Mumbai-North", "Delhi-South", "Bangalore-East", "Chennai-West", "Mumbai-North"]
+        [
+            "Mumbai-North",
+            "Delhi-South",
+            "Bangalore-East",
+            "Chennai-West",
+            "Mumbai-North"
+        ]
     );
     assert!(s.meter(9).is_none());
     for i in 0..9 {
         let b = m(i).base_load;
-        assert!((1.5..=8.0).contains(&b) && (b * 10.0).round() / 10.0 == b, "{b}");
+        assert!(
+            (1.5..=8.0).contains(&b) && (b * 10.0).round() / 10.0 == b,
+            "{b}"
+        );
     }
     let mumbai = m(0).base_load + m(4).base_load + m(8).base_load;
     assert!((s.region_base_load("Mumbai-North") - mumbai).abs() < 1e-9);
@@ -115,7 +147,10 @@ fn the_seeds_meter_model() {
             let meta: HashMap<String, &RawValue> =
                 serde_json::from_str(r["metadata"].get()).expect("metadata");
             assert_eq!(meta["mode"].get(), "\"normal\"");
-            assert_eq!(num(meta["baseLoad"]), s.meter(i as u32).expect("meter").base_load);
+            assert_eq!(
+                num(meta["baseLoad"]),
+                s.meter(i as u32).expect("meter").base_load
+            );
         }
     }
 }
@@ -124,13 +159,26 @@ fn the_seeds_meter_model() {
 fn values_stay_in_the_seeds_ranges() {
     for mode in [Mode::Normal, Mode::Peak, Mode::Outage] {
         let phases = default_phases(40, &cfg(40).regions, 10);
-        let mut s = sim(SimConfig { mode, phases, interval_s: 30, ..cfg(40) });
+        let mut s = sim(SimConfig {
+            mode,
+            phases,
+            interval_s: 30,
+            ..cfg(40)
+        });
         for body in bodies(&mut s, 60, 500) {
             for r in fields(&body) {
                 let p = num(r["powerKw"]);
-                assert!((0.0..=20.0).contains(&p) && decimals(r["powerKw"]) <= 3, "{}", r["powerKw"]);
+                assert!(
+                    (0.0..=20.0).contains(&p) && decimals(r["powerKw"]) <= 3,
+                    "{}",
+                    r["powerKw"]
+                );
                 let v = num(r["voltage"]);
-                assert!((210.0..=250.0).contains(&v) && decimals(r["voltage"]) <= 1, "{}", r["voltage"]);
+                assert!(
+                    (210.0..=250.0).contains(&v) && decimals(r["voltage"]) <= 1,
+                    "{}",
+                    r["voltage"]
+                );
                 let e = num(r["energyKwh"]);
                 assert!(decimals(r["energyKwh"]) <= 4);
                 assert_eq!(e, (p * 30.0 / 3600.0 * 10_000.0).round() / 10_000.0);
@@ -145,19 +193,36 @@ fn modes() {
         let mut s = sim(SimConfig { mode, ..cfg(400) });
         let t = s.next_tick();
         let base: f64 = (0..400).map(|i| s.meter(i).expect("meter").base_load).sum();
-        let dark = t.readings.iter().filter(|r| r.power_kw < OUTAGE_MAX_KW + 1e-9).count();
-        (t.readings.iter().map(|r| r.power_kw).sum::<f64>() / base, dark)
+        let dark = t
+            .readings
+            .iter()
+            .filter(|r| r.power_kw < OUTAGE_MAX_KW + 1e-9)
+            .count();
+        (
+            t.readings.iter().map(|r| r.power_kw).sum::<f64>() / base,
+            dark,
+        )
     };
     let (normal, dark) = mean(Mode::Normal);
-    assert!((0.97..1.03).contains(&normal) && dark == 0, "{normal} {dark}");
+    assert!(
+        (0.97..1.03).contains(&normal) && dark == 0,
+        "{normal} {dark}"
+    );
     let (peak, _) = mean(Mode::Peak);
     assert!((1.6..1.9).contains(&peak), "{peak}");
     let (outage, dark) = mean(Mode::Outage);
     assert!((60..140).contains(&dark) && outage < 0.9, "{outage} {dark}");
     // The same meters stay dark from tick to tick.
-    let mut s = sim(SimConfig { mode: Mode::Outage, ..cfg(100) });
+    let mut s = sim(SimConfig {
+        mode: Mode::Outage,
+        ..cfg(100)
+    });
     let dark = |t: &Tick| -> Vec<u32> {
-        t.readings.iter().filter(|r| r.power_kw < 0.1).map(|r| r.meter).collect()
+        t.readings
+            .iter()
+            .filter(|r| r.power_kw < 0.1)
+            .map(|r| r.meter)
+            .collect()
     };
     let first = dark(&s.next_tick());
     assert!(!first.is_empty());
@@ -168,17 +233,36 @@ fn modes() {
 fn errors_are_rare() {
     let mut s = sim(cfg(1000));
     let errors: usize = (0..100)
-        .map(|_| s.next_tick().readings.iter().filter(|r| r.status == Status::Error).count())
+        .map(|_| {
+            s.next_tick()
+                .readings
+                .iter()
+                .filter(|r| r.status == Status::Error)
+                .count()
+        })
         .sum();
-    assert!((200..1000).contains(&errors), "{errors} errors in 100000 readings");
+    assert!(
+        (200..1000).contains(&errors),
+        "{errors} errors in 100000 readings"
+    );
 }
 
 #[test]
 fn phases_apply() {
     let c = cfg(8);
     let phases = vec![
-        Phase { from_tick: 5, ticks: 2, kind: PhaseKind::Spike { factor: 3.0 }, target: PhaseTarget::Meters(1..2) },
-        Phase { from_tick: 5, ticks: 3, kind: PhaseKind::Outage, target: PhaseTarget::Meters(2..3) },
+        Phase {
+            from_tick: 5,
+            ticks: 2,
+            kind: PhaseKind::Spike { factor: 3.0 },
+            target: PhaseTarget::Meters(1..2),
+        },
+        Phase {
+            from_tick: 5,
+            ticks: 3,
+            kind: PhaseKind::Outage,
+            target: PhaseTarget::Meters(2..3),
+        },
         Phase {
             from_tick: 4,
             ticks: 4,
@@ -186,7 +270,10 @@ fn phases_apply() {
             target: PhaseTarget::Region("Mumbai-North".into()),
         },
     ];
-    let mut s = sim(SimConfig { phases, ..c.clone() });
+    let mut s = sim(SimConfig {
+        phases,
+        ..c.clone()
+    });
     let plain = sim(c);
     let base = |i| s.meter(i).expect("meter").base_load;
     let (b1, b2) = (base(1), base(2));
@@ -200,8 +287,15 @@ fn phases_apply() {
         assert_eq!(p(2) < 0.1, outage, "tick {k}: {} vs base {b2}", p(2));
         for i in [0, 4] {
             let normal = plain.reading(i as u32, k).expect("meter").power_kw;
-            let expect = if surge { (normal * 1.7).min(20.0) } else { normal };
-            assert!((p(i) - expect).abs() < 0.01 * expect.max(1.0), "tick {k} meter {i}");
+            let expect = if surge {
+                (normal * 1.7).min(20.0)
+            } else {
+                normal
+            };
+            assert!(
+                (p(i) - expect).abs() < 0.01 * expect.max(1.0),
+                "tick {k} meter {i}"
+            );
         }
         assert_eq!(t.readings[1].phase, spike.then_some("spike"));
         assert_eq!(t.readings[0].phase, surge.then_some("surge"));
@@ -220,13 +314,17 @@ fn the_default_script() {
             Phase {
                 from_tick: 2 * minute,
                 ticks: 6 * minute,
-                kind: PhaseKind::Surge { factor: DEMO_SURGE_FACTOR },
+                kind: PhaseKind::Surge {
+                    factor: DEMO_SURGE_FACTOR
+                },
                 target: PhaseTarget::Region("Mumbai-North".into()),
             },
             Phase {
                 from_tick: 3 * minute,
                 ticks: 2,
-                kind: PhaseKind::Spike { factor: DEMO_SPIKE_FACTOR },
+                kind: PhaseKind::Spike {
+                    factor: DEMO_SPIKE_FACTOR
+                },
                 target: PhaseTarget::Meters(1..2),
             },
             Phase {
@@ -240,31 +338,68 @@ fn the_default_script() {
     // Small or odd set-ups still get a valid script.
     for (meters, interval) in [(1, 10), (2, 60), (3, 1), (100, 3600)] {
         let phases = default_phases(meters, &regions, interval);
-        assert!(phases.iter().filter(|p| p.kind != PhaseKind::Outage).all(|p| p.from_tick >= 2));
-        let s = sim(SimConfig { phases, interval_s: interval, ..cfg(meters) });
+        assert!(
+            phases
+                .iter()
+                .filter(|p| p.kind != PhaseKind::Outage)
+                .all(|p| p.from_tick >= 2)
+        );
+        let s = sim(SimConfig {
+            phases,
+            interval_s: interval,
+            ..cfg(meters)
+        });
         assert_eq!(s.config().meters, meters);
     }
-    assert!(default_phases(1, &regions, 10).iter().all(|p| p.kind != PhaseKind::Outage));
+    assert!(
+        default_phases(1, &regions, 10)
+            .iter()
+            .all(|p| p.kind != PhaseKind::Outage)
+    );
     assert_eq!(default_phases(5, &["Solo".to_string()], 10).len(), 3);
 
     // The surge takes the region well above a capacity that fits its normal
     // load at 60 %.
-    let mut s = sim(SimConfig { phases: default_phases(20, &regions, 10), ..cfg(20) });
+    let mut s = sim(SimConfig {
+        phases: default_phases(20, &regions, 10),
+        ..cfg(20)
+    });
     let capacity = s.region_base_load("Mumbai-North") / 0.6;
     let mut loads = Vec::new();
     for _ in 0..10 * minute {
         let t = s.next_tick();
-        let load: f64 = t.readings.iter().filter(|r| r.meter % 4 == 0).map(|r| r.power_kw).sum();
+        let load: f64 = t
+            .readings
+            .iter()
+            .filter(|r| r.meter % 4 == 0)
+            .map(|r| r.power_kw)
+            .sum();
         loads.push(load / capacity * 100.0);
     }
-    assert!(loads[..2 * minute as usize].iter().all(|l| (50.0..70.0).contains(l)), "{loads:?}");
-    assert!(loads[2 * minute as usize..8 * minute as usize].iter().all(|l| *l > 90.0), "{loads:?}");
-    assert!(loads[8 * minute as usize..].iter().all(|l| *l < 75.0), "{loads:?}");
+    assert!(
+        loads[..2 * minute as usize]
+            .iter()
+            .all(|l| (50.0..70.0).contains(l)),
+        "{loads:?}"
+    );
+    assert!(
+        loads[2 * minute as usize..8 * minute as usize]
+            .iter()
+            .all(|l| *l > 90.0),
+        "{loads:?}"
+    );
+    assert!(
+        loads[8 * minute as usize..].iter().all(|l| *l < 75.0),
+        "{loads:?}"
+    );
 }
 
 #[test]
 fn duplicates_are_resent_readings() {
-    let mut s = sim(SimConfig { duplicate_ratio: 0.2, ..cfg(200) });
+    let mut s = sim(SimConfig {
+        duplicate_ratio: 0.2,
+        ..cfg(200)
+    });
     let t = s.next_tick();
     let extra = &t.readings[200..];
     assert!((20..60).contains(&extra.len()), "{}", extra.len());
@@ -280,7 +415,13 @@ fn every_reading_passes_ingest_validation() {
     for mode in [Mode::Normal, Mode::Peak, Mode::Outage] {
         let regions = vec!["Région \"Nord\"".to_string(), "South\\East".to_string()];
         let phases = default_phases(30, &regions, 10);
-        let mut s = sim(SimConfig { mode, regions, phases, duplicate_ratio: 0.05, ..cfg(30) });
+        let mut s = sim(SimConfig {
+            mode,
+            regions,
+            phases,
+            duplicate_ratio: 0.05,
+            ..cfg(30)
+        });
         for k in 0..40 {
             for batch in s.next_batches(7) {
                 assert!(batch.readings <= 7);
@@ -301,31 +442,57 @@ fn bad_configs_are_refused() {
         Ok(_) => panic!("accepted"),
         Err(e) => e.to_string(),
     };
-    assert_eq!(err(cfg(0)), "invalid simulator config: meters must be 1..=99999999, got 0");
     assert_eq!(
-        err(SimConfig { interval_s: 0, ..cfg(1) }),
+        err(cfg(0)),
+        "invalid simulator config: meters must be 1..=99999999, got 0"
+    );
+    assert_eq!(
+        err(SimConfig {
+            interval_s: 0,
+            ..cfg(1)
+        }),
         "invalid simulator config: interval must be at least 1 s"
     );
     assert_eq!(
-        err(SimConfig { regions: vec![], ..cfg(1) }),
+        err(SimConfig {
+            regions: vec![],
+            ..cfg(1)
+        }),
         "invalid simulator config: regions must be a non-empty list of non-empty names"
     );
     assert_eq!(
-        err(SimConfig { duplicate_ratio: 1.5, ..cfg(1) }),
+        err(SimConfig {
+            duplicate_ratio: 1.5,
+            ..cfg(1)
+        }),
         "invalid simulator config: duplicate ratio must be in 0..=1, got 1.5"
     );
-    let phase = |kind, target| Phase { from_tick: 0, ticks: 1, kind, target };
+    let phase = |kind, target| Phase {
+        from_tick: 0,
+        ticks: 1,
+        kind,
+        target,
+    };
     assert_eq!(
-        err(SimConfig { phases: vec![phase(PhaseKind::Outage, PhaseTarget::Region("Mars".into()))], ..cfg(1) }),
+        err(SimConfig {
+            phases: vec![phase(PhaseKind::Outage, PhaseTarget::Region("Mars".into()))],
+            ..cfg(1)
+        }),
         "invalid simulator config: phase 0: unknown region \"Mars\""
     );
     assert_eq!(
-        err(SimConfig { phases: vec![phase(PhaseKind::Outage, PhaseTarget::Meters(0..3))], ..cfg(2) }),
+        err(SimConfig {
+            phases: vec![phase(PhaseKind::Outage, PhaseTarget::Meters(0..3))],
+            ..cfg(2)
+        }),
         "invalid simulator config: phase 0: meter range 0..3 is empty or beyond the 2 meters"
     );
     assert_eq!(
         err(SimConfig {
-            phases: vec![phase(PhaseKind::Spike { factor: f64::NAN }, PhaseTarget::All)],
+            phases: vec![phase(
+                PhaseKind::Spike { factor: f64::NAN },
+                PhaseTarget::All
+            )],
             ..cfg(2)
         }),
         "invalid simulator config: phase 0: factor must be a finite number >= 0, got NaN"
@@ -356,7 +523,11 @@ mod http {
         fail_with: Option<u16>,
     }
 
-    async fn batch(State(s): State<Arc<Server>>, headers: HeaderMap, body: bytes::Bytes) -> Response {
+    async fn batch(
+        State(s): State<Arc<Server>>,
+        headers: HeaderMap,
+        body: bytes::Bytes,
+    ) -> Response {
         s.calls.fetch_add(1, Ordering::Relaxed);
         assert_eq!(headers[header::CONTENT_TYPE], "application/json");
         if let Some(code) = s.fail_with {
@@ -365,7 +536,12 @@ mod http {
         }
         if s.busy.load(Ordering::Relaxed) > 0 {
             s.busy.fetch_sub(1, Ordering::Relaxed);
-            return (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "0")], "busy").into_response();
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "0")],
+                "busy",
+            )
+                .into_response();
         }
         let v = match validate_batch(&body, MAX_BATCH) {
             Ok(v) => v,
@@ -379,7 +555,8 @@ mod http {
             }
         }
         let duplicates = v.readings.len() - accepted;
-        axum::Json(serde_json::json!({ "accepted": accepted, "duplicates": duplicates })).into_response()
+        axum::Json(serde_json::json!({ "accepted": accepted, "duplicates": duplicates }))
+            .into_response()
     }
 
     async fn serve(server: Server) -> (String, Arc<Server>) {
@@ -387,27 +564,40 @@ mod http {
         let app = axum::Router::new()
             .route("/telemetry/batch", axum::routing::post(batch))
             .with_state(server.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move { axum::serve(listener, app).await });
         (format!("http://{addr}"), server)
     }
 
     fn target(url: &str) -> SendTarget {
-        SendTarget { url: url.to_owned(), batch_size: 40, ticks: Some(5), ..SendTarget::default() }
+        SendTarget {
+            url: url.to_owned(),
+            batch_size: 40,
+            ticks: Some(5),
+            ..SendTarget::default()
+        }
     }
 
     #[tokio::test]
     async fn sends_every_reading_and_counts_duplicates() {
         let (url, server) = serve(Server::default()).await;
         let stats = SimStats::new();
-        let c = SimConfig { duplicate_ratio: 0.1, ..cfg(100) };
+        let c = SimConfig {
+            duplicate_ratio: 0.1,
+            ..cfg(100)
+        };
         let summary = run(c, target(&url), stats.clone()).await.expect("run");
         assert_eq!(summary.ticks, 5);
         assert_eq!(summary.accepted, 500);
         assert!(summary.duplicates > 0);
         assert_eq!(summary.sent, 500 + summary.duplicates);
-        assert_eq!((summary.rejected, summary.errors, summary.retries), (0, 0, 0));
+        assert_eq!(
+            (summary.rejected, summary.errors, summary.retries),
+            (0, 0, 0)
+        );
         assert_eq!(server.seen.lock().len(), 500);
         assert_eq!(summary.batches, server.calls.load(Ordering::Relaxed));
         assert_eq!(stats.summary(summary.elapsed), summary);
@@ -415,21 +605,39 @@ mod http {
 
     #[tokio::test]
     async fn honours_503_and_resends_the_same_batch() {
-        let (url, server) = serve(Server { busy: AtomicU64::new(3), ..Server::default() }).await;
-        let summary = run(cfg(100), target(&url), SimStats::new()).await.expect("run");
+        let (url, server) = serve(Server {
+            busy: AtomicU64::new(3),
+            ..Server::default()
+        })
+        .await;
+        let summary = run(cfg(100), target(&url), SimStats::new())
+            .await
+            .expect("run");
         assert_eq!(summary.retries, 3);
-        assert_eq!((summary.accepted, summary.sent, summary.rejected), (500, 500, 0));
+        assert_eq!(
+            (summary.accepted, summary.sent, summary.rejected),
+            (500, 500, 0)
+        );
         assert_eq!(server.calls.load(Ordering::Relaxed), summary.batches + 3);
     }
 
     #[tokio::test]
     async fn counts_error_statuses_and_goes_on() {
-        let (url, _server) = serve(Server { fail_with: Some(400), ..Server::default() }).await;
-        let summary = run(cfg(100), target(&url), SimStats::new()).await.expect("run");
+        let (url, _server) = serve(Server {
+            fail_with: Some(400),
+            ..Server::default()
+        })
+        .await;
+        let summary = run(cfg(100), target(&url), SimStats::new())
+            .await
+            .expect("run");
         assert_eq!(summary.ticks, 5);
         assert_eq!((summary.rejected, summary.accepted), (500, 0));
         assert_eq!(summary.errors, summary.batches);
-        assert_eq!(summary.last_error.as_deref(), Some("HTTP 400 Bad Request: no thanks"));
+        assert_eq!(
+            summary.last_error.as_deref(),
+            Some("HTTP 400 Bad Request: no thanks")
+        );
     }
 
     #[tokio::test]
@@ -446,8 +654,15 @@ mod http {
         assert_eq!((summary.ticks, summary.accepted), (1, 10));
 
         let stats = SimStats::new();
-        let t = SendTarget { realtime: true, ticks: None, ..target(&url) };
-        let c = SimConfig { interval_s: 3600, ..cfg(10) };
+        let t = SendTarget {
+            realtime: true,
+            ticks: None,
+            ..target(&url)
+        };
+        let c = SimConfig {
+            interval_s: 3600,
+            ..cfg(10)
+        };
         let handle = tokio::spawn(run(c, t, stats.clone()));
         while stats.accepted.load(Ordering::Relaxed) < 10 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -460,29 +675,69 @@ mod http {
     #[tokio::test]
     async fn rate_limits_without_losing_readings() {
         let (url, _server) = serve(Server::default()).await;
-        let t = SendTarget { rate: Some(100_000.0), batch_size: 7, ..target(&url) };
+        let t = SendTarget {
+            rate: Some(100_000.0),
+            batch_size: 7,
+            ..target(&url)
+        };
         let summary = run(cfg(20), t, SimStats::new()).await.expect("run");
         assert_eq!((summary.accepted, summary.batches), (100, 15));
     }
 
     #[tokio::test]
     async fn gives_up_on_an_unreachable_server_at_the_deadline() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         drop(listener);
-        let t = SendTarget { duration: Some(Duration::from_millis(300)), ..target(&url) };
+        let t = SendTarget {
+            duration: Some(Duration::from_millis(300)),
+            ..target(&url)
+        };
         let summary = run(cfg(10), t, SimStats::new()).await.expect("run");
-        assert_eq!((summary.accepted, summary.rejected, summary.errors), (0, 10, 1));
+        assert_eq!(
+            (summary.accepted, summary.rejected, summary.errors),
+            (0, 10, 1)
+        );
         assert!(summary.retries >= 1);
-        assert!(summary.last_error.expect("error").starts_with("gave up retrying"));
+        assert!(
+            summary
+                .last_error
+                .expect("error")
+                .starts_with("gave up retrying")
+        );
     }
 
     #[tokio::test]
     async fn refuses_bad_targets() {
-        let e = run(cfg(1), SendTarget { batch_size: 0, ..target("http://h") }, SimStats::new()).await;
-        assert_eq!(e.unwrap_err().to_string(), "invalid simulator config: batch size must be at least 1");
-        let e = run(cfg(1), SendTarget { rate: Some(0.0), ..target("http://h") }, SimStats::new()).await;
-        assert!(e.unwrap_err().to_string().contains("rate must be a positive number"));
+        let e = run(
+            cfg(1),
+            SendTarget {
+                batch_size: 0,
+                ..target("http://h")
+            },
+            SimStats::new(),
+        )
+        .await;
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "invalid simulator config: batch size must be at least 1"
+        );
+        let e = run(
+            cfg(1),
+            SendTarget {
+                rate: Some(0.0),
+                ..target("http://h")
+            },
+            SimStats::new(),
+        )
+        .await;
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("rate must be a positive number")
+        );
         let e = run(cfg(1), target("localhost:8080"), SimStats::new()).await;
         assert!(matches!(e, Err(SimError::Url { .. })));
     }

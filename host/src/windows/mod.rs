@@ -437,14 +437,38 @@ mod tests {
     #[test]
     fn seed_example_sums() {
         let mut w = windows(0);
-        w.add("MTR-42", "Mumbai-North", T0 + 10_000, 5.2, Some(0.04), Some(235.6));
-        w.add("MTR-42", "Mumbai-North", T0 + 30_000, 5.5, Some(0.05), Some(238.1));
-        w.add("MTR-42", "Mumbai-North", T0 + 50_000, 5.0, Some(0.041), Some(236.8));
+        w.add(
+            "MTR-42",
+            "Mumbai-North",
+            T0 + 10_000,
+            5.2,
+            Some(0.04),
+            Some(235.6),
+        );
+        w.add(
+            "MTR-42",
+            "Mumbai-North",
+            T0 + 30_000,
+            5.5,
+            Some(0.05),
+            Some(238.1),
+        );
+        w.add(
+            "MTR-42",
+            "Mumbai-North",
+            T0 + 50_000,
+            5.0,
+            Some(0.041),
+            Some(236.8),
+        );
         let mut out = Vec::new();
         w.close_all(&mut out);
         assert_eq!(out.len(), 2);
         let one = &out[0];
-        assert_eq!((one.width, one.start_ms, one.late), (Width::OneMinute, T0, false));
+        assert_eq!(
+            (one.width, one.start_ms, one.late),
+            (Width::OneMinute, T0, false)
+        );
         let s = one.meters[0].sums;
         assert_eq!(s.count, 3);
         assert!((s.power_sum - 15.7).abs() < 1e-9);
@@ -533,7 +557,11 @@ mod tests {
         assert_eq!(north.total_kw, 13.0);
         assert_eq!((north.max_kw, north.min_kw), (10.0, 3.0));
         assert_eq!(
-            north.meters.iter().map(|m| w.meter_name(*m)).collect::<Vec<_>>(),
+            north
+                .meters
+                .iter()
+                .map(|m| w.meter_name(*m))
+                .collect::<Vec<_>>(),
             ["A", "B"]
         );
     }
