@@ -471,7 +471,7 @@ component = "g.wasm"
             .unwrap_err()
             .to_string();
         assert!(err.contains("flush_interval_1m"), "{err}");
-        assert!(err.contains("line 13"), "{err}");
+        assert!(err.contains("line 12"), "{err}");
     }
 
     #[test]
@@ -480,7 +480,7 @@ component = "g.wasm"
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_batch"), "{err}");
-        assert!(err.contains("line 13"), "{err}");
+        assert!(err.contains("line 12"), "{err}");
     }
 
     #[test]
