@@ -11,10 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::watch;
 
-use super::{Context, POLL_MAX, POLL_WAIT, json_record, publish, with_retry};
-use crate::bus::{Consumer, Delivered, Topic};
+use super::{Context, Stage, json_record, publish, with_retry};
+use crate::bus::{Delivered, Topic};
 use crate::dedupe::KeyBatch;
 use crate::plugins::{OverloadRule, overload};
 use crate::store::{AlertRow, NewAlert};
@@ -34,42 +33,11 @@ struct RegionalWindow {
     capacity_kw: f64,
 }
 
-impl AlertStage {
-    pub fn new(ctx: Context, overload: OverloadRule) -> AlertStage {
-        AlertStage {
-            ctx,
-            overload,
-            consecutive: HashMap::new(),
-        }
-    }
+impl Stage for AlertStage {
+    const NAME: &'static str = "alerts";
 
-    pub async fn run(mut self, mut consumer: Box<dyn Consumer>, stop: watch::Receiver<bool>) {
-        loop {
-            // Drain what is there before honouring a stop, so alerts raised
-            // by the stream stage's final flush are stored.
-            let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
-                Ok(r) => r,
-                Err(e) => {
-                    self.ctx
-                        .metrics
-                        .stage_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "alert stage: poll failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            if records.is_empty() {
-                if *stop.borrow() {
-                    break;
-                }
-                continue;
-            }
-            self.process(&records).await;
-            if let Err(e) = consumer.commit().await {
-                tracing::error!(error = %e, "alert stage: commit failed");
-            }
-        }
+    fn context(&self) -> &Context {
+        &self.ctx
     }
 
     async fn process(&mut self, records: &[Delivered]) {
@@ -99,6 +67,16 @@ impl AlertStage {
             }
         }
         self.evaluate_overload(regional).await;
+    }
+}
+
+impl AlertStage {
+    pub fn new(ctx: Context, overload: OverloadRule) -> AlertStage {
+        AlertStage {
+            ctx,
+            overload,
+            consecutive: HashMap::new(),
+        }
     }
 
     /// Runs the overload rule over regional windows in order. A region's

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::bus::{Bus, Record, Topic};
+use crate::bus::{Bus, Consumer, Delivered, Record, Topic};
 use crate::config::PipelineConfig;
 use crate::dedupe::Dedupe;
 use crate::plugins::{
@@ -196,21 +196,21 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
         .subscribe(STREAM_GROUP, &[Topic::TelemetryReadings])
         .await?;
     let stage = stream::StreamStage::new(ctx.clone(), anomaly, aggregate);
-    let stream = tokio::spawn(stage.run(consumer, stream_rx));
+    let stream = tokio::spawn(drive(stage, consumer, stream_rx));
 
     let consumer = ctx
         .bus
         .subscribe(ALERT_GROUP, &[Topic::Alerts, Topic::Aggregates1mRegional])
         .await?;
     let stage = alerts::AlertStage::new(ctx.clone(), overload);
-    tasks.push(tokio::spawn(stage.run(consumer, stop_rx.clone())));
+    tasks.push(tokio::spawn(drive(stage, consumer, stop_rx.clone())));
 
     let consumer = ctx
         .bus
         .subscribe(TARIFF_GROUP, &[Topic::Aggregates1mRegional])
         .await?;
     let stage = tariff::TariffStage::new(ctx.clone(), tariff).await?;
-    tasks.push(tokio::spawn(stage.run(consumer, stop_rx.clone())));
+    tasks.push(tokio::spawn(drive(stage, consumer, stop_rx.clone())));
 
     if ctx.config.store.archive_raw_readings {
         let consumer = ctx
@@ -218,7 +218,7 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
             .subscribe(ARCHIVE_GROUP, &[Topic::TelemetryReadings])
             .await?;
         let stage = archive::ArchiveStage::new(ctx.clone());
-        tasks.push(tokio::spawn(stage.run(consumer, stop_rx.clone())));
+        tasks.push(tokio::spawn(drive(stage, consumer, stop_rx.clone())));
     }
     Ok(Running {
         stop_stream,
@@ -226,6 +226,70 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
         stop_downstream,
         downstream: tasks,
     })
+}
+
+/// One stage: what it does with a poll's records, when idle, and at the end.
+/// [`drive`] runs the loop around it (poll, process, commit).
+trait Stage: Send + 'static {
+    /// For logs.
+    const NAME: &'static str;
+    fn context(&self) -> &Context;
+    /// Handles one poll's records; the driver commits after it returns.
+    fn process(&mut self, records: &[Delivered]) -> impl Future<Output = ()> + Send;
+    /// Called after a poll that returned nothing.
+    fn idle(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+    /// Called once the stage has been asked to stop and its topics are
+    /// drained; the driver commits after it returns.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// The consumer loop every stage shares. Records are processed before their
+/// offsets are committed (at-least-once); a stop is honoured only once a poll
+/// comes back empty, so what upstream stages flushed on their way out is
+/// still handled.
+async fn drive<S: Stage>(
+    mut stage: S,
+    mut consumer: Box<dyn Consumer>,
+    stop: watch::Receiver<bool>,
+) {
+    loop {
+        let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
+            Ok(r) => r,
+            Err(e) => {
+                stage
+                    .context()
+                    .metrics
+                    .stage_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(stage = S::NAME, error = %e, "poll failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if records.is_empty() {
+            if *stop.borrow() {
+                break;
+            }
+            stage.idle().await;
+            continue;
+        }
+        stage.process(&records).await;
+        commit::<S>(stage.context(), &mut consumer).await;
+    }
+    stage.finish().await;
+    commit::<S>(stage.context(), &mut consumer).await;
+}
+
+async fn commit<S: Stage>(ctx: &Context, consumer: &mut Box<dyn Consumer>) {
+    if let Err(e) = consumer.commit().await {
+        // The records will be delivered again (at-least-once).
+        ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(stage = S::NAME, error = %e, "commit failed");
+    }
 }
 
 /// How long a stage waits on an empty poll before checking its timers.

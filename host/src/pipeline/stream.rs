@@ -10,10 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::sync::watch;
 
-use super::{Context, POLL_MAX, POLL_WAIT, json_record, publish, with_retry};
-use crate::bus::{Consumer, Delivered, Topic};
+use super::{Context, Stage, json_record, publish, with_retry};
+use crate::bus::{Delivered, Topic};
 use crate::plugins::{AggregateRule, AnomalyRule, Severity, aggregate, anomaly};
 use crate::reading::Reading;
 use crate::store;
@@ -31,6 +30,43 @@ pub struct StreamStage {
     closed: Vec<ClosedWindow>,
     /// Alert records found but not yet published.
     alerts_out: Vec<crate::bus::Record>,
+    last_record: Instant,
+}
+
+impl Stage for StreamStage {
+    const NAME: &'static str = "stream";
+
+    fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    async fn process(&mut self, records: &[Delivered]) {
+        self.last_record = Instant::now();
+        self.fold(records);
+        self.run_anomaly().await;
+        self.windows.advance(&mut self.closed);
+        self.handle_closed().await;
+    }
+
+    /// Closes what has waited a whole flush interval without new readings.
+    async fn idle(&mut self) {
+        let idle = self.last_record.elapsed();
+        let w = &self.ctx.config.windows;
+        if idle >= Duration::from_secs(w.flush_interval_1m_s) {
+            self.windows.close_width(Width::OneMinute, &mut self.closed);
+        }
+        if idle >= Duration::from_secs(w.flush_interval_15m_s) {
+            self.windows
+                .close_width(Width::FifteenMinutes, &mut self.closed);
+        }
+        self.handle_closed().await;
+    }
+
+    /// Shutdown: everything open is closed, stored and published.
+    async fn finish(&mut self) {
+        self.windows.close_all(&mut self.closed);
+        self.handle_closed().await;
+    }
 }
 
 impl StreamStage {
@@ -54,68 +90,12 @@ impl StreamStage {
             refs: Vec::with_capacity(cap),
             closed: Vec::new(),
             alerts_out: Vec::new(),
-        }
-    }
-
-    pub async fn run(mut self, mut consumer: Box<dyn Consumer>, stop: watch::Receiver<bool>) {
-        let flush_1m = Duration::from_secs(self.ctx.config.windows.flush_interval_1m_s);
-        let flush_15m = Duration::from_secs(self.ctx.config.windows.flush_interval_15m_s);
-        let mut last_record = Instant::now();
-        loop {
-            let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
-                Ok(r) => r,
-                Err(e) => {
-                    self.ctx
-                        .metrics
-                        .stage_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "stream stage: poll failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            if records.is_empty() {
-                // Asked to stop and drained: leave (ingest has stopped first).
-                if *stop.borrow() {
-                    break;
-                }
-                // Idle: close what has waited a whole flush interval.
-                let idle = last_record.elapsed();
-                if idle >= flush_1m && self.windows.open_count(Width::OneMinute) > 0 {
-                    self.windows.close_width(Width::OneMinute, &mut self.closed);
-                }
-                if idle >= flush_15m && self.windows.open_count(Width::FifteenMinutes) > 0 {
-                    self.windows
-                        .close_width(Width::FifteenMinutes, &mut self.closed);
-                }
-                self.handle_closed().await;
-                continue;
-            }
-            last_record = Instant::now();
-            self.process(&records);
-            self.run_anomaly().await;
-            self.windows.advance(&mut self.closed);
-            self.handle_closed().await;
-            self.commit(&mut consumer).await;
-        }
-        // Shutdown: everything open is closed, stored and published.
-        self.windows.close_all(&mut self.closed);
-        self.handle_closed().await;
-        self.commit(&mut consumer).await;
-    }
-
-    async fn commit(&mut self, consumer: &mut Box<dyn Consumer>) {
-        if let Err(e) = consumer.commit().await {
-            self.ctx
-                .metrics
-                .stage_errors
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, "stream stage: commit failed");
+            last_record: Instant::now(),
         }
     }
 
     /// Folds a poll's records into the windows and the anomaly batch.
-    fn process(&mut self, records: &[Delivered]) {
+    fn fold(&mut self, records: &[Delivered]) {
         let late_before = self.windows.stats().late_readings;
         let mut n = 0u64;
         for d in records {

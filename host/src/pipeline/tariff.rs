@@ -7,13 +7,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::watch;
 
-use super::{Context, POLL_MAX, POLL_WAIT, PipelineError, json_record, publish, with_retry};
-use crate::bus::{Consumer, Delivered, Topic};
+use super::{Context, PipelineError, Stage, json_record, publish, with_retry};
+use crate::bus::{Delivered, Topic};
 use crate::plugins::{TariffRule, tariff};
 use crate::store::NewTariff;
 
@@ -30,47 +28,11 @@ struct RegionLoad {
     load_percentage: f64,
 }
 
-impl TariffStage {
-    pub async fn new(ctx: Context, tariff: TariffRule) -> Result<TariffStage, PipelineError> {
-        let current = ctx
-            .store
-            .current_tariffs()
-            .await?
-            .into_iter()
-            .map(|t| (t.region, t.price_per_kwh))
-            .collect();
-        Ok(TariffStage {
-            ctx,
-            tariff,
-            current,
-        })
-    }
+impl Stage for TariffStage {
+    const NAME: &'static str = "tariff";
 
-    pub async fn run(mut self, mut consumer: Box<dyn Consumer>, stop: watch::Receiver<bool>) {
-        loop {
-            let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
-                Ok(r) => r,
-                Err(e) => {
-                    self.ctx
-                        .metrics
-                        .stage_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "tariff stage: poll failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            if records.is_empty() {
-                if *stop.borrow() {
-                    break;
-                }
-                continue;
-            }
-            self.process(&records).await;
-            if let Err(e) = consumer.commit().await {
-                tracing::error!(error = %e, "tariff stage: commit failed");
-            }
-        }
+    fn context(&self) -> &Context {
+        &self.ctx
     }
 
     async fn process(&mut self, records: &[Delivered]) {
@@ -105,6 +67,23 @@ impl TariffStage {
             rest = tail;
             self.price_round(round).await;
         }
+    }
+}
+
+impl TariffStage {
+    pub async fn new(ctx: Context, tariff: TariffRule) -> Result<TariffStage, PipelineError> {
+        let current = ctx
+            .store
+            .current_tariffs()
+            .await?
+            .into_iter()
+            .map(|t| (t.region, t.price_per_kwh))
+            .collect();
+        Ok(TariffStage {
+            ctx,
+            tariff,
+            current,
+        })
     }
 
     async fn price_round(&mut self, round: &[RegionLoad]) {
