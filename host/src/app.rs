@@ -53,6 +53,7 @@ pub struct App {
     /// The rule components in use.
     pub plugins: Vec<PluginVersion>,
     running: Running,
+    retention: JoinHandle<()>,
     server: JoinHandle<()>,
     stop_server: oneshot::Sender<()>,
 }
@@ -112,6 +113,7 @@ impl App {
             metrics: metrics.clone(),
         };
         let running = pipeline::start(ctx.clone(), plugins).await?;
+        let retention = tokio::spawn(retention_job(ctx.clone()));
 
         let ingest = IngestState {
             bus: bus.clone(),
@@ -152,6 +154,7 @@ impl App {
             ctx,
             plugins: versions,
             running,
+            retention,
             server,
             stop_server,
         })
@@ -163,6 +166,23 @@ impl App {
     pub async fn shutdown(self) {
         let _ = self.stop_server.send(());
         let _ = self.server.await;
+        self.retention.abort();
         self.running.shutdown().await;
+    }
+}
+
+/// Deletes rows past their retention (raw readings 7 days, 1-minute
+/// aggregates 30, 15-minute aggregates 365) every hour, the first time an
+/// hour after start: the host's stand-in for TimescaleDB's retention
+/// policies.
+async fn retention_job(ctx: Context) {
+    let hour = Duration::from_secs(3600);
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + hour, hour);
+    loop {
+        every.tick().await;
+        match ctx.store.apply_retention(crate::time::now_ms()).await {
+            Ok(report) => tracing::info!(?report, "retention applied"),
+            Err(e) => tracing::warn!(error = %e, "retention job failed; will retry in an hour"),
+        }
     }
 }

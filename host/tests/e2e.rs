@@ -568,3 +568,59 @@ async fn the_read_api_answers_with_seed_columns_and_refuses_bad_queries() {
     }
     assert_eq!(row["window_start"], "2025-11-12T06:30:00.000Z");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_an_overload_incident_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = reqwest::Client::new();
+    let config = || {
+        let mut cfg = config(dir.path());
+        cfg.regions.insert(
+            "Grid-X".into(),
+            RegionConfig {
+                capacity_kw: 10.0,
+                base_price_per_kwh: 6.5,
+            },
+        );
+        cfg
+    };
+    // One meter at 9.5 kW of a 10 kW region: 95 % load, one window per run.
+    let minute = |m: i64| {
+        let readings: Vec<Value> = (0..6)
+            .map(|i| {
+                json!({
+                    "readingId": format!("r-{m}-{i}"),
+                    "meterId": "MTR-X",
+                    "region": "Grid-X",
+                    "timestamp": segs::time::format_rfc3339_ms(START_MS + m * 60_000 + i * 10_000),
+                    "powerKw": 9.5,
+                })
+            })
+            .collect();
+        serde_json::to_vec(&readings).unwrap()
+    };
+    let overloads = |store: Arc<dyn Store>| async move {
+        store
+            .list_alerts(&AlertFilter {
+                alert_type: Some("OVERLOAD".into()),
+                ..AlertFilter::default()
+            })
+            .await
+            .unwrap()
+            .len()
+    };
+
+    let app = start(config()).await;
+    let url = format!("http://{}/telemetry/batch", app.addr);
+    assert_eq!(post(&client, &url, minute(0)).await.0, 200);
+    let store = app.ctx.store.clone();
+    app.shutdown().await; // closes the window: 1 overloaded window so far
+    assert_eq!(overloads(store).await, 0);
+
+    let app = start(config()).await;
+    let url = format!("http://{}/telemetry/batch", app.addr);
+    assert_eq!(post(&client, &url, minute(1)).await.0, 200);
+    let store = app.ctx.store.clone();
+    app.shutdown().await; // the second consecutive window, after a restart
+    assert_eq!(overloads(store).await, 1, "the count survived the restart");
+}

@@ -12,11 +12,14 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Context, Stage, json_record, publish, with_retry};
+use super::{Context, PipelineError, Stage, json_record, publish, with_retry};
 use crate::bus::{Delivered, Topic};
 use crate::dedupe::KeyBatch;
 use crate::plugins::{OverloadRule, overload};
 use crate::store::{AlertRow, NewAlert};
+
+/// `rule_state.rule` of the overload rule's consecutive counts.
+const OVERLOAD_STATE: &str = "overload.consecutive";
 
 pub struct AlertStage {
     ctx: Context,
@@ -71,12 +74,21 @@ impl Stage for AlertStage {
 }
 
 impl AlertStage {
-    pub fn new(ctx: Context, overload: OverloadRule) -> AlertStage {
-        AlertStage {
+    /// The overload rule's state per region is loaded from the store, so an
+    /// incident in progress survives a restart.
+    pub async fn new(ctx: Context, overload: OverloadRule) -> Result<AlertStage, PipelineError> {
+        let consecutive = ctx
+            .store
+            .load_rule_state(OVERLOAD_STATE)
+            .await?
+            .into_iter()
+            .map(|(region, n)| (region, u32::try_from(n).unwrap_or(0)))
+            .collect();
+        Ok(AlertStage {
             ctx,
             overload,
-            consecutive: HashMap::new(),
-        }
+            consecutive,
+        })
     }
 
     /// Runs the overload rule over regional windows in order. A region's
@@ -113,6 +125,19 @@ impl AlertStage {
                     continue;
                 }
             };
+            let changed: Vec<(String, i64)> = round
+                .iter()
+                .zip(&decisions)
+                .filter(|(w, d)| self.consecutive.get(&w.region) != Some(&d.consecutive))
+                .map(|(w, d)| (w.region.clone(), i64::from(d.consecutive)))
+                .collect();
+            if !changed.is_empty() {
+                let store = self.ctx.store.clone();
+                with_retry(&self.ctx, "save overload state", || {
+                    store.save_rule_state(OVERLOAD_STATE, &changed)
+                })
+                .await;
+            }
             for (w, d) in round.iter().zip(decisions) {
                 self.consecutive.insert(w.region.clone(), d.consecutive);
                 if let Some(alert) = d.alert {

@@ -202,7 +202,7 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
         .bus
         .subscribe(ALERT_GROUP, &[Topic::Alerts, Topic::Aggregates1mRegional])
         .await?;
-    let stage = alerts::AlertStage::new(ctx.clone(), overload);
+    let stage = alerts::AlertStage::new(ctx.clone(), overload).await?;
     tasks.push(tokio::spawn(drive(stage, consumer, stop_rx.clone())));
 
     let consumer = ctx

@@ -507,6 +507,12 @@ pub trait Store: Send + Sync {
     /// Deletes time-series rows older than the configured [`Retention`],
     /// measured back from `now_ms`.
     async fn apply_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError>;
+
+    /// The integer state a rule's host stage keeps per key (e.g. per region).
+    async fn load_rule_state(&self, rule: &str) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// Saves (upserts) a rule's state for some keys, in one transaction.
+    async fn save_rule_state(&self, rule: &str, state: &[(String, i64)]) -> Result<(), StoreError>;
 }
 
 // ------------------------------------------------------------------ open

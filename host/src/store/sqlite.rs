@@ -745,6 +745,37 @@ impl Store for SqliteStore {
         Ok(row)
     }
 
+    async fn load_rule_state(&self, rule: &str) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT key, value FROM rule_state WHERE rule = ? ORDER BY key")
+                .bind(rule)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows)
+    }
+
+    async fn save_rule_state(&self, rule: &str, state: &[(String, i64)]) -> Result<(), StoreError> {
+        if state.is_empty() {
+            return Ok(());
+        }
+        let now = crate::time::format_rfc3339_ms(crate::time::now_ms());
+        let mut tx = self.pool.begin().await?;
+        for (key, value) in state {
+            sqlx::query(
+                "INSERT INTO rule_state (rule, key, value, updated_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (rule, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            )
+            .bind(rule)
+            .bind(key)
+            .bind(value)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn current_tariffs(&self) -> Result<Vec<TariffRow>, StoreError> {
         let sql = format!(
             "SELECT {TARIFF_COLUMNS} FROM tariffs WHERE is_active = 1 ORDER BY region, tariff_id"
