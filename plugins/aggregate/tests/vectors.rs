@@ -2,47 +2,13 @@
 //! plain-Rust rule.
 
 use aggregate::{Config, MeterWindow, RegionWindow, finish_meters, finish_regions};
-use segs_plugin_sdk::ConfigValue;
+use segs_plugin_sdk::vectors::{check_bad_configs, f64_of, group_config, load, u32_of};
 use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-9;
 
 fn vectors() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/vectors.json");
-    let text = std::fs::read_to_string(path).expect("read vectors.json");
-    serde_json::from_str(&text).expect("parse vectors.json")
-}
-
-/// A JSON config object as config pairs: integer JSON numbers become
-/// `Integer`, numbers with a fraction or exponent `Float`.
-fn config_pairs(config: &Value) -> Vec<(String, ConfigValue)> {
-    let object = config.as_object().expect("config is a JSON object");
-    object
-        .iter()
-        .map(|(key, value)| {
-            let value = match value {
-                Value::Number(n) if n.is_f64() => ConfigValue::Float(n.as_f64().unwrap()),
-                Value::Number(n) => ConfigValue::Integer(n.as_i64().expect("integer fits i64")),
-                Value::Bool(b) => ConfigValue::Boolean(*b),
-                Value::String(s) => ConfigValue::Text(s.clone()),
-                other => panic!("config `{key}`: unsupported value {other}"),
-            };
-            (key.clone(), value)
-        })
-        .collect()
-}
-
-fn f64_of(case: &Value, field: &str) -> f64 {
-    case[field]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{field} in {case}"))
-}
-
-fn u32_of(case: &Value, field: &str) -> u32 {
-    let n = case[field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{field} in {case}"));
-    u32::try_from(n).expect("fits u32")
+    load(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn assert_close(got: f64, expect: &Value, field: &str, what: &str) {
@@ -53,18 +19,13 @@ fn assert_close(got: f64, expect: &Value, field: &str, what: &str) {
     );
 }
 
-fn config_of(group: &Value) -> Config {
-    Config::from_pairs(&config_pairs(&group["config"]))
-        .unwrap_or_else(|e| panic!("group {}: config refused: {e}", group["name"]))
-}
-
 #[test]
 fn meter_groups() {
     let vectors = vectors();
     let groups = vectors["groups"].as_array().expect("groups");
     let mut checked = 0;
     for group in groups {
-        let config = config_of(group);
+        let config = group_config(group, Config::from_pairs);
         let cases = group["meters"].as_array().expect("meters");
         let windows: Vec<MeterWindow> = cases
             .iter()
@@ -107,7 +68,7 @@ fn region_groups() {
     let groups = vectors["groups"].as_array().expect("groups");
     let mut checked = 0;
     for group in groups {
-        let config = config_of(group);
+        let config = group_config(group, Config::from_pairs);
         let cases = group["regions"].as_array().expect("regions");
         let regions: Vec<RegionWindow> = cases
             .iter()
@@ -138,14 +99,5 @@ fn region_groups() {
 
 #[test]
 fn bad_configs() {
-    let vectors = vectors();
-    let bad = vectors["bad_configs"].as_array().expect("bad_configs");
-    assert!(bad.len() >= 3);
-    for entry in bad {
-        let needle = entry["error_contains"].as_str().expect("error_contains");
-        match Config::from_pairs(&config_pairs(&entry["config"])) {
-            Ok(config) => panic!("{} accepted as {config:?}", entry["config"]),
-            Err(e) => assert!(e.contains(needle), "error {e:?} lacks {needle:?}"),
-        }
-    }
+    check_bad_configs(&vectors(), Config::from_pairs);
 }

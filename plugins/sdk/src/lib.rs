@@ -1,6 +1,6 @@
 //! Plain-Rust helpers shared by the segs rule plugins (guests).
 //!
-//! Nothing here knows about WIT or Wasm: the guest crates convert the
+//! Nothing here depends on WIT or Wasm: the guest crates convert the
 //! generated WIT types into these ones at their boundary, so the rule logic
 //! and these helpers stay testable natively with `cargo test`.
 //!
@@ -9,6 +9,11 @@
 //!   keys the plugin declares, with defaults, type checks and range checks;
 //!   every error message names the offending key.
 //! * [`Severity`] mirrors the WIT `severity` enum.
+//! * [`guest_config!`] generates a guest's config plumbing (storing what
+//!   `configure` was given, reading it back) from the wit-bindgen types.
+//! * `vectors` (a module behind the feature `vectors`) loads a plugin's
+//!   `vectors.json` and checks its bad configs, for the plugin's native
+//!   tests.
 
 use std::fmt;
 use std::ops::RangeInclusive;
@@ -232,6 +237,107 @@ impl<'a> ConfigReader<'a> {
             )),
         }
     }
+}
+
+#[cfg(feature = "vectors")]
+pub mod vectors;
+
+/// Generates the config plumbing of a guest's wit-bindgen glue.
+///
+/// `guest_config!(Config, WitConfigValue)`, where `Config` is the rule's
+/// config type and `WitConfigValue` the path (`a::b::C`, no generics) of the
+/// WIT `config-value` variant as wit-bindgen generated it, expands to:
+///
+/// * `static CONFIG`, the config stored by the last successful
+///   `set_config` (`None` before: the defaults);
+/// * `fn config() -> Config`: that config, or `Config::default()`;
+/// * `fn set_config(pairs: Vec<(String, WitConfigValue)>) -> Result<(), String>`:
+///   converts the pairs to [`ConfigValue`]s, parses them with
+///   `Config::from_pairs` and stores the result. A refused config returns
+///   the parser's message and leaves the stored config as it was.
+///
+/// `Config` must be `Clone + Default + Send` and have
+/// `fn from_pairs(&[(String, ConfigValue)]) -> Result<Config, String>`.
+/// A guest's `configure` export is then `set_config(config)`, and each
+/// entry point starts with `let config = config();`:
+///
+/// ```
+/// use segs_plugin_sdk::{ConfigReader, ConfigValue};
+///
+/// // Stand-ins for the type wit-bindgen generates and for the rule's config.
+/// enum WitConfigValue { Float(f64), Integer(i64), Boolean(bool), Text(String) }
+///
+/// #[derive(Debug, Clone, PartialEq)]
+/// struct Config { n: i64 }
+///
+/// impl Default for Config {
+///     fn default() -> Self { Config { n: 1 } }
+/// }
+///
+/// impl Config {
+///     fn from_pairs(pairs: &[(String, ConfigValue)]) -> Result<Self, String> {
+///         let mut r = ConfigReader::new(pairs);
+///         let n = r.i64("n", Self::default().n)?;
+///         r.finish()?;
+///         Ok(Config { n })
+///     }
+/// }
+///
+/// segs_plugin_sdk::guest_config!(Config, WitConfigValue);
+///
+/// assert_eq!(config(), Config { n: 1 });
+/// set_config(vec![("n".to_owned(), WitConfigValue::Integer(2))]).unwrap();
+/// assert_eq!(config(), Config { n: 2 });
+/// let refused = set_config(vec![("n".to_owned(), WitConfigValue::Boolean(true))]);
+/// assert_eq!(
+///     refused,
+///     Err("config key `n`: expected an integer, got boolean true".to_owned())
+/// );
+/// assert_eq!(config(), Config { n: 2 });
+/// ```
+#[macro_export]
+macro_rules! guest_config {
+    ($config:ty, $($wit_config_value:ident)::+ $(,)?) => {
+        /// The config set by the last successful `configure`; `None` means
+        /// defaults.
+        static CONFIG: ::std::sync::Mutex<::std::option::Option<$config>> =
+            ::std::sync::Mutex::new(::std::option::Option::None);
+
+        /// The config set by the last successful `configure`, or the
+        /// defaults.
+        fn config() -> $config {
+            CONFIG
+                .lock()
+                .unwrap_or_else(::std::sync::PoisonError::into_inner)
+                .clone()
+                .unwrap_or_default()
+        }
+
+        /// Converts, parses and stores the config given to `configure`; a
+        /// refused one leaves the stored config as it was.
+        fn set_config(
+            pairs: ::std::vec::Vec<(::std::string::String, $($wit_config_value)::+)>,
+        ) -> ::std::result::Result<(), ::std::string::String> {
+            let pairs: ::std::vec::Vec<_> = pairs
+                .into_iter()
+                .map(|(key, value)| {
+                    let value = match value {
+                        $($wit_config_value)::+::Float(v) => $crate::ConfigValue::Float(v),
+                        $($wit_config_value)::+::Integer(v) => $crate::ConfigValue::Integer(v),
+                        $($wit_config_value)::+::Boolean(v) => $crate::ConfigValue::Boolean(v),
+                        $($wit_config_value)::+::Text(v) => $crate::ConfigValue::Text(v),
+                    };
+                    (key, value)
+                })
+                .collect();
+            let parsed = <$config>::from_pairs(&pairs)?;
+            *CONFIG
+                .lock()
+                .unwrap_or_else(::std::sync::PoisonError::into_inner) =
+                ::std::option::Option::Some(parsed);
+            ::std::result::Result::Ok(())
+        }
+    };
 }
 
 /// How serious a finding is (mirror of WIT `severity`), least serious first.
@@ -464,6 +570,46 @@ mod tests {
         assert_eq!(
             ConfigValue::Text("a\"b".into()).to_string(),
             r#"text "a\"b""#
+        );
+    }
+
+    /// `guest_config!` converts every variant, in order.
+    #[test]
+    fn guest_config_converts_values() {
+        enum Wit {
+            Float(f64),
+            Integer(i64),
+            Boolean(bool),
+            Text(String),
+        }
+
+        #[derive(Debug, Clone, Default, PartialEq)]
+        struct Pairs(Vec<(String, ConfigValue)>);
+
+        impl Pairs {
+            fn from_pairs(pairs: &[(String, ConfigValue)]) -> Result<Self, String> {
+                Ok(Pairs(pairs.to_vec()))
+            }
+        }
+
+        guest_config!(Pairs, Wit);
+
+        assert_eq!(config(), Pairs::default());
+        set_config(vec![
+            ("t".into(), Wit::Text("x".into())),
+            ("f".into(), Wit::Float(0.5)),
+            ("i".into(), Wit::Integer(-3)),
+            ("b".into(), Wit::Boolean(true)),
+        ])
+        .unwrap();
+        assert_eq!(
+            config(),
+            Pairs(pairs(&[
+                ("t", ConfigValue::Text("x".into())),
+                ("f", ConfigValue::Float(0.5)),
+                ("i", ConfigValue::Integer(-3)),
+                ("b", ConfigValue::Boolean(true)),
+            ]))
         );
     }
 

@@ -1,34 +1,20 @@
 //! Wasm component glue: converts between the WIT types of the
 //! `tariff-rule` world and the plain-Rust rule in `lib.rs`.
 
-use std::sync::{Mutex, PoisonError};
-
-use segs_plugin_sdk as sdk;
-
 wit_bindgen::generate!({ world: "tariff-rule", path: "../../wit" });
 
 // The world's `use` items are generated as root aliases: `Config`,
 // `RegionLoad`, `TariffDecision`.
 use segs::rules::tariff::TariffReason;
-use segs::rules::types::ConfigValue;
 
-/// The config set by the last successful `configure`; `None` means defaults.
-static CONFIG: Mutex<Option<crate::Config>> = Mutex::new(None);
-
-fn config() -> crate::Config {
-    CONFIG
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .unwrap_or_default()
-}
+// `fn config()` and `fn set_config(pairs)` for the rule's `crate::Config`.
+segs_plugin_sdk::guest_config!(crate::Config, segs::rules::types::ConfigValue);
 
 struct Component;
 
 impl Guest for Component {
     fn configure(config: Config) -> Result<(), String> {
-        let parsed = crate::Config::from_pairs(&plain_config(config))?;
-        *CONFIG.lock().unwrap_or_else(PoisonError::into_inner) = Some(parsed);
-        Ok(())
+        set_config(config)
     }
 
     fn price(regions: Vec<RegionLoad>) -> Vec<TariffDecision> {
@@ -56,21 +42,6 @@ impl Guest for Component {
             })
             .collect()
     }
-}
-
-fn plain_config(pairs: Config) -> Vec<(String, sdk::ConfigValue)> {
-    pairs
-        .into_iter()
-        .map(|(key, value)| {
-            let value = match value {
-                ConfigValue::Float(v) => sdk::ConfigValue::Float(v),
-                ConfigValue::Integer(v) => sdk::ConfigValue::Integer(v),
-                ConfigValue::Boolean(v) => sdk::ConfigValue::Boolean(v),
-                ConfigValue::Text(v) => sdk::ConfigValue::Text(v),
-            };
-            (key, value)
-        })
-        .collect()
 }
 
 export!(Component);

@@ -1,41 +1,14 @@
 //! Runs `vectors.json` (shared with the host's wasmtime test) through the
 //! plain-Rust rule.
 
-use segs_plugin_sdk::ConfigValue;
+use segs_plugin_sdk::vectors::{check_bad_configs, f64_of, group_config, load};
 use serde_json::Value;
 use tariff::{Config, RegionLoad, price};
 
 const TOLERANCE: f64 = 1e-9;
 
 fn vectors() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/vectors.json");
-    let text = std::fs::read_to_string(path).expect("read vectors.json");
-    serde_json::from_str(&text).expect("parse vectors.json")
-}
-
-/// A JSON config object as config pairs: integer JSON numbers become
-/// `Integer`, numbers with a fraction or exponent `Float`.
-fn config_pairs(config: &Value) -> Vec<(String, ConfigValue)> {
-    let object = config.as_object().expect("config is a JSON object");
-    object
-        .iter()
-        .map(|(key, value)| {
-            let value = match value {
-                Value::Number(n) if n.is_f64() => ConfigValue::Float(n.as_f64().unwrap()),
-                Value::Number(n) => ConfigValue::Integer(n.as_i64().expect("integer fits i64")),
-                Value::Bool(b) => ConfigValue::Boolean(*b),
-                Value::String(s) => ConfigValue::Text(s.clone()),
-                other => panic!("config `{key}`: unsupported value {other}"),
-            };
-            (key.clone(), value)
-        })
-        .collect()
-}
-
-fn f64_of(case: &Value, field: &str) -> f64 {
-    case[field]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{field} in {case}"))
+    load(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn assert_close(got: f64, expected: f64, what: &str) {
@@ -53,8 +26,7 @@ fn groups() {
     let mut checked = 0;
     for group in groups {
         let group_name = group["name"].as_str().expect("group name");
-        let config = Config::from_pairs(&config_pairs(&group["config"]))
-            .unwrap_or_else(|e| panic!("group {group_name}: config refused: {e}"));
+        let config = group_config(group, Config::from_pairs);
         let cases = group["cases"].as_array().expect("cases");
         let regions: Vec<RegionLoad> = cases
             .iter()
@@ -100,14 +72,5 @@ fn groups() {
 
 #[test]
 fn bad_configs() {
-    let vectors = vectors();
-    let bad = vectors["bad_configs"].as_array().expect("bad_configs");
-    assert!(bad.len() >= 3);
-    for entry in bad {
-        let needle = entry["error_contains"].as_str().expect("error_contains");
-        match Config::from_pairs(&config_pairs(&entry["config"])) {
-            Ok(config) => panic!("{} accepted as {config:?}", entry["config"]),
-            Err(e) => assert!(e.contains(needle), "error {e:?} lacks {needle:?}"),
-        }
-    }
+    check_bad_configs(&vectors(), Config::from_pairs);
 }
