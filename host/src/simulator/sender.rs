@@ -207,7 +207,10 @@ pub async fn run(
         .build()
         .map_err(SimError::Client)?;
     let started = Instant::now();
-    let deadline = target.duration.map(|d| started + d);
+    // A point in time too far away to represent is never reached.
+    let later = |d: Option<Duration>| d.and_then(|d| started.checked_add(d));
+    let deadline = later(target.duration);
+    let far_future = || Instant::now() + Duration::from_secs(365 * 86_400);
     let past_deadline = || deadline.is_some_and(|d| Instant::now() >= d);
     let mut readings_sent = 0u64;
     info!(
@@ -224,7 +227,8 @@ pub async fn run(
             break;
         }
         if target.realtime && k > 0 {
-            let at = started + Duration::from_secs(interval_s.saturating_mul(k));
+            let at = later(Some(Duration::from_secs(interval_s.saturating_mul(k))))
+                .unwrap_or_else(far_future);
             if !stats.wait_until(at, deadline).await {
                 break;
             }
@@ -233,7 +237,8 @@ pub async fn run(
         SimStats::add(&stats.ticks, 1);
         for batch in batches {
             if let Some(rate) = target.rate {
-                let at = started + Duration::from_secs_f64(readings_sent as f64 / rate);
+                let at = later(Duration::try_from_secs_f64(readings_sent as f64 / rate).ok())
+                    .unwrap_or_else(far_future);
                 if !stats.wait_until(at, deadline).await {
                     break 'ticks;
                 }
