@@ -2,22 +2,71 @@
 //!
 //! Each benchmark runs several rounds and prints the best and the median, so
 //! a noisy neighbour on this 2-core machine shows as spread, not as a wrong
-//! figure. Filter by name: `cargo xtask bench anomaly`.
+//! figure. Filter by name: `cargo xtask bench anomaly` (names: `anomaly`,
+//! `hotpath`, `stream`, `http`).
+//!
+//! - `anomaly`: the anomaly rule, native Rust vs the Wasm component.
+//! - `hotpath`: the stream stage's per-reading work on one core, no bus and
+//!   no HTTP: parse the published JSON, `Windows::add`, fill the anomaly
+//!   columns, one Wasm call per 1,000 readings, `Windows::advance`; each
+//!   piece also alone, so the sum is visible.
+//! - `stream`: the whole embedded pipeline (`App::start`) fed by producing
+//!   published readings straight onto its in-process bus: readings/s through
+//!   the real stream stage (which also closes windows, runs the aggregate
+//!   rule and upserts into SQLite).
+//! - `http`: `POST /telemetry/batch` over loopback into the embedded app,
+//!   with a pre-serialized load generator in the same process, plus the same
+//!   generator against a trivial endpoint as a ceiling.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::hint::black_box;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use segs::app::App;
+use segs::bus::{Record, Topic};
+use segs::config::{PipelineConfig, WindowsConfig};
+use segs::ingest::validate;
 use segs::plugins::{AnomalyRule, Limits, Runtime, anomaly::ReadingBatch};
+use segs::reading::Reading;
+use segs::simulator::{SimConfig, Simulator};
+use segs::windows::{ClosedWindow, Windows, WindowsParams};
 
 const ROUNDS: usize = 9;
+/// Rounds of the benchmarks whose one round is a whole pass over a data set.
+const PASSES: usize = 5;
+/// 2025-11-12T06:00:00Z: a fixed start so event time is repeatable.
+const START_MS: i64 = 1_762_927_200_000;
+/// Readings per request / per anomaly call, as pipeline.toml ships.
+const BATCH: usize = 1000;
+/// Records the stream stage takes per poll (`pipeline::POLL_MAX`).
+const POLL_MAX: usize = 4096;
 
 fn main() {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
-    println!("segs benchmarks ({} rounds each; best / median)", ROUNDS);
+    println!("segs benchmarks ({ROUNDS} rounds each, {PASSES} for whole-pass ones; best / median)");
     if wanted("anomaly") {
         anomaly_native_vs_wasm();
+    }
+    let hot = wanted("hotpath");
+    let stream = wanted("stream");
+    if hot || stream {
+        let data = Published::generate(10_000, 60);
+        if hot {
+            hot_path(&data);
+        }
+        if stream {
+            stream_stage(&data);
+        }
+    }
+    if wanted("http") {
+        http_ingest();
     }
 }
 
@@ -39,9 +88,53 @@ fn measure(items: u64, min_time: Duration, mut f: impl FnMut()) -> (f64, f64) {
     (per_item[0], per_item[ROUNDS / 2])
 }
 
-fn plugin_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/plugins/{name}.wasm"))
+/// One warm-up and PASSES timed passes of `run` over `items` items, each on
+/// a fresh state from `setup` (not timed, nor is dropping the state);
+/// returns (best, median) ns per item.
+fn measure_passes<S>(
+    items: usize,
+    mut setup: impl FnMut() -> S,
+    mut run: impl FnMut(&mut S),
+) -> (f64, f64) {
+    let mut per_item = Vec::with_capacity(PASSES + 1);
+    for _ in 0..=PASSES {
+        let mut state = setup();
+        let start = Instant::now();
+        run(&mut state);
+        per_item.push(start.elapsed().as_nanos() as f64 / items as f64);
+        drop(state);
+    }
+    per_item.remove(0); // warm-up
+    per_item.sort_by(f64::total_cmp);
+    (per_item[0], per_item[PASSES / 2])
 }
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn plugin_path(name: &str) -> PathBuf {
+    root().join(format!("target/plugins/{name}.wasm"))
+}
+
+/// `1234567` → `1,234,567`.
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn per_s(ns_per_item: f64) -> String {
+    thousands((1e9 / ns_per_item) as u64)
+}
+
+// ---------------------------------------------------------------- anomaly --
 
 /// A batch of 1,000 readings with a realistic share of anomalies: about 1 in
 /// 100 is a spike, 1 in 200 a drop, 1 in 500 an outage; every meter past its
@@ -75,6 +168,17 @@ fn realistic_batch() -> ReadingBatch {
     b
 }
 
+fn load_anomaly() -> Option<AnomalyRule> {
+    let rt = Runtime::new(Limits::default()).expect("wasmtime runtime");
+    match AnomalyRule::load(&rt, "anomaly", &plugin_path("anomaly"), vec![]) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            println!("anomaly plugin: skipped: {e} (run `cargo xtask build-plugins`)");
+            None
+        }
+    }
+}
+
 fn anomaly_native_vs_wasm() {
     let batch = realistic_batch();
     let config = anomaly::Config::default();
@@ -94,14 +198,8 @@ fn anomaly_native_vs_wasm() {
         ));
     });
 
-    let rt = Runtime::new(Limits::default()).expect("wasmtime runtime");
-    let path = plugin_path("anomaly");
-    let mut rule = match AnomalyRule::load(&rt, "anomaly", &path, vec![]) {
-        Ok(r) => r,
-        Err(e) => {
-            println!("anomaly: skipped: {e} (run `cargo xtask build-plugins`)");
-            return;
-        }
+    let Some(mut rule) = load_anomaly() else {
+        return;
     };
     let wasm_findings = rule.detect(&batch).expect("detect").len();
     assert_eq!(native_findings, wasm_findings, "native and wasm disagree");
@@ -115,5 +213,768 @@ fn anomaly_native_vs_wasm() {
          difference  {:7.2} ns/reading (median {:.2})",
         wb - nb,
         wm - nm
+    );
+}
+
+// ------------------------------------------------------ published readings --
+
+/// A simulated stream as ingest publishes it on `telemetry-readings`: each
+/// record's value is `validate::write_published` output (canonical
+/// timestamp, `receivedAt` added), its key the meter id.
+struct Published {
+    meters: u32,
+    values: Bytes,
+    keys: Bytes,
+    /// Per record: (key span, value span).
+    spans: Vec<(Range<usize>, Range<usize>)>,
+    /// Per tick: the records of that tick (every meter once).
+    ticks: Vec<Range<usize>>,
+}
+
+impl Published {
+    fn generate(meters: u32, ticks: u64) -> Published {
+        let mut sim = Simulator::new(SimConfig {
+            meters,
+            interval_s: 10,
+            seed: 7,
+            start_ms: START_MS,
+            ..SimConfig::default()
+        })
+        .expect("simulator config");
+        let mut values = Vec::new();
+        let mut keys = Vec::new();
+        let mut spans = Vec::new();
+        let mut tick_spans = Vec::new();
+        for t in 0..ticks {
+            let received_at = segs::time::format_rfc3339_ms(sim.timestamp_ms(t) + 150);
+            let first = spans.len();
+            for b in sim.next_batches(BATCH) {
+                let v =
+                    validate::validate_batch(&b.body, BATCH).expect("simulator output is valid");
+                for r in &v.readings {
+                    let (v0, k0) = (values.len(), keys.len());
+                    validate::write_published(r, &received_at, &mut values);
+                    keys.extend_from_slice(r.meter_id.as_bytes());
+                    spans.push((k0..keys.len(), v0..values.len()));
+                }
+            }
+            tick_spans.push(first..spans.len());
+        }
+        Published {
+            meters,
+            values: Bytes::from(values),
+            keys: Bytes::from(keys),
+            spans,
+            ticks: tick_spans,
+        }
+    }
+
+    fn value(&self, i: usize) -> &[u8] {
+        &self.values[self.spans[i].1.clone()]
+    }
+
+    fn record(&self, i: usize) -> Record {
+        let (k, v) = self.spans[i].clone();
+        Record::new(self.keys.slice(k), self.values.slice(v), START_MS)
+    }
+}
+
+// ---------------------------------------------------------------- hot path --
+
+fn windows_params() -> WindowsParams {
+    let w = WindowsConfig::default();
+    WindowsParams {
+        allowed_lateness_ms: w.allowed_lateness_s as i64 * 1000,
+        baseline_window: w.baseline_window,
+    }
+}
+
+fn empty_batch() -> ReadingBatch {
+    ReadingBatch {
+        power_kw: Vec::with_capacity(BATCH),
+        baseline_kw: Vec::with_capacity(BATCH),
+        sample_count: Vec::with_capacity(BATCH),
+    }
+}
+
+/// What the stream stage does per poll, minus the bus, the alert records
+/// and the closed windows' aggregate/store/publish (closed windows are
+/// dropped here).
+struct HotPath {
+    windows: Windows,
+    batch: ReadingBatch,
+    refs: Vec<(u32, u32, i64)>,
+    closed: Vec<ClosedWindow>,
+    calls: u64,
+    findings: u64,
+}
+
+impl HotPath {
+    fn new() -> HotPath {
+        HotPath {
+            windows: Windows::new(windows_params()),
+            batch: empty_batch(),
+            refs: Vec::with_capacity(BATCH),
+            closed: Vec::new(),
+            calls: 0,
+            findings: 0,
+        }
+    }
+
+    fn poll(&mut self, rule: &mut AnomalyRule, data: &Published, records: Range<usize>) {
+        for i in records {
+            let reading: Reading<'_> = serde_json::from_slice(data.value(i)).expect("a reading");
+            let ts = reading.event_time_ms().expect("RFC 3339");
+            let obs = self.windows.add(
+                &reading.meter_id,
+                &reading.region,
+                ts,
+                reading.power_kw,
+                reading.energy_kwh,
+                reading.voltage,
+            );
+            self.batch.power_kw.push(reading.power_kw);
+            self.batch.baseline_kw.push(obs.baseline_kw);
+            self.batch.sample_count.push(obs.sample_count);
+            self.refs.push((obs.meter, obs.region, ts));
+            if self.refs.len() >= BATCH {
+                self.detect(rule);
+            }
+        }
+        // Like the stream stage: what is left of the batch goes at the end
+        // of the poll.
+        self.detect(rule);
+        self.windows.advance(&mut self.closed);
+        self.closed.clear();
+    }
+
+    fn detect(&mut self, rule: &mut AnomalyRule) {
+        if self.refs.is_empty() {
+            return;
+        }
+        let findings = rule.detect(&self.batch).expect("detect");
+        self.calls += 1;
+        self.findings += findings.len() as u64;
+        self.batch.power_kw.clear();
+        self.batch.baseline_kw.clear();
+        self.batch.sample_count.clear();
+        self.refs.clear();
+    }
+
+    /// A hot path that has seen tick 0 (every meter's first reading, so the
+    /// interning), for timing the later ticks.
+    fn warm(rule: &mut AnomalyRule, data: &Published) -> HotPath {
+        let mut h = HotPath::new();
+        h.poll(rule, data, data.ticks[0].clone());
+        (h.calls, h.findings) = (0, 0);
+        h
+    }
+}
+
+/// The fields `Windows::add` takes, owned, for timing it alone.
+struct Parsed {
+    meter: Box<str>,
+    region: Box<str>,
+    ts: i64,
+    power: f64,
+    energy: Option<f64>,
+    voltage: Option<f64>,
+}
+
+fn hot_path(data: &Published) {
+    let Some(mut rule) = load_anomaly() else {
+        return;
+    };
+    let timed = data.ticks[1].start..data.spans.len();
+    let n = timed.len();
+    let polls: Vec<Range<usize>> = timed
+        .clone()
+        .step_by(POLL_MAX)
+        .map(|s| s..(s + POLL_MAX).min(timed.end))
+        .collect();
+    println!(
+        "in-process hot path, one core, {} meters x {} ticks every 10 s ({} readings timed, \
+         tick 0 untimed; published JSON ~{} B/reading; polls of {POLL_MAX}):",
+        thousands(u64::from(data.meters)),
+        data.ticks.len() - 1,
+        thousands(n as u64),
+        data.values.len() / data.spans.len(),
+    );
+
+    // 1. JSON parse (+ event time) alone.
+    let (pb, pm) = measure_passes(
+        n,
+        || (),
+        |_| {
+            for i in timed.clone() {
+                let r: Reading<'_> = serde_json::from_slice(data.value(i)).expect("a reading");
+                black_box(r.event_time_ms());
+                black_box(&r);
+            }
+        },
+    );
+    println!(
+        "  JSON parse into Reading + RFC 3339  {pb:7.1} ns/reading  {:>11} readings/s  (median {pm:.1} ns)",
+        per_s(pb)
+    );
+
+    let stamps: Vec<String> = timed
+        .clone()
+        .map(|i| {
+            let r: Reading<'_> = serde_json::from_slice(data.value(i)).expect("a reading");
+            r.timestamp.into_owned()
+        })
+        .collect();
+    let (tb, tm) = measure_passes(
+        n,
+        || (),
+        |_| {
+            for t in &stamps {
+                black_box(segs::time::parse_rfc3339_ms(black_box(t)));
+            }
+        },
+    );
+    println!(
+        "    of which RFC 3339 event time      {tb:7.1} ns/reading  {:>11} readings/s  (median {tm:.1} ns)",
+        per_s(tb)
+    );
+
+    // 2. Windows::add (+ advance per poll) alone, on pre-parsed fields.
+    let parsed: Vec<Parsed> = (0..data.spans.len())
+        .map(|i| {
+            let r: Reading<'_> = serde_json::from_slice(data.value(i)).expect("a reading");
+            Parsed {
+                meter: Box::from(&*r.meter_id),
+                region: Box::from(&*r.region),
+                ts: r.event_time_ms().expect("RFC 3339"),
+                power: r.power_kw,
+                energy: r.energy_kwh,
+                voltage: r.voltage,
+            }
+        })
+        .collect();
+    let warm_windows = || {
+        let mut w = Windows::new(windows_params());
+        for p in &parsed[data.ticks[0].clone()] {
+            w.add(&p.meter, &p.region, p.ts, p.power, p.energy, p.voltage);
+        }
+        (w, Vec::<ClosedWindow>::new())
+    };
+    let (wb, wm) = measure_passes(n, warm_windows, |(w, closed)| {
+        for poll in &polls {
+            for p in &parsed[poll.clone()] {
+                black_box(w.add(&p.meter, &p.region, p.ts, p.power, p.energy, p.voltage));
+            }
+            w.advance(closed);
+            closed.clear();
+        }
+    });
+    println!(
+        "  Windows::add + advance per poll     {wb:7.1} ns/reading  {:>11} readings/s  (median {wm:.1} ns)",
+        per_s(wb)
+    );
+
+    // 3. The anomaly rule (Wasm) alone, on the columns the stream builds.
+    let batches: Vec<ReadingBatch> = {
+        let (mut w, _) = warm_windows();
+        let mut out = Vec::new();
+        let mut b = empty_batch();
+        for p in &parsed[timed.clone()] {
+            let obs = w.add(&p.meter, &p.region, p.ts, p.power, p.energy, p.voltage);
+            b.power_kw.push(p.power);
+            b.baseline_kw.push(obs.baseline_kw);
+            b.sample_count.push(obs.sample_count);
+            if b.power_kw.len() == BATCH {
+                out.push(std::mem::replace(&mut b, empty_batch()));
+            }
+        }
+        if !b.power_kw.is_empty() {
+            out.push(b);
+        }
+        out
+    };
+    let (ab, am) = measure_passes(
+        n,
+        || (),
+        |_| {
+            for b in &batches {
+                black_box(rule.detect(b).expect("detect"));
+            }
+        },
+    );
+    println!(
+        "  anomaly rule (Wasm), 1,000/call     {ab:7.1} ns/reading  {:>11} readings/s  (median {am:.1} ns)",
+        per_s(ab)
+    );
+    let sum = pb + wb + ab;
+    println!(
+        "  sum of the three pieces             {sum:7.1} ns/reading  {:>11} readings/s",
+        per_s(sum)
+    );
+
+    // 4. The whole per-reading path, as the stream stage runs it.
+    let mut calls = 0;
+    let mut findings = 0;
+    let rule = RefCell::new(rule);
+    let (fb, fm) = measure_passes(
+        n,
+        || HotPath::warm(&mut rule.borrow_mut(), data),
+        |h| {
+            let rule = &mut *rule.borrow_mut();
+            for poll in &polls {
+                h.poll(rule, data, poll.clone());
+            }
+            (calls, findings) = (h.calls, h.findings);
+        },
+    );
+    println!(
+        "  full path, as the stream stage      {fb:7.1} ns/reading  {:>11} readings/s per core  \
+         (median {fm:.1} ns; {calls} Wasm calls, {findings} findings)",
+        per_s(fb)
+    );
+    println!(
+        "  target: 1,000,000 readings/s per core through windows + anomaly (1,000 ns/reading)"
+    );
+}
+
+// ------------------------------------------------------------ stream stage --
+
+fn app_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("segs-app")
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The shipped pipeline.toml, with its store in `dir`.
+fn pipeline_config(dir: &Path, archive: bool, max_lag: usize) -> PipelineConfig {
+    let mut cfg = PipelineConfig::load(&root().join("pipeline.toml")).expect("pipeline.toml");
+    cfg.store.url = format!("sqlite://{}", dir.join("segs.db").display());
+    cfg.store.archive_raw_readings = archive;
+    cfg.bus.max_lag_per_partition = max_lag;
+    cfg
+}
+
+/// Polls `done` every millisecond for up to `limit`; the time it took.
+fn wait_for(limit: Duration, done: impl Fn() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+fn stream_stage(data: &Published) {
+    if !plugin_path("anomaly").exists() {
+        println!("stream stage: skipped (run `cargo xtask build-plugins`)");
+        return;
+    }
+    let n = data.spans.len();
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rt = app_runtime();
+        let cfg = pipeline_config(dir.path(), false, n);
+        let app = rt
+            .block_on(App::start(cfg, "127.0.0.1:0".parse().expect("addr")))
+            .expect("App::start");
+        let metrics = app.ctx.metrics.clone();
+        let bus = app.ctx.bus.clone();
+        let cpu0 = thread_cpu();
+        let start = Instant::now();
+        rt.block_on(async {
+            for tick in &data.ticks {
+                for chunk in tick.clone().step_by(BATCH) {
+                    let records = (chunk..(chunk + BATCH).min(tick.end))
+                        .map(|i| data.record(i))
+                        .collect();
+                    bus.produce(Topic::TelemetryReadings, records)
+                        .await
+                        .expect("produce");
+                }
+            }
+        });
+        let done = wait_for(Duration::from_secs(120), || {
+            metrics.readings_processed.load(Ordering::Relaxed) >= n as u64
+        });
+        let elapsed = start.elapsed();
+        let cpu = cpu_since(&cpu0);
+        if done.is_none() {
+            println!("stream stage: did not finish within 120 s; skipped");
+            return;
+        }
+        runs.push((n as f64 / elapsed.as_secs_f64(), cpu.cores(elapsed)));
+        rt.block_on(app.shutdown());
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
+    runs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!(
+        "stream stage through the in-process bus (App::start, archive off; {} readings of {} meters \
+         produced 1,000 per call onto telemetry-readings; includes closing windows: aggregate rule, \
+         SQLite upserts, publishing; 3 runs):\n  \
+         {:>11} readings/s (median {}) | CPU: {}",
+        thousands(n as u64),
+        thousands(u64::from(data.meters)),
+        thousands(runs[0].0 as u64),
+        thousands(runs[1].0 as u64),
+        runs[0].1,
+    );
+}
+
+// --------------------------------------------------------------------- CPU --
+
+/// CPU time of each thread of this process, ns, by thread id, with its
+/// name (Linux `/proc`; empty elsewhere).
+fn thread_cpu() -> HashMap<u32, (String, u64)> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let p = e.path();
+        let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let ns = std::fs::read_to_string(p.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .or_else(|| {
+                // utime + stime in clock ticks (USER_HZ, 100 on Linux).
+                let stat = std::fs::read_to_string(p.join("stat")).ok()?;
+                let rest = &stat[stat.rfind(')')? + 1..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks: u64 =
+                    f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+                Some(ticks * 10_000_000)
+            });
+        if let Some(ns) = ns {
+            out.insert(tid, (name.trim().to_owned(), ns));
+        }
+    }
+    out
+}
+
+/// CPU seconds used since a [`thread_cpu`] snapshot, by thread group.
+struct CpuUse {
+    /// Every thread of the process.
+    total_s: f64,
+    /// The app's tokio workers (`segs-app`): HTTP, ingest, every stage.
+    app_s: f64,
+    /// sqlx's SQLite worker threads (the statements themselves).
+    sqlite_s: f64,
+    /// The load generator's threads (`loadgen`).
+    loadgen_s: f64,
+}
+
+impl CpuUse {
+    /// `app 1.21 + SQLite 0.52 + generator 0.10 + other 0.01 = 1.84 cores`
+    fn cores(&self, wall: Duration) -> String {
+        let w = wall.as_secs_f64();
+        let other = self.total_s - self.app_s - self.sqlite_s - self.loadgen_s;
+        let mut s = format!(
+            "app threads {:.2} + SQLite worker {:.2}",
+            self.app_s / w,
+            self.sqlite_s / w
+        );
+        if self.loadgen_s > 0.0 {
+            s += &format!(" + generator {:.2}", self.loadgen_s / w);
+        }
+        s + &format!(" + other {:.2} = {:.2} cores", other / w, self.total_s / w)
+    }
+}
+
+fn cpu_since(before: &HashMap<u32, (String, u64)>) -> CpuUse {
+    let mut use_ = CpuUse {
+        total_s: 0.0,
+        app_s: 0.0,
+        sqlite_s: 0.0,
+        loadgen_s: 0.0,
+    };
+    for (tid, (name, ns)) in thread_cpu() {
+        let was = before.get(&tid).map_or(0, |(_, ns)| *ns);
+        let s = ns.saturating_sub(was) as f64 / 1e9;
+        use_.total_s += s;
+        if name.starts_with("segs-app") {
+            use_.app_s += s;
+        } else if name.starts_with("sqlx") {
+            use_.sqlite_s += s;
+        } else if name.starts_with("loadgen") {
+            use_.loadgen_s += s;
+        }
+    }
+    use_
+}
+
+// -------------------------------------------------------------------- HTTP --
+
+/// Concurrent keep-alive connections of the load generator.
+const CONNECTIONS: usize = 16;
+/// How long each HTTP scenario sends (it also stops when the pool runs out).
+const SEND_TIME: Duration = Duration::from_secs(4);
+
+struct Load {
+    requests: u64,
+    non_2xx: u64,
+    errors: u64,
+    elapsed: Duration,
+    /// Request latencies, µs, sorted.
+    latency_us: Vec<u32>,
+    cpu: CpuUse,
+}
+
+impl Load {
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latency_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latency_us.len() - 1) as f64 * p).round() as usize;
+        f64::from(self.latency_us[i]) / 1000.0
+    }
+
+    fn summary(&self) -> String {
+        let secs = self.elapsed.as_secs_f64();
+        format!(
+            "{:>6} req/s  p50 {:5.1} ms  p99 {:5.1} ms | generator {:.0} µs CPU/request; CPU: {}",
+            thousands((self.requests as f64 / secs) as u64),
+            self.percentile_ms(0.50),
+            self.percentile_ms(0.99),
+            self.cpu.loadgen_s * 1e6 / self.requests.max(1) as f64,
+            self.cpu.cores(self.elapsed),
+        )
+    }
+}
+
+/// Posts the bodies of `pool` (each once, or round and round if `cycle`)
+/// from CONNECTIONS tasks with one keep-alive connection each, for at most
+/// SEND_TIME, on the generator's own runtime (threads named `loadgen`).
+fn send_load(
+    generator: &tokio::runtime::Runtime,
+    url: &str,
+    pool: &Arc<Vec<Bytes>>,
+    cycle: bool,
+) -> Load {
+    let next = Arc::new(AtomicUsize::new(0));
+    let cpu0 = thread_cpu();
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (url, pool, next) = (url.to_owned(), pool.clone(), next.clone());
+            generator.spawn(async move {
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(1)
+                    .build()
+                    .expect("reqwest client");
+                let (mut ok, mut non_2xx, mut errors) = (0u64, 0u64, 0u64);
+                let mut latency = Vec::with_capacity(4096);
+                while start.elapsed() < SEND_TIME {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if !cycle && i >= pool.len() {
+                        break;
+                    }
+                    let body = pool[i % pool.len()].clone();
+                    let sent = Instant::now();
+                    let resp = client
+                        .post(&url)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(body)
+                        .send()
+                        .await;
+                    match resp {
+                        Ok(r) => {
+                            let status = r.status();
+                            let _ = r.bytes().await;
+                            latency.push(sent.elapsed().as_micros() as u32);
+                            if status.is_success() {
+                                ok += 1;
+                            } else {
+                                non_2xx += 1;
+                            }
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                (ok, non_2xx, errors, latency)
+            })
+        })
+        .collect();
+    let mut load = Load {
+        requests: 0,
+        non_2xx: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency_us: Vec::new(),
+        cpu: CpuUse {
+            total_s: 0.0,
+            app_s: 0.0,
+            sqlite_s: 0.0,
+            loadgen_s: 0.0,
+        },
+    };
+    generator.block_on(async {
+        for t in tasks {
+            let (ok, non_2xx, errors, latency) = t.await.expect("sender task");
+            load.requests += ok + non_2xx;
+            load.non_2xx += non_2xx;
+            load.errors += errors;
+            load.latency_us.extend(latency);
+        }
+    });
+    load.elapsed = start.elapsed();
+    load.cpu = cpu_since(&cpu0);
+    load.latency_us.sort_unstable();
+    load
+}
+
+fn http_ingest() {
+    if !plugin_path("anomaly").exists() {
+        println!("HTTP ingest: skipped (run `cargo xtask build-plugins`)");
+        return;
+    }
+    // 100,000 meters x 15 ticks: 1,500 distinct bodies of 1,000 readings;
+    // every (meterId, timestamp) is new, so dedupe drops nothing.
+    let (meters, ticks) = (100_000u32, 15u64);
+    let mut sim = Simulator::new(SimConfig {
+        meters,
+        interval_s: 10,
+        seed: 11,
+        start_ms: START_MS,
+        ..SimConfig::default()
+    })
+    .expect("simulator config");
+    let pool: Vec<Bytes> = (0..ticks)
+        .flat_map(|_| sim.next_batches(BATCH))
+        .map(|b| Bytes::from(b.body))
+        .collect();
+    let pool = Arc::new(pool);
+    let pool_readings = pool.len() * BATCH;
+    let body_kib = pool.iter().map(Bytes::len).sum::<usize>() / pool.len() / 1024;
+    let generator = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("loadgen")
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    println!(
+        "HTTP ingest over loopback: POST /telemetry/batch, 1,000 readings (~{body_kib} KiB) per request, \
+         {CONNECTIONS} keep-alive connections (reqwest, 1 generator thread), pre-serialized pool of {} \
+         distinct readings, up to {} s per line; app (2 worker threads) and generator share this \
+         process and its 2 cores:",
+        thousands(pool_readings as u64),
+        SEND_TIME.as_secs()
+    );
+
+    // Ceiling: the same generator against an endpoint that reads the body
+    // and answers 200.
+    {
+        let rt = app_runtime();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let router = axum::Router::new()
+            .route(
+                "/telemetry/batch",
+                axum::routing::post(|body: Bytes| async move {
+                    black_box(body.len());
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        "{\"accepted\":1000,\"duplicates\":0}",
+                    )
+                }),
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(4 << 20));
+        rt.spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        let load = send_load(
+            &generator,
+            &format!("http://{addr}/telemetry/batch"),
+            &pool,
+            true,
+        );
+        println!(
+            "  ceiling, trivial axum endpoint (reads body, 200) {:>11} readings/s  {}",
+            thousands((load.requests as f64 * BATCH as f64 / load.elapsed.as_secs_f64()) as u64),
+            load.summary()
+        );
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
+
+    for archive in [false, true] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rt = app_runtime();
+        let cfg = pipeline_config(dir.path(), archive, pool_readings);
+        let app = rt
+            .block_on(App::start(cfg, "127.0.0.1:0".parse().expect("addr")))
+            .expect("App::start");
+        let metrics = app.ctx.metrics.clone();
+        let load = send_load(
+            &generator,
+            &format!("http://{}/telemetry/batch", app.addr),
+            &pool,
+            false,
+        );
+        let secs = load.elapsed.as_secs_f64();
+        let accepted = metrics.accepted.load(Ordering::Relaxed);
+        let processed = metrics.readings_processed.load(Ordering::Relaxed);
+        let archived = metrics.raw_archived.load(Ordering::Relaxed);
+        let refused = metrics.refused_busy.load(Ordering::Relaxed);
+        let backlog_done = || {
+            metrics.readings_processed.load(Ordering::Relaxed) >= accepted
+                && (!archive || metrics.raw_archived.load(Ordering::Relaxed) >= accepted)
+        };
+        let caught_up = wait_for(Duration::from_secs(60), backlog_done);
+        let label = if archive {
+            "ingest, archive_raw_readings = true "
+        } else {
+            "ingest, archive_raw_readings = false"
+        };
+        println!(
+            "  {label}           {:>11} readings/s accepted  {}",
+            thousands((accepted as f64 / secs) as u64),
+            load.summary()
+        );
+        let mut meanwhile = format!(
+            "while it ran the stream stage processed {}/s",
+            thousands((processed as f64 / secs) as u64)
+        );
+        if archive {
+            meanwhile += &format!(
+                " and the archive stored {}/s",
+                thousands((archived as f64 / secs) as u64)
+            );
+        }
+        let end_to_end = match caught_up {
+            Some(d) => format!(
+                "backlog cleared {:.1} s after the last request: {} readings/s end to end",
+                d.as_secs_f64(),
+                thousands((accepted as f64 / (secs + d.as_secs_f64())) as u64)
+            ),
+            None => "backlog NOT cleared within 60 s".to_owned(),
+        };
+        println!(
+            "    {} readings in {:.1} s, {} refused (503), {} other non-2xx, {} transport errors; \
+             {meanwhile}; {end_to_end}",
+            thousands(accepted),
+            secs,
+            refused,
+            load.non_2xx - refused.min(load.non_2xx),
+            load.errors,
+        );
+        if caught_up.is_some() {
+            rt.block_on(app.shutdown());
+        } else {
+            drop(app);
+        }
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
+    println!(
+        "  target: 1,000,000 readings/s over HTTP on this 2-core machine (seed's Express + Zod: ~175,000/s)"
     );
 }
