@@ -4,12 +4,17 @@
 //!
 //! The per-reading work is a JSON parse and [`Windows::add`]; the anomaly
 //! rule is called once per batch of up to `windows.anomaly_batch` readings,
-//! the aggregate rule once per closed window (all meters at once).
+//! the aggregate rule once per closed window (all meters at once). Storing and
+//! publishing closed windows happens in a writer task fed through a short
+//! bounded queue, so SQL runs beside the folding of the next readings rather
+//! than in series with it; when the writer falls behind, the stage waits.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::{Context, Stage, json_record, publish, with_retry};
 use crate::bus::{Delivered, Topic};
@@ -31,6 +36,9 @@ pub struct StreamStage {
     /// Alert records found but not yet published.
     alerts_out: Vec<crate::bus::Record>,
     last_record: Instant,
+    /// To the window writer; `None` once finished.
+    writer_tx: Option<mpsc::Sender<Closed>>,
+    writer: Option<JoinHandle<()>>,
 }
 
 impl Stage for StreamStage {
@@ -66,6 +74,10 @@ impl Stage for StreamStage {
     async fn finish(&mut self) {
         self.windows.close_all(&mut self.closed);
         self.handle_closed().await;
+        self.writer_tx = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.await;
+        }
     }
 }
 
@@ -77,6 +89,8 @@ impl StreamStage {
             baseline_window: w.baseline_window,
         });
         let cap = w.anomaly_batch;
+        let (writer_tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let writer = tokio::spawn(write_closed(ctx.clone(), rx));
         StreamStage {
             ctx,
             anomaly,
@@ -91,6 +105,8 @@ impl StreamStage {
             closed: Vec::new(),
             alerts_out: Vec::new(),
             last_record: Instant::now(),
+            writer_tx: Some(writer_tx),
+            writer: Some(writer),
         }
     }
 
@@ -291,46 +307,13 @@ impl StreamStage {
                 voltage_count: m.sums.voltage_count,
             })
             .collect();
-        let width = match window.width {
-            Width::OneMinute => store::WindowWidth::OneMinute,
-            Width::FifteenMinutes => store::WindowWidth::FifteenMinutes,
-        };
-        let store = self.ctx.store.clone();
-        let stored = with_retry(&self.ctx, "upsert meter aggregates", || {
-            store.upsert_meter_aggregates(width, &rows)
+        let publish = finished.iter().map(|f| f.publish).collect();
+        self.send(Closed::Meters {
+            width: window.width,
+            rows,
+            publish,
         })
         .await;
-        let (topic, kind) = match window.width {
-            Width::OneMinute => (Topic::Aggregates1m, "1m_aggregate"),
-            Width::FifteenMinutes => (Topic::Aggregates15m, "15m_aggregate"),
-        };
-        let now = crate::time::now_ms();
-        let publish_flags: Vec<bool> = finished.iter().map(|f| f.publish).collect();
-        let records = stored
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| publish_flags.get(*i).copied().unwrap_or(true))
-            .map(|(_, row)| {
-                let value = json!({
-                    "meterId": row.meter_id,
-                    "region": row.region,
-                    "windowStart": crate::time::format_rfc3339_ms(row.window_start_ms),
-                    "avgPowerKw": row.avg_power_kw,
-                    "maxPowerKw": row.max_power_kw,
-                    "minPowerKw": row.min_power_kw,
-                    "energyKwhSum": row.energy_kwh_sum,
-                    "voltageAvg": row.voltage_avg,
-                    "count": row.count,
-                });
-                json_record(
-                    &row.meter_id,
-                    &value,
-                    &[("type", kind), ("region", &row.region)],
-                    now,
-                )
-            })
-            .collect();
-        publish(&self.ctx, topic, records).await;
     }
 
     async fn finish_regions(&mut self, window: &ClosedWindow) {
@@ -379,38 +362,140 @@ impl StreamStage {
                     .collect(),
             })
             .collect();
-        let store = self.ctx.store.clone();
-        with_retry(&self.ctx, "upsert regional aggregates", || {
-            store.upsert_regional_aggregates(&rows)
-        })
-        .await;
-        let now = crate::time::now_ms();
-        let records = rows
-            .iter()
-            .zip(&inputs)
-            .map(|(row, input)| {
-                let value = json!({
-                    "region": row.region,
-                    "timestamp": crate::time::format_rfc3339_ms(row.window_start_ms),
-                    "meter_count": row.meter_count,
-                    "total_consumption": row.total_consumption,
-                    "avg_consumption": row.avg_consumption,
-                    "max_consumption": row.max_consumption,
-                    "min_consumption": row.min_consumption,
-                    "load_percentage": row.load_percentage,
-                    "capacity_kw": input.capacity_kw,
-                    "active_meters": row.active_meters,
-                });
-                json_record(
-                    &row.region,
-                    &value,
-                    &[("type", "regional_1m_aggregate"), ("region", &row.region)],
-                    now,
-                )
-            })
-            .collect();
-        publish(&self.ctx, Topic::Aggregates1mRegional, records).await;
+        let capacities = inputs.iter().map(|i| i.capacity_kw).collect();
+        self.send(Closed::Regions { rows, capacities }).await;
     }
+
+    /// Hands a closed window's rows to the writer (waits when it is behind:
+    /// that is the stage's backpressure).
+    async fn send(&mut self, closed: Closed) {
+        let Some(tx) = &self.writer_tx else {
+            return;
+        };
+        if tx.send(closed).await.is_err() {
+            self.ctx
+                .metrics
+                .stage_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!("stream stage: the window writer is gone");
+        }
+    }
+}
+
+/// A closed window's output, on its way to the store and the topics.
+enum Closed {
+    Meters {
+        width: Width,
+        rows: Vec<store::MeterAggregate>,
+        /// Per row: publish it (the aggregate rule may hold some back).
+        publish: Vec<bool>,
+    },
+    Regions {
+        rows: Vec<store::RegionalAggregate>,
+        capacities: Vec<f64>,
+    },
+}
+
+/// Closed windows waiting for the writer, at most.
+const WRITER_QUEUE: usize = 8;
+
+/// The window writer: stores closed windows and publishes them, in the order
+/// they closed, in its own task so the stream stage goes on folding readings
+/// while SQL runs.
+async fn write_closed(ctx: Context, mut rx: mpsc::Receiver<Closed>) {
+    while let Some(closed) = rx.recv().await {
+        match closed {
+            Closed::Meters {
+                width,
+                rows,
+                publish: flags,
+            } => write_meters(&ctx, width, rows, flags).await,
+            Closed::Regions { rows, capacities } => write_regions(&ctx, rows, capacities).await,
+        }
+    }
+}
+
+async fn write_meters(
+    ctx: &Context,
+    width: Width,
+    rows: Vec<store::MeterAggregate>,
+    flags: Vec<bool>,
+) {
+    let table = match width {
+        Width::OneMinute => store::WindowWidth::OneMinute,
+        Width::FifteenMinutes => store::WindowWidth::FifteenMinutes,
+    };
+    let store = ctx.store.clone();
+    let stored = with_retry(ctx, "upsert meter aggregates", || {
+        store.upsert_meter_aggregates(table, &rows)
+    })
+    .await;
+    let (topic, kind) = match width {
+        Width::OneMinute => (Topic::Aggregates1m, "1m_aggregate"),
+        Width::FifteenMinutes => (Topic::Aggregates15m, "15m_aggregate"),
+    };
+    let now = crate::time::now_ms();
+    // The store answers one row per key in input order (merged with what was
+    // stored before, for a late window).
+    let records = stored
+        .iter()
+        .zip(flags.iter().chain(std::iter::repeat(&true)))
+        .filter(|(_, publish)| **publish)
+        .map(|(row, _)| {
+            let value = json!({
+                "meterId": row.meter_id,
+                "region": row.region,
+                "windowStart": crate::time::format_rfc3339_ms(row.window_start_ms),
+                "avgPowerKw": row.avg_power_kw,
+                "maxPowerKw": row.max_power_kw,
+                "minPowerKw": row.min_power_kw,
+                "energyKwhSum": row.energy_kwh_sum,
+                "voltageAvg": row.voltage_avg,
+                "count": row.count,
+            });
+            json_record(
+                &row.meter_id,
+                &value,
+                &[("type", kind), ("region", &row.region)],
+                now,
+            )
+        })
+        .collect();
+    publish(ctx, topic, records).await;
+}
+
+async fn write_regions(ctx: &Context, rows: Vec<store::RegionalAggregate>, capacities: Vec<f64>) {
+    let store = ctx.store.clone();
+    with_retry(ctx, "upsert regional aggregates", || {
+        store.upsert_regional_aggregates(&rows)
+    })
+    .await;
+    let now = crate::time::now_ms();
+    let records = rows
+        .iter()
+        .zip(&capacities)
+        .map(|(row, capacity_kw)| {
+            let value = json!({
+                "region": row.region,
+                "timestamp": crate::time::format_rfc3339_ms(row.window_start_ms),
+                "meter_count": row.meter_count,
+                "total_consumption": row.total_consumption,
+                "avg_consumption": row.avg_consumption,
+                "max_consumption": row.max_consumption,
+                "min_consumption": row.min_consumption,
+                "load_percentage": row.load_percentage,
+                "capacity_kw": capacity_kw,
+                "active_meters": row.active_meters,
+            });
+            json_record(
+                &row.region,
+                &value,
+                &[("type", "regional_1m_aggregate"), ("region", &row.region)],
+                now,
+            )
+        })
+        .collect();
+    publish(ctx, Topic::Aggregates1mRegional, records).await;
 }
 
 pub(super) fn severity_name(s: Severity) -> &'static str {
