@@ -175,21 +175,67 @@ pub fn classify(
 }
 
 /// The alert message for a finding, worded as the earlier system's.
+///
+/// Built by hand rather than with `format!`: float formatting with a
+/// precision is the dearest thing a finding costs, in Wasm most of all.
 pub fn message(kind: AnomalyKind, power_kw: f64, baseline_kw: f64, change: f64) -> String {
+    let mut m = String::with_capacity(96);
     match kind {
-        AnomalyKind::Spike => format!(
-            "Sudden power consumption spike: {:.1}% increase \
-             (baseline: {baseline_kw:.2} kW, current: {power_kw:.2} kW)",
-            change * 100.0
-        ),
-        AnomalyKind::Drop => format!(
-            "Sudden power consumption drop: {:.1}% decrease \
-             (baseline: {baseline_kw:.2} kW, current: {power_kw:.2} kW)",
-            -change * 100.0
-        ),
-        AnomalyKind::Outage => format!(
-            "Possible outage: power {power_kw:.2} kW against a baseline of {baseline_kw:.2} kW"
-        ),
+        AnomalyKind::Spike | AnomalyKind::Drop => {
+            let (what, direction, percent) = if kind == AnomalyKind::Spike {
+                ("spike", "increase", change * 100.0)
+            } else {
+                ("drop", "decrease", -change * 100.0)
+            };
+            m.push_str("Sudden power consumption ");
+            m.push_str(what);
+            m.push_str(": ");
+            push_fixed(&mut m, percent, 1);
+            m.push_str("% ");
+            m.push_str(direction);
+            m.push_str(" (baseline: ");
+            push_fixed(&mut m, baseline_kw, 2);
+            m.push_str(" kW, current: ");
+            push_fixed(&mut m, power_kw, 2);
+            m.push_str(" kW)");
+        }
+        AnomalyKind::Outage => {
+            m.push_str("Possible outage: power ");
+            push_fixed(&mut m, power_kw, 2);
+            m.push_str(" kW against a baseline of ");
+            push_fixed(&mut m, baseline_kw, 2);
+            m.push_str(" kW");
+        }
+    }
+    m
+}
+
+/// Appends `x` with `decimals` (at most 6) digits after the point, rounded
+/// half away from zero (an exact binary half, like 12.5, goes up as with the
+/// seed's JavaScript `toFixed`). Values too large for exact integer scaling, and
+/// non-finite ones, fall back to `format!`.
+fn push_fixed(out: &mut String, x: f64, decimals: u32) {
+    use std::fmt::Write as _;
+    let decimals = decimals.min(6);
+    let scale = 10u64.pow(decimals);
+    let scaled = (x.abs() * scale as f64).round();
+    if !scaled.is_finite() || scaled >= 9.0e15 {
+        let _ = write!(out, "{x:.*}", decimals as usize);
+        return;
+    }
+    let n = scaled as u64;
+    if x.is_sign_negative() && n != 0 {
+        out.push('-');
+    }
+    let _ = write!(out, "{}", n / scale);
+    if decimals > 0 {
+        out.push('.');
+        let frac = n % scale;
+        let mut digit = scale / 10;
+        while digit > 0 {
+            out.push(char::from(b'0' + ((frac / digit) % 10) as u8));
+            digit /= 10;
+        }
     }
 }
 
@@ -233,6 +279,24 @@ pub fn detect(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_point_matches_format_away_from_ties() {
+        for &x in &[
+            0.0, 0.004, 0.05, 1.0, 5.0, 12.4, 150.0, 331.6, -60.0, 4.23, 18.26, 99.999, 1234.5678,
+        ] {
+            for d in 0..4u32 {
+                let mut mine = String::new();
+                push_fixed(&mut mine, x, d);
+                assert_eq!(mine, format!("{x:.*}", d as usize), "{x} to {d}");
+            }
+        }
+        // Exact binary halves round away from zero, as the seed's
+        // JavaScript `toFixed` does (`format!` would round to even).
+        let mut tie = String::new();
+        push_fixed(&mut tie, 12.5, 0);
+        assert_eq!(tie, "13");
+    }
 
     fn check(power: f64, baseline: f64) -> Option<(AnomalyKind, Severity, f64)> {
         classify(&Config::default(), power, baseline, 20)
