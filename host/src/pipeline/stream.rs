@@ -115,7 +115,7 @@ impl StreamStage {
         let late_before = self.windows.stats().late_readings;
         let mut n = 0u64;
         for d in records {
-            let reading = match Reading::parse(&d.record.value) {
+            let reading: Reading<'_> = match serde_json::from_slice(&d.record.value) {
                 Ok(r) => r,
                 Err(e) => {
                     self.bad_record(d, &e.to_string());
