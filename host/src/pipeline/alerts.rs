@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Context, PipelineError, Stage, json_record, publish, with_retry};
+use super::{Context, PipelineError, Stage, json_record, publish, rounds_by_region, with_retry};
 use crate::bus::{Delivered, Topic};
 use crate::dedupe::KeyBatch;
 use crate::plugins::{OverloadRule, overload};
@@ -95,15 +95,7 @@ impl AlertStage {
     /// state chains from one window to the next, so a call holds each region
     /// at most once.
     async fn evaluate_overload(&mut self, windows: Vec<RegionalWindow>) {
-        let mut rest = windows.as_slice();
-        while !rest.is_empty() {
-            let mut seen = std::collections::HashSet::new();
-            let n = rest
-                .iter()
-                .take_while(|w| seen.insert(w.region.as_str()))
-                .count();
-            let (round, tail) = rest.split_at(n);
-            rest = tail;
+        for round in rounds_by_region(&windows, |w| w.region.as_str()) {
             let inputs: Vec<overload::RegionWindow> = round
                 .iter()
                 .map(|w| overload::RegionWindow {

@@ -292,6 +292,22 @@ async fn commit<S: Stage>(ctx: &Context, consumer: &mut Box<dyn Consumer>) {
     }
 }
 
+/// Splits `items` into consecutive rounds in which no region appears twice,
+/// so a rule whose state chains from one window of a region to the next sees
+/// each region at most once per call.
+fn rounds_by_region<T>(items: &[T], region: impl Fn(&T) -> &str) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let mut seen = std::collections::HashSet::new();
+        let n = rest.iter().take_while(|i| seen.insert(region(i))).count();
+        let (round, tail) = rest.split_at(n);
+        out.push(round);
+        rest = tail;
+    }
+    out
+}
+
 /// How long a stage waits on an empty poll before checking its timers.
 const POLL_WAIT: Duration = Duration::from_millis(200);
 /// Records a stage takes per poll.
@@ -361,5 +377,21 @@ where
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rounds_by_region;
+
+    #[test]
+    fn rounds_hold_each_region_once_and_keep_order() {
+        let items = ["a", "b", "a", "c", "b", "b"];
+        let rounds = rounds_by_region(&items, |s| s);
+        assert_eq!(
+            rounds,
+            vec![&["a", "b"][..], &["a", "c", "b"][..], &["b"][..]]
+        );
+        assert!(rounds_by_region(&[] as &[&str], |s| s).is_empty());
     }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use serde_json::{Value, json};
 
-use super::{Context, PipelineError, Stage, json_record, publish, with_retry};
+use super::{Context, PipelineError, Stage, json_record, publish, rounds_by_region, with_retry};
 use crate::bus::{Delivered, Topic};
 use crate::plugins::{TariffRule, tariff};
 use crate::store::NewTariff;
@@ -56,15 +56,7 @@ impl Stage for TariffStage {
         }
         // A region's last price chains from one window to the next, so a
         // call holds each region at most once.
-        let mut rest = loads.as_slice();
-        while !rest.is_empty() {
-            let mut seen = std::collections::HashSet::new();
-            let n = rest
-                .iter()
-                .take_while(|l| seen.insert(l.region.as_str()))
-                .count();
-            let (round, tail) = rest.split_at(n);
-            rest = tail;
+        for round in rounds_by_region(&loads, |l| l.region.as_str()) {
             self.price_round(round).await;
         }
     }
