@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Context, PipelineError, Stage, json_record, publish, rounds_by_region, with_retry};
+use super::{
+    Context, PipelineError, RegionalWindow, Stage, json_record, plugin_failed, publish,
+    rounds_by_region, with_retry,
+};
 use crate::bus::{Delivered, Topic};
 use crate::dedupe::KeyBatch;
 use crate::plugins::{OverloadRule, overload};
@@ -27,15 +30,6 @@ pub struct AlertStage {
     consecutive: HashMap<String, u32>,
 }
 
-/// A regional window as read off `aggregates_1m_regional`.
-struct RegionalWindow {
-    region: String,
-    timestamp_ms: i64,
-    load_percentage: f64,
-    total_consumption: f64,
-    capacity_kw: f64,
-}
-
 impl Stage for AlertStage {
     const NAME: &'static str = "alerts";
 
@@ -46,21 +40,19 @@ impl Stage for AlertStage {
     async fn process(&mut self, records: &[Delivered]) {
         let mut regional = Vec::new();
         for d in records {
-            let value: Value = match serde_json::from_slice(&d.record.value) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(topic = d.topic.name(), offset = d.offset, error = %e, "skipping a record that is not JSON");
-                    continue;
-                }
-            };
             match d.topic {
-                Topic::Alerts => {
-                    // Keep order: regional windows seen so far go first.
-                    self.evaluate_overload(std::mem::take(&mut regional)).await;
-                    self.raise(value).await;
-                }
-                Topic::Aggregates1mRegional => match parse_regional(&value) {
+                Topic::Alerts => match serde_json::from_slice::<Value>(&d.record.value) {
+                    Ok(value) => {
+                        // Keep order: regional windows seen so far go first.
+                        self.evaluate_overload(std::mem::take(&mut regional)).await;
+                        self.raise(value).await;
+                    }
+                    Err(e) => {
+                        self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(offset = d.offset, error = %e, "skipping an alert that is not JSON");
+                    }
+                },
+                Topic::Aggregates1mRegional => match RegionalWindow::parse(&d.record.value) {
                     Some(w) => regional.push(w),
                     None => {
                         self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
@@ -108,12 +100,7 @@ impl AlertStage {
             let decisions = match self.overload.evaluate(&inputs) {
                 Ok(d) => d,
                 Err(e) => {
-                    // Policy: state stays as it was; this round raises nothing.
-                    self.ctx
-                        .metrics
-                        .plugin_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "overload round skipped");
+                    plugin_failed(&self.ctx, &e, "state unchanged; this round raises nothing");
                     continue;
                 }
             };
@@ -251,15 +238,5 @@ fn parse_alert(v: &Value) -> Option<NewAlert> {
         message: s("message").unwrap_or_default(),
         timestamp_ms: crate::time::parse_rfc3339_ms(v.get("timestamp")?.as_str()?)?,
         metadata: v.get("metadata").cloned().unwrap_or_else(|| json!({})),
-    })
-}
-
-fn parse_regional(v: &Value) -> Option<RegionalWindow> {
-    Some(RegionalWindow {
-        region: v.get("region")?.as_str()?.to_owned(),
-        timestamp_ms: crate::time::parse_rfc3339_ms(v.get("timestamp")?.as_str()?)?,
-        load_percentage: v.get("load_percentage")?.as_f64()?,
-        total_consumption: v.get("total_consumption")?.as_f64()?,
-        capacity_kw: v.get("capacity_kw").and_then(Value::as_f64).unwrap_or(0.0),
     })
 }

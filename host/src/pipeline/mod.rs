@@ -292,6 +292,39 @@ async fn commit<S: Stage>(ctx: &Context, consumer: &mut Box<dyn Consumer>) {
     }
 }
 
+/// A regional window as the downstream stages read it off
+/// `aggregates_1m_regional` (the stream stage's payload).
+struct RegionalWindow {
+    region: String,
+    timestamp_ms: i64,
+    load_percentage: f64,
+    total_consumption: f64,
+    capacity_kw: f64,
+}
+
+impl RegionalWindow {
+    /// `None` for a record that is not a regional aggregate.
+    fn parse(value: &[u8]) -> Option<RegionalWindow> {
+        let v: serde_json::Value = serde_json::from_slice(value).ok()?;
+        Some(RegionalWindow {
+            region: v.get("region")?.as_str()?.to_owned(),
+            timestamp_ms: crate::time::parse_rfc3339_ms(v.get("timestamp")?.as_str()?)?,
+            load_percentage: v.get("load_percentage")?.as_f64()?,
+            total_consumption: v.get("total_consumption")?.as_f64()?,
+            capacity_kw: v
+                .get("capacity_kw")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(0.0),
+        })
+    }
+}
+
+/// Counts and logs a failed plugin call; the caller applies its policy.
+fn plugin_failed(ctx: &Context, error: &PluginError, policy: &str) {
+    ctx.metrics.plugin_failures.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(%error, policy, "plugin call failed");
+}
+
 /// Splits `items` into consecutive rounds in which no region appears twice,
 /// so a rule whose state chains from one window of a region to the next sees
 /// each region at most once per call.

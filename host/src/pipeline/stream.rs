@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{Context, Stage, json_record, publish, with_retry};
+use super::{Context, Stage, json_record, plugin_failed, publish, with_retry};
 use crate::bus::{Delivered, Topic};
 use crate::plugins::{AggregateRule, AnomalyRule, Severity, aggregate, anomaly};
 use crate::reading::Reading;
@@ -178,13 +178,8 @@ impl StreamStage {
                 }
             }
             Err(e) => {
-                // Policy: a failed batch raises no alerts; it is logged and
-                // counted (the windows have the readings regardless).
-                self.ctx
-                    .metrics
-                    .plugin_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, readings = self.refs.len(), "anomaly batch skipped");
+                // The windows have the readings regardless.
+                plugin_failed(&self.ctx, &e, "this anomaly batch raises no alerts");
             }
         }
         self.batch.power_kw.clear();
@@ -279,12 +274,7 @@ impl StreamStage {
         let finished = match self.aggregate.finish_meters(&inputs) {
             Ok(f) => f,
             Err(e) => {
-                // Policy: the host's own plain derivation, so no window is lost.
-                self.ctx
-                    .metrics
-                    .plugin_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "aggregate rule failed; using plain averages");
+                plugin_failed(&self.ctx, &e, "plain averages for this window");
                 inputs.iter().map(plain_meter_aggregate).collect()
             }
         };
@@ -335,11 +325,7 @@ impl StreamStage {
         let finished = match self.aggregate.finish_regions(&inputs) {
             Ok(f) => f,
             Err(e) => {
-                self.ctx
-                    .metrics
-                    .plugin_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "aggregate rule failed on regions; using plain figures");
+                plugin_failed(&self.ctx, &e, "plain regional figures for this window");
                 inputs.iter().map(plain_regional_aggregate).collect()
             }
         };

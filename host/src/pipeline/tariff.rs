@@ -8,9 +8,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::{Context, PipelineError, Stage, json_record, publish, rounds_by_region, with_retry};
+use super::{
+    Context, PipelineError, RegionalWindow, Stage, json_record, plugin_failed, publish,
+    rounds_by_region, with_retry,
+};
 use crate::bus::{Delivered, Topic};
 use crate::plugins::{TariffRule, tariff};
 use crate::store::NewTariff;
@@ -22,12 +25,6 @@ pub struct TariffStage {
     current: HashMap<String, f64>,
 }
 
-struct RegionLoad {
-    region: String,
-    timestamp_ms: i64,
-    load_percentage: f64,
-}
-
 impl Stage for TariffStage {
     const NAME: &'static str = "tariff";
 
@@ -36,16 +33,9 @@ impl Stage for TariffStage {
     }
 
     async fn process(&mut self, records: &[Delivered]) {
-        let loads: Vec<RegionLoad> = records
+        let loads: Vec<RegionalWindow> = records
             .iter()
-            .filter_map(|d| {
-                let v: Value = serde_json::from_slice(&d.record.value).ok()?;
-                Some(RegionLoad {
-                    region: v.get("region")?.as_str()?.to_owned(),
-                    timestamp_ms: crate::time::parse_rfc3339_ms(v.get("timestamp")?.as_str()?)?,
-                    load_percentage: v.get("load_percentage")?.as_f64()?,
-                })
-            })
+            .filter_map(|d| RegionalWindow::parse(&d.record.value))
             .collect();
         let bad = records.len() - loads.len();
         if bad > 0 {
@@ -78,7 +68,7 @@ impl TariffStage {
         })
     }
 
-    async fn price_round(&mut self, round: &[RegionLoad]) {
+    async fn price_round(&mut self, round: &[RegionalWindow]) {
         let inputs: Vec<tariff::RegionLoad> = round
             .iter()
             .map(|l| {
@@ -93,12 +83,7 @@ impl TariffStage {
         let decisions = match self.tariff.price(&inputs) {
             Ok(d) => d,
             Err(e) => {
-                // Policy: prices stay as they are for this round.
-                self.ctx
-                    .metrics
-                    .plugin_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "tariff round skipped");
+                plugin_failed(&self.ctx, &e, "prices stay as they are for this round");
                 return;
             }
         };
