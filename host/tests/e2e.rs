@@ -182,7 +182,7 @@ async fn a_scripted_stream_gives_exact_results() {
             (
                 t.region.clone(),
                 t.price_per_kwh,
-                t.reason.clone(),
+                t.reason.to_string(),
                 t.is_active,
             )
         })
@@ -470,13 +470,14 @@ async fn the_read_api_answers_with_seed_columns_and_refuses_bad_queries() {
     let bus = app.ctx.bus.clone();
     let new = segs::store::NewAlert {
         id: uuid::Uuid::new_v4(),
-        alert_type: "ANOMALY".into(),
-        severity: "high".into(),
+        alert_type: segs::messages::AlertType::Anomaly,
+        severity: segs::messages::Severity::High,
         region: Some("Mumbai-North".into()),
         meter_id: Some("MTR-00000001".into()),
         message: "test".into(),
         timestamp_ms: START_MS,
         metadata: json!({"type": "spike"}),
+        dedupe_key: None,
     };
     let alert = store.insert_alert(&new).await.unwrap();
     let mut updates = bus

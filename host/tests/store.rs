@@ -62,13 +62,14 @@ fn alert(
 ) -> NewAlert {
     NewAlert {
         id: Uuid::new_v4(),
-        alert_type: alert_type.into(),
-        severity: severity.into(),
+        alert_type: alert_type.parse().unwrap(),
+        severity: severity.parse().unwrap(),
         region: Some(region.into()),
         meter_id: meter.map(Into::into),
         message: format!("{alert_type} in {region}"),
         timestamp_ms: t(at),
         metadata: json!({"baseline": 4.5, "current": 12.0, "change": 1.67, "type": "SPIKE"}),
+        dedupe_key: None,
     }
 }
 
@@ -80,7 +81,7 @@ fn tariff(region: &str, price: f64, from: &str) -> NewTariff {
         previous_price: Some(6.5),
         change_percent: Some(10.0),
         load_percentage: Some(79.0),
-        reason: "HIGH_LOAD".into(),
+        reason: segs::messages::TariffReason::HighLoad,
     }
 }
 
@@ -546,7 +547,7 @@ async fn alert_lifecycle() {
             .await
             .unwrap(),
         Transition::Refused {
-            status: "resolved".into()
+            status: segs::messages::AlertStatus::Resolved
         }
     );
     assert_eq!(store.get_alert(new.id).await.unwrap(), Some(resolved));
@@ -616,26 +617,158 @@ async fn concurrent_acknowledgements_change_the_alert_once() {
 }
 
 #[tokio::test]
-async fn bad_severity_is_rejected() {
+async fn an_alert_is_stored_once_per_id_and_once_per_dedupe_key() {
     let store = memory_store().await;
-    let err = store
-        .insert_alert(&alert(
-            "ANOMALY",
-            "apocalyptic",
-            "Mumbai-North",
-            None,
-            "2025-11-12T06:30:00Z",
-        ))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, store::StoreError::Rejected(_)), "{err:?}");
-    assert!(
-        store
-            .list_alerts(&AlertFilter::default())
-            .await
-            .unwrap()
-            .is_empty()
+    let mut first = alert(
+        "ANOMALY",
+        "high",
+        "Mumbai-North",
+        Some("MTR-1"),
+        "2025-11-12T06:30:00Z",
     );
+    first.dedupe_key = Some("alert:dedupe:MTR-1:ANOMALY:5876430".into());
+    let stored = store.insert_alert(&first).await.unwrap();
+    // The same alert again (a replay): the stored row, nothing new.
+    assert_eq!(store.insert_alert(&first).await.unwrap(), stored);
+    // Another alert with the same dedupe key: deduplicated.
+    let mut second = alert(
+        "ANOMALY",
+        "low",
+        "Mumbai-North",
+        Some("MTR-1"),
+        "2025-11-12T06:31:00Z",
+    );
+    second.dedupe_key = first.dedupe_key.clone();
+    assert_eq!(store.insert_alert(&second).await.unwrap().id, first.id);
+    // Without a dedupe key, alerts are never deduplicated.
+    let third = alert(
+        "ANOMALY",
+        "low",
+        "Mumbai-North",
+        Some("MTR-1"),
+        "2025-11-12T06:31:00Z",
+    );
+    store.insert_alert(&third).await.unwrap();
+    let all = store.list_alerts(&AlertFilter::default()).await.unwrap();
+    let mut ids: Vec<Uuid> = all.iter().map(|a| a.id).collect();
+    ids.sort();
+    let mut want = vec![first.id, third.id];
+    want.sort();
+    assert_eq!(ids, want);
+}
+
+#[tokio::test]
+async fn raw_readings_hold_each_reading_once() {
+    let store = memory_store().await;
+    let batch: Vec<RawReading> = (0..10).map(|i| reading("MTR-1", i * 1000, 1.0)).collect();
+    store.insert_raw_readings(&batch).await.unwrap();
+    // A replay of part of it, with one new reading.
+    let mut again = batch[5..].to_vec();
+    again.push(reading("MTR-1", 10_000, 1.0));
+    store.insert_raw_readings(&again).await.unwrap();
+    assert_eq!(store.count_raw_readings().await.unwrap(), 11);
+}
+
+#[tokio::test]
+async fn apply_stores_everything_or_nothing_with_its_outbox() {
+    use segs::messages::KeyedMessage;
+    use segs::store::{Applied, Checkpoint, Effects, RuleState};
+
+    let (store, _dir) = file_store().await;
+    let mut dup = alert(
+        "OVERLOAD",
+        "high",
+        "Mumbai-North",
+        None,
+        "2025-11-12T06:30:00Z",
+    );
+    dup.dedupe_key = Some("alert:dedupe:Mumbai-North:OVERLOAD:1".into());
+    let effects = Effects {
+        meter_windows: vec![(
+            WindowWidth::OneMinute,
+            vec![window("MTR-1", "2025-11-12T06:30:00Z", &[1.0, 3.0], &[])],
+        )],
+        regional_windows: vec![regional("Mumbai-North", "2025-11-12T06:30:00Z", 2.0, 50.0)],
+        alerts: vec![dup.clone(), dup.clone()],
+        tariffs: vec![tariff("Mumbai-North", 7.15, "2025-11-12T06:30:00Z")],
+        rule_state: vec![RuleState {
+            rule: "overload.consecutive".into(),
+            key: "Mumbai-North".into(),
+            value: 2,
+        }],
+        checkpoint: Some(Checkpoint {
+            group: "stream-processor-group".into(),
+            bus_id: "bus-1".into(),
+            positions: vec![("telemetry-readings".into(), 0, 42)],
+            state: vec![1, 2, 3],
+        }),
+    };
+    let outbox = |applied: &Applied| {
+        // Built from what was stored: one message per stored alert and tariff.
+        let mut out: Vec<KeyedMessage> = Vec::new();
+        for row in applied.alerts.iter().flatten() {
+            out.push(KeyedMessage {
+                topic: segs::bus::Topic::AlertsProcessed,
+                key: row.id.to_string(),
+                value: b"{}".to_vec(),
+                headers: vec![("type".into(), row.alert_type.to_string())],
+            });
+        }
+        for row in &applied.tariffs {
+            out.push(KeyedMessage {
+                topic: segs::bus::Topic::TariffUpdates,
+                key: row.tariff_id.clone(),
+                value: b"{}".to_vec(),
+                headers: vec![],
+            });
+        }
+        out
+    };
+    let (applied, records) = store.apply("test", &effects, &outbox).await.unwrap();
+    assert_eq!(applied.meter_windows[0][0].count, 2);
+    assert!(applied.alerts[0].is_some());
+    assert!(applied.alerts[1].is_none(), "the second is deduplicated");
+    assert_eq!(applied.tariffs[0].tariff_id, "TRF-MUMBAI-NORTH-000001");
+    assert_eq!(records.len(), 2);
+    assert_eq!(store.pending_outbox("test").await.unwrap(), records);
+    assert!(store.pending_outbox("other").await.unwrap().is_empty());
+    let cp = store
+        .load_checkpoint("stream-processor-group")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cp.positions, vec![("telemetry-readings".to_owned(), 0, 42)]);
+    assert_eq!(cp.state, vec![1, 2, 3]);
+    assert_eq!(
+        store.load_rule_state("overload.consecutive").await.unwrap(),
+        vec![("Mumbai-North".to_owned(), 2)]
+    );
+    store.delete_outbox("test", records[0].seq).await.unwrap();
+    assert_eq!(store.pending_outbox("test").await.unwrap(), records[1..]);
+
+    // A unit of work the database refuses leaves nothing behind.
+    let refused = Effects {
+        meter_windows: vec![(
+            WindowWidth::OneMinute,
+            vec![window("MTR-3", "2025-11-12T06:31:00Z", &[1.0], &[])],
+        )],
+        regional_windows: vec![RegionalAggregate {
+            meter_count: 1,
+            ..regional("South", "2025-11-12T06:31:00Z", 1.0, 1.0)
+        }],
+        tariffs: vec![NewTariff {
+            price_per_kwh: f64::NAN,
+            ..tariff("South", 1.0, "2025-11-12T06:31:00Z")
+        }],
+        ..Effects::default()
+    };
+    assert!(store.apply("test", &refused, &outbox).await.is_err());
+    let after = store
+        .meter_aggregates(WindowWidth::OneMinute, &AggregateQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1, "MTR-3's window was not stored");
+    assert_eq!(store.pending_outbox("test").await.unwrap(), records[1..]);
 }
 
 #[tokio::test]

@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 
 use crate::bus::{Bus, Topic};
 use crate::ingest::{self, IngestState};
-use crate::pipeline::{Metrics, status_update_payload};
+use crate::messages::KeyedMessage;
+use crate::pipeline::{Metrics, status_update};
 use crate::store::{AggregateQuery, AlertFilter, Store, Transition, WindowWidth};
 
 /// What the read API needs.
@@ -241,12 +242,7 @@ async fn transition(
 ) -> Response {
     match t {
         Ok(Transition::Changed { from, row }) => {
-            let value = status_update_payload(&row, &from, by, now);
-            let record = crate::bus::Record::new(
-                bytes::Bytes::from(row.id.to_string()),
-                bytes::Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
-                now,
-            );
+            let record = KeyedMessage::of(&status_update(&row, from, by, now)).record(now);
             if let Err(e) = s.bus.produce(Topic::AlertStatusUpdates, vec![record]).await {
                 tracing::error!(error = %e, "could not publish an alert status update");
             }

@@ -58,6 +58,8 @@ pub struct TopicStats {
 }
 
 struct Inner {
+    /// See [`Bus::log_id`]: new for every volatile bus.
+    log_id: String,
     partitions: u32,
     max_lag: usize,
     retain_unconsumed: usize,
@@ -224,6 +226,7 @@ impl MemoryBus {
             .collect();
         MemoryBus {
             inner: Arc::new(Inner {
+                log_id: format!("memory-{}", uuid::Uuid::new_v4()),
                 partitions,
                 max_lag: max_lag_per_partition,
                 retain_unconsumed,
@@ -446,6 +449,10 @@ impl Bus for MemoryBus {
     fn partitions(&self) -> u32 {
         self.inner.partitions
     }
+
+    fn log_id(&self) -> &str {
+        &self.inner.log_id
+    }
 }
 
 /// A partition this member owns, and how far it has read and committed.
@@ -652,6 +659,51 @@ impl Consumer for MemoryConsumer {
                     _ => self.lost.push(tp),
                 }
                 o.committed = o.position;
+            }
+        }
+        for (topic, p) in changed {
+            inner.update_floor(groups_guard, topic, p);
+        }
+        if self.lost.is_empty() {
+            return Ok(());
+        }
+        let mut partitions = std::mem::take(&mut self.lost);
+        partitions.sort();
+        partitions.dedup();
+        Err(BusError::Rebalanced {
+            group: self.group.clone(),
+            partitions,
+        })
+    }
+
+    async fn commit_positions(&mut self, positions: &[(Topic, u32, u64)]) -> Result<(), BusError> {
+        self.refresh();
+        let inner = self.inner.clone();
+        let groups_guard = &mut *inner.groups.lock();
+        let mut changed = Vec::new();
+        if let Some(g) = groups_guard.get_mut(&self.group) {
+            for &(topic, partition, offset) in positions {
+                let Some(o) = self
+                    .owned
+                    .iter_mut()
+                    .find(|o| o.topic == topic && o.partition == partition)
+                else {
+                    self.lost.push((topic, partition));
+                    continue;
+                };
+                let offset = offset.min(o.position);
+                if offset <= o.committed {
+                    continue;
+                }
+                let tp = (topic, partition);
+                match g.owners.get(&tp) {
+                    Some(owner) if owner.member == self.member && owner.epoch == o.epoch => {
+                        g.committed.insert(tp, offset);
+                        changed.push(tp);
+                    }
+                    _ => self.lost.push(tp),
+                }
+                o.committed = offset;
             }
         }
         for (topic, p) in changed {

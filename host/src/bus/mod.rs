@@ -177,6 +177,12 @@ pub trait Bus: Send + Sync {
 
     /// Partitions of every topic.
     fn partitions(&self) -> u32;
+
+    /// Names the log the offsets belong to: the same for as long as offsets
+    /// keep their meaning (a durable log reopened after a restart), a new
+    /// one when they start over (a volatile bus in a new process). State
+    /// checkpointed with positions applies only to the log it names.
+    fn log_id(&self) -> &str;
 }
 
 /// One member of a consumer group. Dropping it leaves the group; its
@@ -192,6 +198,11 @@ pub trait Consumer: Send {
     /// Commits the position after everything returned by poll so far
     /// (Kafka: `commitSync()` of the positions).
     async fn commit(&mut self) -> Result<(), BusError>;
+
+    /// Commits exactly these next-offsets, one per (topic, partition) this
+    /// member owns; each must be at most what poll has returned for it
+    /// (Kafka: `commitSync(Map)`). Same rebalance semantics as `commit`.
+    async fn commit_positions(&mut self, positions: &[(Topic, u32, u64)]) -> Result<(), BusError>;
 
     /// Partitions currently assigned to this member.
     fn assignment(&self) -> Vec<(Topic, u32)>;

@@ -5,29 +5,43 @@
 //! The overload rule's state (consecutive overloaded windows per region) is
 //! kept here, passed into each call and taken back from its answer, so a
 //! plugin swap or restart does not reset an incident in progress.
+//!
+//! Exactly once: a poll's alerts, the overload state it advanced and the
+//! last regional window applied per region are stored in one transaction
+//! with the `alerts_processed` messages ([`super::apply`]). A redelivered
+//! regional window (at or before the last one applied for its region) is
+//! skipped; a redelivered alert is recognised by its id; a second alert with
+//! the same dedupe key (`alert:dedupe:{subject}:{type}:{bucket}`, buckets of
+//! `alerts.dedupe_ttl_s`) is recognised by the store's unique key, so the
+//! dedupe holds across restarts and processes.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
-
-use serde_json::{Value, json};
 
 use super::{
-    Context, PipelineError, RegionalWindow, Stage, json_record, plugin_failed, publish,
-    rounds_by_region, with_retry,
+    Context, PipelineError, Stage, apply, flush_outbox, keyed, plugin_failed, rounds_by_region,
 };
 use crate::bus::{Delivered, Topic};
-use crate::dedupe::KeyBatch;
+use crate::messages::{
+    Alert, AlertMetadata, AlertProcessed, AlertStatus, AlertStatusUpdate, AlertType,
+    OverloadMetadata, RegionalWindow, Severity, decode,
+};
 use crate::plugins::{OverloadRule, overload};
-use crate::store::{AlertRow, NewAlert};
+use crate::store::{AlertRow, Applied, Effects, NewAlert, RuleState};
 
 /// `rule_state.rule` of the overload rule's consecutive counts.
 const OVERLOAD_STATE: &str = "overload.consecutive";
+/// `rule_state.rule` of the start of the last regional window applied, per
+/// region.
+const LAST_WINDOW: &str = "overload.last_window";
+/// The stage's name in the outbox and in crash points.
+const STAGE: &str = "alerts";
 
 pub struct AlertStage {
     ctx: Context,
     overload: OverloadRule,
     consecutive: HashMap<String, u32>,
+    last_window: HashMap<String, i64>,
 }
 
 impl Stage for AlertStage {
@@ -38,37 +52,65 @@ impl Stage for AlertStage {
     }
 
     async fn process(&mut self, records: &[Delivered]) {
+        let mut effects = Effects::default();
         let mut regional = Vec::new();
         for d in records {
             match d.topic {
-                Topic::Alerts => match serde_json::from_slice::<Value>(&d.record.value) {
-                    Ok(value) => {
-                        // Keep order: regional windows seen so far go first.
-                        self.evaluate_overload(std::mem::take(&mut regional)).await;
-                        self.raise(value).await;
+                Topic::Alerts => match decode::<Alert>(&d.record.value) {
+                    Ok(alert) => {
+                        let new = self.new_alert(alert);
+                        effects.alerts.push(new);
                     }
-                    Err(e) => {
-                        self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(offset = d.offset, error = %e, "skipping an alert that is not JSON");
-                    }
+                    Err(e) => self.bad_record(d, &e),
                 },
-                Topic::Aggregates1mRegional => match RegionalWindow::parse(&d.record.value) {
-                    Some(w) => regional.push(w),
-                    None => {
-                        self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
+                Topic::Aggregates1mRegional => match decode::<RegionalWindow>(&d.record.value) {
+                    Ok(w) => {
+                        // A window at or before the last one applied for its
+                        // region was applied already: a replay.
+                        if self.last_window.get(&w.region) < Some(&w.timestamp_ms) {
+                            self.last_window.insert(w.region.clone(), w.timestamp_ms);
+                            effects.rule_state.push(RuleState {
+                                rule: LAST_WINDOW.to_owned(),
+                                key: w.region.clone(),
+                                value: w.timestamp_ms,
+                            });
+                            regional.push(w);
+                        }
                     }
+                    Err(e) => self.bad_record(d, &e),
                 },
                 _ => {}
             }
         }
-        self.evaluate_overload(regional).await;
+        self.evaluate_overload(&regional, &mut effects);
+        if effects.is_empty() {
+            return;
+        }
+        let outbox = |applied: &Applied| {
+            let now = crate::time::now_ms();
+            let processed: Vec<AlertProcessed> = applied
+                .alerts
+                .iter()
+                .flatten()
+                .map(|row| processed(row, now))
+                .collect();
+            keyed(&processed)
+        };
+        let applied = apply(&self.ctx, STAGE, &effects, &outbox).await;
+        let stored = applied.alerts.iter().flatten().count() as u64;
+        let m = &self.ctx.metrics;
+        m.alerts_stored.fetch_add(stored, Ordering::Relaxed);
+        m.alerts_deduplicated
+            .fetch_add(applied.alerts.len() as u64 - stored, Ordering::Relaxed);
     }
 }
 
 impl AlertStage {
     /// The overload rule's state per region is loaded from the store, so an
-    /// incident in progress survives a restart.
+    /// incident in progress survives a restart; what the outbox still holds
+    /// is published first.
     pub async fn new(ctx: Context, overload: OverloadRule) -> Result<AlertStage, PipelineError> {
+        flush_outbox(&ctx, STAGE).await?;
         let consecutive = ctx
             .store
             .load_rule_state(OVERLOAD_STATE)
@@ -76,18 +118,55 @@ impl AlertStage {
             .into_iter()
             .map(|(region, n)| (region, u32::try_from(n).unwrap_or(0)))
             .collect();
+        let last_window = ctx
+            .store
+            .load_rule_state(LAST_WINDOW)
+            .await?
+            .into_iter()
+            .collect();
         Ok(AlertStage {
             ctx,
             overload,
             consecutive,
+            last_window,
         })
+    }
+
+    fn bad_record(&self, d: &Delivered, e: &serde_json::Error) {
+        self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(topic = %d.topic, offset = d.offset, error = %e, "skipping a record that is not a {}", d.topic);
+    }
+
+    /// The alert to store, with its dedupe key.
+    fn new_alert(&self, alert: Alert) -> NewAlert {
+        let ttl_ms = (self.ctx.config.alerts.dedupe_ttl_s * 1000).max(1) as i64;
+        let bucket = alert.timestamp_ms.div_euclid(ttl_ms);
+        let subject = alert
+            .meter_id
+            .as_deref()
+            .or(alert.region.as_deref())
+            .unwrap_or("-");
+        NewAlert {
+            dedupe_key: Some(format!(
+                "alert:dedupe:{subject}:{}:{bucket}",
+                alert.alert_type
+            )),
+            id: alert.id,
+            alert_type: alert.alert_type,
+            severity: alert.severity,
+            region: alert.region,
+            meter_id: alert.meter_id,
+            message: alert.message,
+            timestamp_ms: alert.timestamp_ms,
+            metadata: serde_json::to_value(&alert.metadata).unwrap_or_default(),
+        }
     }
 
     /// Runs the overload rule over regional windows in order. A region's
     /// state chains from one window to the next, so a call holds each region
     /// at most once.
-    async fn evaluate_overload(&mut self, windows: Vec<RegionalWindow>) {
-        for round in rounds_by_region(&windows, |w| w.region.as_str()) {
+    fn evaluate_overload(&mut self, windows: &[RegionalWindow], effects: &mut Effects) {
+        for round in rounds_by_region(windows, |w| w.region.as_str()) {
             let inputs: Vec<overload::RegionWindow> = round
                 .iter()
                 .map(|w| overload::RegionWindow {
@@ -104,139 +183,69 @@ impl AlertStage {
                     continue;
                 }
             };
-            let changed: Vec<(String, i64)> = round
-                .iter()
-                .zip(&decisions)
-                .filter(|(w, d)| self.consecutive.get(&w.region) != Some(&d.consecutive))
-                .map(|(w, d)| (w.region.clone(), i64::from(d.consecutive)))
-                .collect();
-            if !changed.is_empty() {
-                let store = self.ctx.store.clone();
-                with_retry(&self.ctx, "save overload state", || {
-                    store.save_rule_state(OVERLOAD_STATE, &changed)
-                })
-                .await;
-            }
             for (w, d) in round.iter().zip(decisions) {
+                if self.consecutive.get(&w.region) != Some(&d.consecutive) {
+                    effects.rule_state.push(RuleState {
+                        rule: OVERLOAD_STATE.to_owned(),
+                        key: w.region.clone(),
+                        value: i64::from(d.consecutive),
+                    });
+                }
                 self.consecutive.insert(w.region.clone(), d.consecutive);
                 if let Some(alert) = d.alert {
-                    let value = json!({
-                        "id": uuid::Uuid::new_v4(),
-                        "type": "OVERLOAD",
-                        "severity": super::stream::severity_name(alert.severity),
-                        "meter_id": Value::Null,
-                        "region": w.region,
-                        "timestamp": crate::time::format_rfc3339_ms(w.timestamp_ms),
-                        "message": alert.message,
-                        "metadata": {
-                            "load_percentage": w.load_percentage,
-                            "total_consumption": w.total_consumption,
-                            "capacity": w.capacity_kw,
-                            "consecutive_windows": d.consecutive,
-                        },
-                    });
-                    self.raise(value).await;
+                    let alert = Alert {
+                        id: uuid::Uuid::new_v4(),
+                        alert_type: AlertType::Overload,
+                        severity: Severity::from(alert.severity),
+                        meter_id: None,
+                        region: Some(w.region.clone()),
+                        timestamp_ms: w.timestamp_ms,
+                        message: alert.message,
+                        metadata: AlertMetadata::Overload(OverloadMetadata {
+                            load_percentage: w.load_percentage,
+                            total_consumption: w.total_consumption,
+                            capacity: w.capacity_kw,
+                            consecutive_windows: d.consecutive,
+                        }),
+                    };
+                    let new = self.new_alert(alert);
+                    effects.alerts.push(new);
                 }
             }
         }
     }
+}
 
-    /// Dedupe, store, publish one alert.
-    async fn raise(&mut self, alert: Value) {
-        let Some(new) = parse_alert(&alert) else {
-            self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%alert, "skipping an alert without id/type/severity/timestamp");
-            return;
-        };
-        let ttl = Duration::from_secs(self.ctx.config.alerts.dedupe_ttl_s);
-        let bucket = new.timestamp_ms.div_euclid(ttl.as_millis().max(1) as i64);
-        let subject = new
-            .meter_id
-            .as_deref()
-            .or(new.region.as_deref())
-            .unwrap_or("-");
-        let mut keys = KeyBatch::default();
-        keys.push_with(|k| {
-            use std::fmt::Write as _;
-            let _ = write!(k, "alert:dedupe:{subject}:{}:{bucket}", new.alert_type);
-        });
-        match self.ctx.dedupe.check_and_mark(&keys, ttl).await {
-            Ok(fresh) if !fresh[0] => {
-                self.ctx
-                    .metrics
-                    .alerts_deduplicated
-                    .fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                // Without dedupe we would rather store a repeat than lose one.
-                tracing::warn!(error = %e, "alert dedupe unavailable; storing anyway");
-            }
-        }
-        let store = self.ctx.store.clone();
-        let row = with_retry(&self.ctx, "insert alert", || store.insert_alert(&new)).await;
-        self.ctx
-            .metrics
-            .alerts_stored
-            .fetch_add(1, Ordering::Relaxed);
-        let now = crate::time::now_ms();
-        let value = processed_payload(&row, now);
-        let key = row.id.to_string();
-        let record = json_record(
-            &key,
-            &value,
-            &[("type", &row.alert_type), ("severity", &row.severity)],
-            now,
-        );
-        publish(&self.ctx, Topic::AlertsProcessed, vec![record]).await;
+/// The seed's `alerts_processed` message for a stored alert.
+pub fn processed(row: &AlertRow, now_ms: i64) -> AlertProcessed {
+    AlertProcessed {
+        alert_id: row.id,
+        alert_type: row.alert_type,
+        severity: row.severity,
+        meter_id: row.meter_id.clone(),
+        region: row.region.clone(),
+        message: row.message.clone(),
+        status: row.status,
+        timestamp_ms: row.timestamp_ms,
+        processed_at_ms: now_ms,
     }
 }
 
-/// The seed's `alerts_processed` payload.
-pub fn processed_payload(row: &AlertRow, now_ms: i64) -> Value {
-    json!({
-        "alertId": row.id,
-        "type": row.alert_type,
-        "severity": row.severity,
-        "meterId": row.meter_id,
-        "region": row.region,
-        "message": row.message,
-        "status": row.status,
-        "timestamp": crate::time::format_rfc3339_ms(row.timestamp_ms),
-        "processedAt": crate::time::format_rfc3339_ms(now_ms),
-    })
-}
-
-/// The `alert_status_updates` payload of a status change.
-pub fn status_update_payload(
+/// The `alert_status_updates` message of a status change.
+pub fn status_update(
     row: &AlertRow,
-    previous: &str,
+    previous: AlertStatus,
     by: Option<&str>,
     now_ms: i64,
-) -> Value {
-    json!({
-        "alertId": row.id,
-        "type": row.alert_type,
-        "region": row.region,
-        "meterId": row.meter_id,
-        "status": row.status,
-        "previousStatus": previous,
-        "by": by,
-        "timestamp": crate::time::format_rfc3339_ms(now_ms),
-    })
-}
-
-fn parse_alert(v: &Value) -> Option<NewAlert> {
-    let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
-    Some(NewAlert {
-        id: s("id")?.parse().ok()?,
-        alert_type: s("type")?,
-        severity: s("severity")?,
-        region: s("region"),
-        meter_id: s("meter_id"),
-        message: s("message").unwrap_or_default(),
-        timestamp_ms: crate::time::parse_rfc3339_ms(v.get("timestamp")?.as_str()?)?,
-        metadata: v.get("metadata").cloned().unwrap_or_else(|| json!({})),
-    })
+) -> AlertStatusUpdate {
+    AlertStatusUpdate {
+        alert_id: row.id,
+        alert_type: row.alert_type,
+        region: row.region.clone(),
+        meter_id: row.meter_id.clone(),
+        status: row.status,
+        previous_status: previous,
+        by: by.map(str::to_owned),
+        timestamp_ms: now_ms,
+    }
 }

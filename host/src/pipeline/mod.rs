@@ -11,8 +11,18 @@
 //! Stages talk only through the bus, each in its own consumer group, so the
 //! same stage code runs on the in-process bus and on Kafka. Each stage owns
 //! the plugin it calls and the state that plugin needs between calls.
+//!
+//! One effect per record (ARCHITECTURE.md, "Exactly once"): a stage stores
+//! what a poll produced — rows, the state it advanced, the messages it will
+//! publish (the outbox) — in one store transaction ([`apply`]), publishes
+//! the outbox, and only then commits its bus offsets. A crash anywhere
+//! replays records whose effects the store recognises (ids, dedupe keys,
+//! last-applied windows, the stream stage's checkpoint), so nothing is
+//! counted, stored or decided twice.
 
 mod alerts;
+
+pub use alerts::{processed, status_update};
 mod archive;
 mod stream;
 mod tariff;
@@ -27,12 +37,11 @@ use tokio::task::JoinHandle;
 use crate::bus::{Bus, Consumer, Delivered, Record, Topic};
 use crate::config::PipelineConfig;
 use crate::dedupe::Dedupe;
+use crate::messages::KeyedMessage;
 use crate::plugins::{
     AggregateRule, AnomalyRule, OverloadRule, PluginError, Runtime, TariffRule, config_from_toml,
 };
-use crate::store::Store;
-
-pub use alerts::{processed_payload, status_update_payload};
+use crate::store::{Applied, Effects, OutboxBuilder, OutboxRecord, Store};
 
 /// Consumer groups, as the seed names them.
 pub const STREAM_GROUP: &str = "stream-processor-group";
@@ -95,6 +104,8 @@ pub enum PipelineError {
     Store(#[from] crate::store::StoreError),
     #[error("wasmtime: {0}")]
     Wasmtime(String),
+    #[error("the stream stage's checkpoint: {0}")]
+    Checkpoint(#[from] crate::windows::SnapshotError),
 }
 
 /// The four rule plugins, loaded and configured.
@@ -195,7 +206,7 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
         .bus
         .subscribe(STREAM_GROUP, &[Topic::TelemetryReadings])
         .await?;
-    let stage = stream::StreamStage::new(ctx.clone(), anomaly, aggregate);
+    let stage = stream::StreamStage::new(ctx.clone(), anomaly, aggregate).await?;
     let stream = tokio::spawn(drive(stage, consumer, stream_rx));
 
     let consumer = ctx
@@ -245,6 +256,21 @@ trait Stage: Send + 'static {
     fn finish(&mut self) -> impl Future<Output = ()> + Send {
         async {}
     }
+    /// What the driver may commit now. By default everything polled, for a
+    /// stage whose `process` has stored all it derived before returning.
+    fn commit_point(&mut self) -> CommitPoint {
+        CommitPoint::Polled
+    }
+}
+
+/// What a stage's consumer may commit.
+pub(crate) enum CommitPoint {
+    /// Everything poll has returned.
+    Polled,
+    /// These next-offsets (what the stage has made durable so far).
+    Positions(Vec<(Topic, u32, u64)>),
+    /// Nothing new.
+    Nothing,
 }
 
 /// The consumer loop every stage shares. Records are processed before their
@@ -275,47 +301,26 @@ async fn drive<S: Stage>(
                 break;
             }
             stage.idle().await;
-            continue;
+        } else {
+            stage.process(&records).await;
         }
-        stage.process(&records).await;
-        commit::<S>(stage.context(), &mut consumer).await;
+        commit(&mut stage, &mut consumer).await;
     }
     stage.finish().await;
-    commit::<S>(stage.context(), &mut consumer).await;
+    commit(&mut stage, &mut consumer).await;
 }
 
-async fn commit<S: Stage>(ctx: &Context, consumer: &mut Box<dyn Consumer>) {
-    if let Err(e) = consumer.commit().await {
+async fn commit<S: Stage>(stage: &mut S, consumer: &mut Box<dyn Consumer>) {
+    let result = match stage.commit_point() {
+        CommitPoint::Polled => consumer.commit().await,
+        CommitPoint::Positions(p) => consumer.commit_positions(&p).await,
+        CommitPoint::Nothing => Ok(()),
+    };
+    let ctx = stage.context();
+    if let Err(e) = result {
         // The records will be delivered again (at-least-once).
         ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
         tracing::error!(stage = S::NAME, error = %e, "commit failed");
-    }
-}
-
-/// A regional window as the downstream stages read it off
-/// `aggregates_1m_regional` (the stream stage's payload).
-struct RegionalWindow {
-    region: String,
-    timestamp_ms: i64,
-    load_percentage: f64,
-    total_consumption: f64,
-    capacity_kw: f64,
-}
-
-impl RegionalWindow {
-    /// `None` for a record that is not a regional aggregate.
-    fn parse(value: &[u8]) -> Option<RegionalWindow> {
-        let v: serde_json::Value = serde_json::from_slice(value).ok()?;
-        Some(RegionalWindow {
-            region: v.get("region")?.as_str()?.to_owned(),
-            timestamp_ms: crate::time::parse_rfc3339_ms(v.get("timestamp")?.as_str()?)?,
-            load_percentage: v.get("load_percentage")?.as_f64()?,
-            total_consumption: v.get("total_consumption")?.as_f64()?,
-            capacity_kw: v
-                .get("capacity_kw")
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(0.0),
-        })
     }
 }
 
@@ -369,23 +374,71 @@ async fn publish(ctx: &Context, topic: Topic, records: Vec<Record>) {
     }
 }
 
-/// A JSON record with headers.
-fn json_record(
-    key: &str,
-    value: &serde_json::Value,
-    headers: &[(&str, &str)],
-    now_ms: i64,
-) -> Record {
-    let mut r = Record::new(
-        bytes::Bytes::copy_from_slice(key.as_bytes()),
-        bytes::Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
-        now_ms,
-    );
-    r.headers = headers
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    r
+/// Stores a stage step's `effects` together with the messages `outbox`
+/// builds from what was stored (one transaction, retried until it
+/// succeeds), then publishes those messages and clears them from the outbox.
+/// Returns what was stored.
+async fn apply(
+    ctx: &Context,
+    stage: &'static str,
+    effects: &Effects,
+    outbox: &OutboxBuilder<'_>,
+) -> Applied {
+    let store = ctx.store.clone();
+    let (applied, records) = with_retry(ctx, "apply a stage's effects", || {
+        store.apply(stage, effects, outbox)
+    })
+    .await;
+    crate::crash::point(&format!("{stage}.after_apply"));
+    publish_outbox(ctx, stage, records).await;
+    applied
+}
+
+/// Publishes outbox records in seq order (one produce per run of records of
+/// the same topic), then deletes them from the outbox. A crash between the
+/// two publishes them again after the restart: consumers recognise them by
+/// their ids (alert id, region and window, tariff id).
+async fn publish_outbox(ctx: &Context, stage: &'static str, records: Vec<OutboxRecord>) {
+    let Some(last) = records.last().map(|r| r.seq) else {
+        return;
+    };
+    let now = crate::time::now_ms();
+    let mut run: Vec<Record> = Vec::new();
+    let mut run_topic = None;
+    for r in &records {
+        if run_topic != Some(r.message.topic) {
+            if let Some(topic) = run_topic {
+                publish(ctx, topic, std::mem::take(&mut run)).await;
+            }
+            run_topic = Some(r.message.topic);
+        }
+        run.push(r.message.record(now));
+    }
+    if let Some(topic) = run_topic {
+        publish(ctx, topic, run).await;
+    }
+    crate::crash::point(&format!("{stage}.after_publish"));
+    let store = ctx.store.clone();
+    with_retry(ctx, "clear the outbox", || store.delete_outbox(stage, last)).await;
+}
+
+/// Publishes what a stage left in the outbox before it stopped (or crashed).
+async fn flush_outbox(ctx: &Context, stage: &'static str) -> Result<(), PipelineError> {
+    let pending = ctx.store.pending_outbox(stage).await?;
+    if !pending.is_empty() {
+        tracing::info!(
+            stage,
+            messages = pending.len(),
+            "publishing what the outbox held at start"
+        );
+    }
+    publish_outbox(ctx, stage, pending).await;
+    Ok(())
+}
+
+/// Keyed messages of one kind, for an outbox builder.
+fn keyed<M: crate::messages::Message>(messages: &[M]) -> Vec<KeyedMessage> {
+    messages.iter().map(KeyedMessage::of).collect()
 }
 
 /// Runs a store call, retrying failures with backoff until it succeeds.

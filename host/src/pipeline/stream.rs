@@ -4,24 +4,47 @@
 //!
 //! The per-reading work is a JSON parse and [`Windows::add`]; the anomaly
 //! rule is called once per batch of up to `windows.anomaly_batch` readings,
-//! the aggregate rule once per closed window (all meters at once). Storing and
-//! publishing closed windows happens in a writer task fed through a short
-//! bounded queue, so SQL runs beside the folding of the next readings rather
-//! than in series with it; when the writer falls behind, the stage waits.
+//! the aggregate rule once per closed window (all meters at once).
+//!
+//! Exactly once: what the stage derives (closed windows, regional windows,
+//! anomaly alerts) is held until the next *checkpoint* — at least every
+//! [`CHECKPOINT_INTERVAL`], and whenever windows close. A checkpoint is one
+//! store transaction holding those rows, the messages to publish (outbox),
+//! the open windows and baselines ([`crate::windows::Snapshot`]) and the bus
+//! positions they cover. Bus offsets are committed only up to the last
+//! stored checkpoint. After a crash the stage restores the checkpoint and
+//! skips the redelivered records below its positions, so a reading is
+//! folded into exactly one stored state. Checkpoints are written by a writer
+//! task beside the folding, in order; when it falls behind, the stage waits.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::{Context, Stage, json_record, plugin_failed, publish, with_retry};
+use super::{
+    CommitPoint, Context, PipelineError, STREAM_GROUP, Stage, apply, flush_outbox, keyed,
+    plugin_failed,
+};
 use crate::bus::{Delivered, Topic};
-use crate::plugins::{AggregateRule, AnomalyRule, Severity, aggregate, anomaly};
+use crate::messages::{
+    Alert, AlertMetadata, AlertType, AnomalyKind, AnomalyMetadata, KeyedMessage, MeterWindow,
+    RegionalWindow,
+};
+use crate::plugins::{AggregateRule, AnomalyRule, aggregate, anomaly};
 use crate::reading::Reading;
-use crate::store;
-use crate::windows::{ClosedWindow, MeterIdx, RegionIdx, Width, Windows, WindowsParams};
+use crate::store::{self, Applied, Checkpoint, Effects, WindowWidth};
+use crate::windows::{ClosedWindow, MeterIdx, RegionIdx, Snapshot, Width, Windows, WindowsParams};
+
+/// The stage's name in the outbox and in crash points.
+const STAGE: &str = "stream";
+
+/// The longest the stage goes without a checkpoint while records arrive.
+/// Bus offsets are committed only at checkpoints, so this bounds the replay
+/// after a crash and, with the bus's lag bound, the rate ingest can sustain.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1000);
 
 pub struct StreamStage {
     ctx: Context,
@@ -33,12 +56,43 @@ pub struct StreamStage {
     /// Who each batch entry is: meter, region, event time.
     refs: Vec<(MeterIdx, RegionIdx, i64)>,
     closed: Vec<ClosedWindow>,
-    /// Alert records found but not yet published.
-    alerts_out: Vec<crate::bus::Record>,
+    /// Derived since the last checkpoint.
+    pending: Pending,
+    /// Per partition, the offset of the next record not yet folded in.
+    positions: BTreeMap<(Topic, u32), u64>,
+    /// Per partition, the position of the checkpoint restored at start:
+    /// records below it are already in the restored state and are skipped.
+    replay_until: BTreeMap<(Topic, u32), u64>,
     last_record: Instant,
-    /// To the window writer; `None` once finished.
-    writer_tx: Option<mpsc::Sender<Closed>>,
+    last_checkpoint: Instant,
+    /// To the checkpoint writer; `None` once finished.
+    writer_tx: Option<mpsc::Sender<Job>>,
     writer: Option<JoinHandle<()>>,
+    /// Positions of the last checkpoint the writer stored.
+    durable: watch::Receiver<Vec<(Topic, u32, u64)>>,
+    /// What the bus was last told to commit.
+    committed: Vec<(Topic, u32, u64)>,
+}
+
+/// What the stage derived since its last checkpoint.
+#[derive(Default)]
+struct Pending {
+    meters_1m: Vec<store::MeterAggregate>,
+    meters_15m: Vec<store::MeterAggregate>,
+    /// (meter, window start) the aggregate rule held back from publishing.
+    held_back: HashSet<(String, i64)>,
+    regional: Vec<store::RegionalAggregate>,
+    capacities: Vec<f64>,
+    alerts: Vec<Alert>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.meters_1m.is_empty()
+            && self.meters_15m.is_empty()
+            && self.regional.is_empty()
+            && self.alerts.is_empty()
+    }
 }
 
 impl Stage for StreamStage {
@@ -51,12 +105,16 @@ impl Stage for StreamStage {
     async fn process(&mut self, records: &[Delivered]) {
         self.last_record = Instant::now();
         self.fold(records);
-        self.run_anomaly().await;
+        self.detect();
         self.windows.advance(&mut self.closed);
-        self.handle_closed().await;
+        self.handle_closed();
+        if !self.pending.is_empty() || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+            self.checkpoint().await;
+        }
     }
 
-    /// Closes what has waited a whole flush interval without new readings.
+    /// Closes what has waited a whole flush interval without new readings,
+    /// and checkpoints what is pending.
     async fn idle(&mut self) {
         let idle = self.last_record.elapsed();
         let w = &self.ctx.config.windows;
@@ -67,31 +125,86 @@ impl Stage for StreamStage {
             self.windows
                 .close_width(Width::FifteenMinutes, &mut self.closed);
         }
-        self.handle_closed().await;
+        self.handle_closed();
+        if !self.pending.is_empty() || self.positions_moved() {
+            self.checkpoint().await;
+        }
     }
 
-    /// Shutdown: everything open is closed, stored and published.
+    /// Shutdown: everything open is closed and checkpointed (stored and
+    /// published) before the stage returns.
     async fn finish(&mut self) {
         self.windows.close_all(&mut self.closed);
-        self.handle_closed().await;
+        self.handle_closed();
+        self.checkpoint().await;
         self.writer_tx = None;
         if let Some(writer) = self.writer.take() {
             let _ = writer.await;
         }
     }
+
+    fn commit_point(&mut self) -> CommitPoint {
+        let durable = self.durable.borrow_and_update();
+        if *durable == self.committed {
+            return CommitPoint::Nothing;
+        }
+        self.committed = durable.clone();
+        CommitPoint::Positions(self.committed.clone())
+    }
 }
 
 impl StreamStage {
-    pub fn new(ctx: Context, anomaly: AnomalyRule, aggregate: AggregateRule) -> StreamStage {
+    /// Publishes what the outbox still holds, and restores the last
+    /// checkpoint (open windows, baselines, positions) if there is one.
+    pub async fn new(
+        ctx: Context,
+        anomaly: AnomalyRule,
+        aggregate: AggregateRule,
+    ) -> Result<StreamStage, PipelineError> {
+        flush_outbox(&ctx, STAGE).await?;
         let w = &ctx.config.windows;
-        let windows = Windows::new(WindowsParams {
+        let params = WindowsParams {
             allowed_lateness_ms: w.allowed_lateness_s as i64 * 1000,
             baseline_window: w.baseline_window,
-        });
+        };
+        let mut positions = BTreeMap::new();
+        let windows = match ctx.store.load_checkpoint(STREAM_GROUP).await? {
+            Some(cp) => {
+                let snapshot = Snapshot::decode(&cp.state)?;
+                if cp.bus_id == ctx.bus.log_id() {
+                    for (topic, partition, offset) in cp.positions {
+                        if let Some(topic) = Topic::from_name(&topic) {
+                            positions.insert((topic, partition), offset);
+                        }
+                    }
+                } else {
+                    // A volatile bus started over: its records are all new
+                    // to the restored windows.
+                    tracing::info!(
+                        checkpoint_bus = cp.bus_id,
+                        bus = ctx.bus.log_id(),
+                        "stream stage: the bus log is new; its records are all folded in"
+                    );
+                }
+                let windows = Windows::restore(params, snapshot);
+                let stats = windows.stats();
+                tracing::info!(
+                    meters = stats.meters,
+                    open_windows = stats.open_windows,
+                    ?positions,
+                    "stream stage: resuming from its checkpoint"
+                );
+                windows
+            }
+            None => Windows::new(params),
+        };
         let cap = w.anomaly_batch;
         let (writer_tx, rx) = mpsc::channel(WRITER_QUEUE);
-        let writer = tokio::spawn(write_closed(ctx.clone(), rx));
-        StreamStage {
+        let start: Vec<(Topic, u32, u64)> =
+            positions.iter().map(|(&(t, p), &o)| (t, p, o)).collect();
+        let (durable_tx, durable) = watch::channel(start.clone());
+        let writer = tokio::spawn(write_checkpoints(ctx.clone(), rx, durable_tx));
+        Ok(StreamStage {
             ctx,
             anomaly,
             aggregate,
@@ -103,11 +216,16 @@ impl StreamStage {
             },
             refs: Vec::with_capacity(cap),
             closed: Vec::new(),
-            alerts_out: Vec::new(),
+            pending: Pending::default(),
+            replay_until: positions.clone(),
+            positions,
             last_record: Instant::now(),
+            last_checkpoint: Instant::now(),
             writer_tx: Some(writer_tx),
             writer: Some(writer),
-        }
+            durable,
+            committed: start,
+        })
     }
 
     /// Folds a poll's records into the windows and the anomaly batch.
@@ -115,6 +233,16 @@ impl StreamStage {
         let late_before = self.windows.stats().late_readings;
         let mut n = 0u64;
         for d in records {
+            let tp = (d.topic, d.partition);
+            if let Some(&until) = self.replay_until.get(&tp) {
+                if d.offset < until {
+                    // Already folded into the restored checkpoint.
+                    crate::crash::point("stream.replay");
+                    continue;
+                }
+            }
+            let next = self.positions.entry(tp).or_insert(0);
+            *next = (*next).max(d.offset + 1);
             let reading: Reading<'_> = match serde_json::from_slice(&d.record.value) {
                 Ok(r) => r,
                 Err(e) => {
@@ -151,6 +279,66 @@ impl StreamStage {
         );
     }
 
+    /// Whether records were folded since the last checkpoint was sent.
+    fn positions_moved(&self) -> bool {
+        self.positions.len() != self.committed.len()
+            || self
+                .committed
+                .iter()
+                .any(|(t, p, o)| self.positions.get(&(*t, *p)) != Some(o))
+    }
+
+    /// Sends what is pending, the windows' state and the positions they
+    /// cover to the writer (waits when it is behind: that is the stage's
+    /// backpressure).
+    async fn checkpoint(&mut self) {
+        self.last_checkpoint = Instant::now();
+        let positions: Vec<(Topic, u32, u64)> = self
+            .positions
+            .iter()
+            .map(|(&(t, p), &o)| (t, p, o))
+            .collect();
+        let pending = std::mem::take(&mut self.pending);
+        let mut meter_windows = Vec::new();
+        if !pending.meters_1m.is_empty() {
+            meter_windows.push((WindowWidth::OneMinute, pending.meters_1m));
+        }
+        if !pending.meters_15m.is_empty() {
+            meter_windows.push((WindowWidth::FifteenMinutes, pending.meters_15m));
+        }
+        let effects = Effects {
+            meter_windows,
+            regional_windows: pending.regional,
+            checkpoint: Some(Checkpoint {
+                group: STREAM_GROUP.to_owned(),
+                bus_id: self.ctx.bus.log_id().to_owned(),
+                positions: positions
+                    .iter()
+                    .map(|(t, p, o)| (t.name().to_owned(), *p, *o))
+                    .collect(),
+                state: self.windows.snapshot().encode(),
+            }),
+            ..Effects::default()
+        };
+        let job = Job {
+            effects,
+            held_back: pending.held_back,
+            capacities: pending.capacities,
+            alerts: pending.alerts,
+            positions,
+        };
+        let Some(tx) = &self.writer_tx else {
+            return;
+        };
+        if tx.send(job).await.is_err() {
+            self.ctx
+                .metrics
+                .stage_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!("stream stage: the checkpoint writer is gone");
+        }
+    }
+
     fn bad_record(&self, d: &Delivered, why: &str) {
         // Ingest validated it, so this is a foreign producer or a bug: count,
         // log, skip (a poison record must not stop the stream).
@@ -163,18 +351,21 @@ impl StreamStage {
         );
     }
 
-    /// Runs the anomaly rule on the filled batch; findings become alert
-    /// records, held until [`Self::run_anomaly`] publishes them.
+    /// Runs the anomaly rule on the filled batch; findings become alerts,
+    /// held until the next checkpoint stores and publishes them.
     fn detect(&mut self) {
         if self.refs.is_empty() {
             return;
         }
         match self.anomaly.detect(&self.batch) {
             Ok(findings) => {
-                let now = crate::time::now_ms();
+                self.ctx
+                    .metrics
+                    .anomalies
+                    .fetch_add(findings.len() as u64, Ordering::Relaxed);
                 for f in findings {
-                    let record = self.alert_record(&f, now);
-                    self.alerts_out.push(record);
+                    let alert = self.alert(&f);
+                    self.pending.alerts.push(alert);
                 }
             }
             Err(e) => {
@@ -188,76 +379,50 @@ impl StreamStage {
         self.refs.clear();
     }
 
-    /// Runs the rule on what is left in the batch and publishes the alerts.
-    async fn run_anomaly(&mut self) {
-        self.detect();
-        if !self.alerts_out.is_empty() {
-            let alerts = std::mem::take(&mut self.alerts_out);
-            self.ctx
-                .metrics
-                .anomalies
-                .fetch_add(alerts.len() as u64, Ordering::Relaxed);
-            publish(&self.ctx, Topic::Alerts, alerts).await;
+    /// The seed's anomaly alert (key meter_id, headers type/severity/region).
+    fn alert(&self, f: &anomaly::Finding) -> Alert {
+        let i = f.index as usize;
+        let (meter, region, ts) = self.refs[i];
+        let kind = match f.kind {
+            anomaly::AnomalyKind::Spike => AnomalyKind::Spike,
+            anomaly::AnomalyKind::Drop => AnomalyKind::Drop,
+            anomaly::AnomalyKind::Outage => AnomalyKind::Outage,
+        };
+        Alert {
+            id: uuid::Uuid::new_v4(),
+            alert_type: AlertType::Anomaly,
+            severity: f.severity.into(),
+            meter_id: Some(self.windows.meter_name(meter).to_owned()),
+            region: Some(self.windows.region_name(region).to_owned()),
+            timestamp_ms: ts,
+            message: f.message.clone(),
+            metadata: AlertMetadata::Anomaly(AnomalyMetadata {
+                baseline: round(self.batch.baseline_kw[i], 3),
+                current: self.batch.power_kw[i],
+                change: round(f.change * 100.0, 1),
+                kind,
+            }),
         }
     }
 
-    /// The seed's anomaly alert: key meter_id, headers type/severity/region.
-    fn alert_record(&self, f: &anomaly::Finding, now: i64) -> crate::bus::Record {
-        let i = f.index as usize;
-        let (meter, region, ts) = self.refs[i];
-        let meter = self.windows.meter_name(meter);
-        let region = self.windows.region_name(region);
-        let kind = match f.kind {
-            anomaly::AnomalyKind::Spike => "spike",
-            anomaly::AnomalyKind::Drop => "drop",
-            anomaly::AnomalyKind::Outage => "outage",
-        };
-        let severity = severity_name(f.severity);
-        let value = json!({
-            "id": uuid::Uuid::new_v4(),
-            "type": "ANOMALY",
-            "severity": severity,
-            "meter_id": meter,
-            "region": region,
-            "timestamp": crate::time::format_rfc3339_ms(ts),
-            "message": f.message,
-            "metadata": {
-                "baseline": round(self.batch.baseline_kw[i], 3),
-                "current": self.batch.power_kw[i],
-                "change": round(f.change * 100.0, 1),
-                "type": kind,
-            },
-        });
-        json_record(
-            meter,
-            &value,
-            &[
-                ("type", "ANOMALY"),
-                ("severity", severity),
-                ("region", region),
-            ],
-            now,
-        )
-    }
-
-    /// Closed windows: the aggregate rule, the store, the aggregate topics.
-    async fn handle_closed(&mut self) {
+    /// Closed windows: through the aggregate rule into what is pending.
+    fn handle_closed(&mut self) {
         let closed = std::mem::take(&mut self.closed);
         for window in &closed {
             self.ctx
                 .metrics
                 .windows_closed
                 .fetch_add(1, Ordering::Relaxed);
-            self.finish_meters(window).await;
+            self.finish_meters(window);
             if window.width == Width::OneMinute && !window.late {
-                self.finish_regions(window).await;
+                self.finish_regions(window);
             }
         }
         self.closed = closed;
         self.closed.clear();
     }
 
-    async fn finish_meters(&mut self, window: &ClosedWindow) {
+    fn finish_meters(&mut self, window: &ClosedWindow) {
         let inputs: Vec<aggregate::MeterWindow> = window
             .meters
             .iter()
@@ -297,16 +462,21 @@ impl StreamStage {
                 voltage_count: m.sums.voltage_count,
             })
             .collect();
-        let publish = finished.iter().map(|f| f.publish).collect();
-        self.send(Closed::Meters {
-            width: window.width,
-            rows,
-            publish,
-        })
-        .await;
+        for (row, f) in rows.iter().zip(&finished) {
+            let key = (row.meter_id.clone(), row.window_start_ms);
+            if f.publish {
+                self.pending.held_back.remove(&key);
+            } else {
+                self.pending.held_back.insert(key);
+            }
+        }
+        match window.width {
+            Width::OneMinute => self.pending.meters_1m.extend(rows),
+            Width::FifteenMinutes => self.pending.meters_15m.extend(rows),
+        }
     }
 
-    async fn finish_regions(&mut self, window: &ClosedWindow) {
+    fn finish_regions(&mut self, window: &ClosedWindow) {
         let sums = Windows::regional(window);
         let inputs: Vec<aggregate::RegionWindow> = sums
             .iter()
@@ -348,149 +518,91 @@ impl StreamStage {
                     .collect(),
             })
             .collect();
-        let capacities = inputs.iter().map(|i| i.capacity_kw).collect();
-        self.send(Closed::Regions { rows, capacities }).await;
-    }
-
-    /// Hands a closed window's rows to the writer (waits when it is behind:
-    /// that is the stage's backpressure).
-    async fn send(&mut self, closed: Closed) {
-        let Some(tx) = &self.writer_tx else {
-            return;
-        };
-        if tx.send(closed).await.is_err() {
-            self.ctx
-                .metrics
-                .stage_errors
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::error!("stream stage: the window writer is gone");
-        }
+        self.pending
+            .capacities
+            .extend(inputs.iter().map(|i| i.capacity_kw));
+        self.pending.regional.extend(rows);
     }
 }
 
-/// A closed window's output, on its way to the store and the topics.
-enum Closed {
-    Meters {
-        width: Width,
-        rows: Vec<store::MeterAggregate>,
-        /// Per row: publish it (the aggregate rule may hold some back).
-        publish: Vec<bool>,
-    },
-    Regions {
-        rows: Vec<store::RegionalAggregate>,
-        capacities: Vec<f64>,
-    },
+/// A checkpoint on its way to the store.
+struct Job {
+    effects: Effects,
+    held_back: HashSet<(String, i64)>,
+    /// Per regional window, its region's capacity (for the message).
+    capacities: Vec<f64>,
+    alerts: Vec<Alert>,
+    positions: Vec<(Topic, u32, u64)>,
 }
 
-/// Closed windows waiting for the writer, at most.
-const WRITER_QUEUE: usize = 8;
+/// Checkpoints waiting for the writer, at most.
+const WRITER_QUEUE: usize = 4;
 
-/// The window writer: stores closed windows and publishes them, in the order
-/// they closed, in its own task so the stream stage goes on folding readings
-/// while SQL runs.
-async fn write_closed(ctx: Context, mut rx: mpsc::Receiver<Closed>) {
-    while let Some(closed) = rx.recv().await {
-        match closed {
-            Closed::Meters {
-                width,
-                rows,
-                publish: flags,
-            } => write_meters(&ctx, width, rows, flags).await,
-            Closed::Regions { rows, capacities } => write_regions(&ctx, rows, capacities).await,
-        }
-    }
-}
-
-async fn write_meters(
-    ctx: &Context,
-    width: Width,
-    rows: Vec<store::MeterAggregate>,
-    flags: Vec<bool>,
+/// The checkpoint writer: stores each checkpoint with its outbox, publishes
+/// the outbox, and then makes its positions committable — in the order the
+/// checkpoints were taken, in its own task so the stream stage goes on
+/// folding readings while SQL runs.
+async fn write_checkpoints(
+    ctx: Context,
+    mut rx: mpsc::Receiver<Job>,
+    durable: watch::Sender<Vec<(Topic, u32, u64)>>,
 ) {
-    let table = match width {
-        Width::OneMinute => store::WindowWidth::OneMinute,
-        Width::FifteenMinutes => store::WindowWidth::FifteenMinutes,
-    };
-    let store = ctx.store.clone();
-    let stored = with_retry(ctx, "upsert meter aggregates", || {
-        store.upsert_meter_aggregates(table, &rows)
-    })
-    .await;
-    let (topic, kind) = match width {
-        Width::OneMinute => (Topic::Aggregates1m, "1m_aggregate"),
-        Width::FifteenMinutes => (Topic::Aggregates15m, "15m_aggregate"),
-    };
-    let now = crate::time::now_ms();
-    // The store answers one row per key in input order (merged with what was
-    // stored before, for a late window).
-    let records = stored
-        .iter()
-        .zip(flags.iter().chain(std::iter::repeat(&true)))
-        .filter(|(_, publish)| **publish)
-        .map(|(row, _)| {
-            let value = json!({
-                "meterId": row.meter_id,
-                "region": row.region,
-                "windowStart": crate::time::format_rfc3339_ms(row.window_start_ms),
-                "avgPowerKw": row.avg_power_kw,
-                "maxPowerKw": row.max_power_kw,
-                "minPowerKw": row.min_power_kw,
-                "energyKwhSum": row.energy_kwh_sum,
-                "voltageAvg": row.voltage_avg,
-                "count": row.count,
-            });
-            json_record(
-                &row.meter_id,
-                &value,
-                &[("type", kind), ("region", &row.region)],
-                now,
-            )
-        })
-        .collect();
-    publish(ctx, topic, records).await;
-}
-
-async fn write_regions(ctx: &Context, rows: Vec<store::RegionalAggregate>, capacities: Vec<f64>) {
-    let store = ctx.store.clone();
-    with_retry(ctx, "upsert regional aggregates", || {
-        store.upsert_regional_aggregates(&rows)
-    })
-    .await;
-    let now = crate::time::now_ms();
-    let records = rows
-        .iter()
-        .zip(&capacities)
-        .map(|(row, capacity_kw)| {
-            let value = json!({
-                "region": row.region,
-                "timestamp": crate::time::format_rfc3339_ms(row.window_start_ms),
-                "meter_count": row.meter_count,
-                "total_consumption": row.total_consumption,
-                "avg_consumption": row.avg_consumption,
-                "max_consumption": row.max_consumption,
-                "min_consumption": row.min_consumption,
-                "load_percentage": row.load_percentage,
-                "capacity_kw": capacity_kw,
-                "active_meters": row.active_meters,
-            });
-            json_record(
-                &row.region,
-                &value,
-                &[("type", "regional_1m_aggregate"), ("region", &row.region)],
-                now,
-            )
-        })
-        .collect();
-    publish(ctx, Topic::Aggregates1mRegional, records).await;
-}
-
-pub(super) fn severity_name(s: Severity) -> &'static str {
-    match s {
-        Severity::Low => "low",
-        Severity::Medium => "medium",
-        Severity::High => "high",
-        Severity::Critical => "critical",
+    while let Some(job) = rx.recv().await {
+        crate::crash::point("stream.before_checkpoint");
+        let outbox = |applied: &Applied| messages(&job, applied);
+        apply(&ctx, STAGE, &job.effects, &outbox).await;
+        let _ = durable.send(job.positions);
     }
+}
+
+/// What a checkpoint publishes: its anomaly alerts, its meter windows as
+/// stored (merged, for a late window), its regional windows.
+fn messages(job: &Job, applied: &Applied) -> Vec<KeyedMessage> {
+    let mut out = keyed(&job.alerts);
+    for ((width, _), rows) in job.effects.meter_windows.iter().zip(&applied.meter_windows) {
+        let fifteen = *width == WindowWidth::FifteenMinutes;
+        out.extend(
+            rows.iter()
+                .filter(|r| {
+                    !job.held_back
+                        .contains(&(r.meter_id.clone(), r.window_start_ms))
+                })
+                .map(|r| {
+                    MeterWindow {
+                        meter_id: r.meter_id.clone(),
+                        region: r.region.clone(),
+                        window_start_ms: r.window_start_ms,
+                        avg_power_kw: r.avg_power_kw,
+                        max_power_kw: r.max_power_kw,
+                        min_power_kw: r.min_power_kw,
+                        energy_kwh_sum: r.energy_kwh_sum,
+                        voltage_avg: r.voltage_avg,
+                        count: r.count,
+                    }
+                    .keyed(fifteen)
+                }),
+        );
+    }
+    let regional: Vec<RegionalWindow> = job
+        .effects
+        .regional_windows
+        .iter()
+        .zip(&job.capacities)
+        .map(|(row, capacity_kw)| RegionalWindow {
+            region: row.region.clone(),
+            timestamp_ms: row.window_start_ms,
+            meter_count: row.meter_count,
+            total_consumption: row.total_consumption,
+            avg_consumption: row.avg_consumption,
+            max_consumption: row.max_consumption,
+            min_consumption: row.min_consumption,
+            load_percentage: row.load_percentage,
+            capacity_kw: *capacity_kw,
+            active_meters: row.active_meters.clone(),
+        })
+        .collect();
+    out.extend(keyed(&regional));
+    out
 }
 
 fn round(x: f64, decimals: i32) -> f64 {

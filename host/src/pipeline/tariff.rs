@@ -4,25 +4,36 @@
 //!
 //! The last published price per region is the rule's state: kept here,
 //! loaded from the store at start, passed into every call.
+//!
+//! Exactly once: a poll's tariff changes and the last regional window
+//! applied per region are stored in one transaction with their
+//! `tariff_updates` messages ([`super::apply`]); a redelivered window (at or
+//! before the last one applied for its region) is skipped, so a replay never
+//! repeats a price change.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use serde_json::json;
-
 use super::{
-    Context, PipelineError, RegionalWindow, Stage, json_record, plugin_failed, publish,
-    rounds_by_region, with_retry,
+    Context, PipelineError, Stage, apply, flush_outbox, keyed, plugin_failed, rounds_by_region,
 };
-use crate::bus::{Delivered, Topic};
+use crate::bus::Delivered;
+use crate::messages::{RegionalWindow, TariffReason, TariffUpdate, decode};
 use crate::plugins::{TariffRule, tariff};
-use crate::store::NewTariff;
+use crate::store::{Applied, Effects, NewTariff, RuleState};
+
+/// `rule_state.rule` of the start of the last regional window priced, per
+/// region.
+const LAST_WINDOW: &str = "tariff.last_window";
+/// The stage's name in the outbox and in crash points.
+const STAGE: &str = "tariff";
 
 pub struct TariffStage {
     ctx: Context,
     tariff: TariffRule,
     /// `tariff:{region}:current`: the last published price per region.
     current: HashMap<String, f64>,
+    last_window: HashMap<String, i64>,
 }
 
 impl Stage for TariffStage {
@@ -33,27 +44,65 @@ impl Stage for TariffStage {
     }
 
     async fn process(&mut self, records: &[Delivered]) {
-        let loads: Vec<RegionalWindow> = records
-            .iter()
-            .filter_map(|d| RegionalWindow::parse(&d.record.value))
-            .collect();
-        let bad = records.len() - loads.len();
-        if bad > 0 {
-            self.ctx
-                .metrics
-                .bad_records
-                .fetch_add(bad as u64, Ordering::Relaxed);
+        let mut effects = Effects::default();
+        let mut loads = Vec::with_capacity(records.len());
+        for d in records {
+            match decode::<RegionalWindow>(&d.record.value) {
+                Ok(w) => {
+                    if self.last_window.get(&w.region) < Some(&w.timestamp_ms) {
+                        self.last_window.insert(w.region.clone(), w.timestamp_ms);
+                        effects.rule_state.push(RuleState {
+                            rule: LAST_WINDOW.to_owned(),
+                            key: w.region.clone(),
+                            value: w.timestamp_ms,
+                        });
+                        loads.push(w);
+                    }
+                }
+                Err(e) => {
+                    self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(offset = d.offset, error = %e, "skipping a record that is not a regional window");
+                }
+            }
         }
         // A region's last price chains from one window to the next, so a
         // call holds each region at most once.
         for round in rounds_by_region(&loads, |l| l.region.as_str()) {
-            self.price_round(round).await;
+            self.price_round(round, &mut effects);
         }
+        if effects.is_empty() {
+            return;
+        }
+        let outbox = |applied: &Applied| {
+            let now = crate::time::now_ms();
+            let updates: Vec<TariffUpdate> = applied
+                .tariffs
+                .iter()
+                .map(|row| TariffUpdate {
+                    tariff_id: row.tariff_id.clone(),
+                    region: row.region.clone(),
+                    price_per_kwh: row.price_per_kwh,
+                    previous_price: row.previous_price.unwrap_or(row.price_per_kwh),
+                    change_percent: row.change_percent.unwrap_or(0.0),
+                    load_percentage: row.load_percentage.unwrap_or(0.0),
+                    effective_from_ms: row.effective_from_ms,
+                    reason: row.reason,
+                    timestamp_ms: now,
+                })
+                .collect();
+            keyed(&updates)
+        };
+        let applied = apply(&self.ctx, STAGE, &effects, &outbox).await;
+        self.ctx
+            .metrics
+            .tariffs_published
+            .fetch_add(applied.tariffs.len() as u64, Ordering::Relaxed);
     }
 }
 
 impl TariffStage {
     pub async fn new(ctx: Context, tariff: TariffRule) -> Result<TariffStage, PipelineError> {
+        flush_outbox(&ctx, STAGE).await?;
         let current = ctx
             .store
             .current_tariffs()
@@ -61,14 +110,21 @@ impl TariffStage {
             .into_iter()
             .map(|t| (t.region, t.price_per_kwh))
             .collect();
+        let last_window = ctx
+            .store
+            .load_rule_state(LAST_WINDOW)
+            .await?
+            .into_iter()
+            .collect();
         Ok(TariffStage {
             ctx,
             tariff,
             current,
+            last_window,
         })
     }
 
-    async fn price_round(&mut self, round: &[RegionalWindow]) {
+    fn price_round(&mut self, round: &[RegionalWindow], effects: &mut Effects) {
         let inputs: Vec<tariff::RegionLoad> = round
             .iter()
             .map(|l| {
@@ -90,43 +146,22 @@ impl TariffStage {
         for d in decisions {
             let i = d.index as usize;
             let load = &round[i];
-            let previous = inputs[i].last_price;
             let reason = match d.reason {
-                tariff::TariffReason::LowLoad => "LOW_LOAD",
-                tariff::TariffReason::NormalLoad => "NORMAL_LOAD",
-                tariff::TariffReason::HighLoad => "HIGH_LOAD",
-                tariff::TariffReason::CriticalLoad => "CRITICAL_LOAD",
+                tariff::TariffReason::LowLoad => TariffReason::LowLoad,
+                tariff::TariffReason::NormalLoad => TariffReason::NormalLoad,
+                tariff::TariffReason::HighLoad => TariffReason::HighLoad,
+                tariff::TariffReason::CriticalLoad => TariffReason::CriticalLoad,
             };
-            let new = NewTariff {
+            effects.tariffs.push(NewTariff {
                 region: load.region.clone(),
                 price_per_kwh: d.price_per_kwh,
                 effective_from_ms: load.timestamp_ms,
-                previous_price: Some(previous),
+                previous_price: Some(inputs[i].last_price),
                 change_percent: Some(d.change_percent),
                 load_percentage: Some(load.load_percentage),
-                reason: reason.to_owned(),
-            };
-            let store = self.ctx.store.clone();
-            let row = with_retry(&self.ctx, "insert tariff", || store.insert_tariff(&new)).await;
-            self.current.insert(load.region.clone(), d.price_per_kwh);
-            self.ctx
-                .metrics
-                .tariffs_published
-                .fetch_add(1, Ordering::Relaxed);
-            let now = crate::time::now_ms();
-            let value = json!({
-                "tariffId": row.tariff_id,
-                "region": row.region,
-                "pricePerKwh": row.price_per_kwh,
-                "previousPrice": previous,
-                "changePercent": d.change_percent,
-                "loadPercentage": load.load_percentage,
-                "effectiveFrom": crate::time::format_rfc3339_ms(load.timestamp_ms),
-                "reason": reason,
-                "timestamp": crate::time::format_rfc3339_ms(now),
+                reason,
             });
-            let record = json_record(&row.region, &value, &[("region", &row.region)], now);
-            publish(&self.ctx, Topic::TariffUpdates, vec![record]).await;
+            self.current.insert(load.region.clone(), d.price_per_kwh);
         }
     }
 }

@@ -24,6 +24,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::messages::{AlertStatus, AlertType, KeyedMessage, Severity, TariffReason};
+
 pub mod sqlite;
 
 /// Why a store call failed.
@@ -237,17 +239,19 @@ pub struct RegionalAggregate {
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewAlert {
     pub id: Uuid,
-    /// Column `type`: `ANOMALY`, `OVERLOAD`, …
-    pub alert_type: String,
-    /// `low` | `medium` | `high` | `critical` (a CHECK constraint; anything
-    /// else is [`StoreError::Rejected`]).
-    pub severity: String,
+    /// Column `type`.
+    pub alert_type: AlertType,
+    pub severity: Severity,
     pub region: Option<String>,
     pub meter_id: Option<String>,
     pub message: String,
     pub timestamp_ms: i64,
     /// Stored as a JSON document; `null` is stored as `{}`.
     pub metadata: serde_json::Value,
+    /// At most one alert per key is stored (`alert:dedupe:{subject}:{type}:{bucket}`);
+    /// a second one is not an error, it is deduplicated. `None`: never
+    /// deduplicated.
+    pub dedupe_key: Option<String>,
 }
 
 /// A row of `alerts`.
@@ -255,13 +259,12 @@ pub struct NewAlert {
 pub struct AlertRow {
     pub id: Uuid,
     #[serde(rename = "type")]
-    pub alert_type: String,
-    pub severity: String,
+    pub alert_type: AlertType,
+    pub severity: Severity,
     pub region: Option<String>,
     pub meter_id: Option<String>,
     pub message: String,
-    /// `active` | `acknowledged` | `resolved`.
-    pub status: String,
+    pub status: AlertStatus,
     #[serde(rename = "timestamp", with = "rfc3339_ms")]
     pub timestamp_ms: i64,
     pub acknowledged: bool,
@@ -307,14 +310,14 @@ impl Default for AlertFilter {
 pub enum Transition {
     /// The status moved from `from` to the row's new status; an audit row
     /// was written.
-    Changed { from: String, row: AlertRow },
+    Changed { from: AlertStatus, row: AlertRow },
     /// The alert was already in the requested status; nothing was written.
     Unchanged(AlertRow),
     /// No alert has that id.
     NotFound,
     /// The alert's status does not allow the move (e.g. acknowledging a
     /// resolved alert); nothing was written.
-    Refused { status: String },
+    Refused { status: AlertStatus },
 }
 
 /// A new tariff for a region; it becomes the region's only active row.
@@ -326,8 +329,7 @@ pub struct NewTariff {
     pub previous_price: Option<f64>,
     pub change_percent: Option<f64>,
     pub load_percentage: Option<f64>,
-    /// e.g. `HIGH_LOAD`.
-    pub reason: String,
+    pub reason: TariffReason,
 }
 
 /// A row of `tariffs`.
@@ -351,7 +353,7 @@ pub struct TariffRow {
     pub previous_price: Option<f64>,
     pub change_percent: Option<f64>,
     pub load_percentage: Option<f64>,
-    pub reason: String,
+    pub reason: TariffReason,
 }
 
 /// Filters for the aggregate queries; `None` means "any".
@@ -415,6 +417,81 @@ pub struct RetentionReport {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreOptions {
     pub retention: Retention,
+}
+
+// ------------------------------------------------------ units of work
+
+/// One row of `rule_state`: an integer a rule's host stage keeps per key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleState {
+    pub rule: String,
+    pub key: String,
+    pub value: i64,
+}
+
+/// Where a consumer group's stage state was taken: per (topic name,
+/// partition), the offset of the next record it had not folded in, and the
+/// state itself as the stage encoded it (opaque to the store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub group: String,
+    /// The bus log the positions refer to ([`crate::bus::Bus::log_id`]).
+    pub bus_id: String,
+    pub positions: Vec<(String, u32, u64)>,
+    pub state: Vec<u8>,
+}
+
+/// Everything one step of a stage produced, stored by [`Store::apply`] in
+/// one transaction: all of it, or none of it.
+#[derive(Debug, Clone, Default)]
+pub struct Effects {
+    /// Per-meter windows, merged as [`Store::upsert_meter_aggregates`] does.
+    pub meter_windows: Vec<(WindowWidth, Vec<MeterAggregate>)>,
+    /// Regional windows, replaced as [`Store::upsert_regional_aggregates`] does.
+    pub regional_windows: Vec<RegionalAggregate>,
+    /// New alerts; one already stored (same id or same dedupe key) is skipped.
+    pub alerts: Vec<NewAlert>,
+    /// New tariffs, each deactivating its region's previous one.
+    pub tariffs: Vec<NewTariff>,
+    pub rule_state: Vec<RuleState>,
+    /// Replaces the group's checkpoint.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.meter_windows.iter().all(|(_, rows)| rows.is_empty())
+            && self.regional_windows.is_empty()
+            && self.alerts.is_empty()
+            && self.tariffs.is_empty()
+            && self.rule_state.is_empty()
+            && self.checkpoint.is_none()
+    }
+}
+
+/// What [`Store::apply`] stored, in the order of its [`Effects`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    /// Per entry of `meter_windows`: the rows as stored (merged), one per
+    /// distinct key, in order of first appearance.
+    pub meter_windows: Vec<Vec<MeterAggregate>>,
+    /// Per alert: the stored row, or `None` when it was already stored (a
+    /// replay) or deduplicated.
+    pub alerts: Vec<Option<AlertRow>>,
+    /// Per tariff: the stored row (with its allocated id).
+    pub tariffs: Vec<TariffRow>,
+}
+
+/// Builds, from what was stored, the messages to publish; they are written
+/// to the outbox in the same transaction.
+pub type OutboxBuilder<'a> = dyn Fn(&Applied) -> Vec<KeyedMessage> + Send + Sync + 'a;
+
+/// A message stored in the outbox, waiting to be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// Increasing per store; delete through it once published.
+    pub seq: i64,
+    pub message: KeyedMessage,
 }
 
 // ----------------------------------------------------------------- trait
@@ -513,6 +590,29 @@ pub trait Store: Send + Sync {
 
     /// Saves (upserts) a rule's state for some keys, in one transaction.
     async fn save_rule_state(&self, rule: &str, state: &[(String, i64)]) -> Result<(), StoreError>;
+
+    /// Stores `effects` and the messages `outbox` builds from what was
+    /// stored, for `stage`, in one transaction, and returns both. This is how
+    /// a stage makes its results durable exactly once: what it stores, the
+    /// state it advances (rule state, checkpoint) and what it will publish
+    /// commit together or not at all. The caller publishes the returned
+    /// records and then [`Store::delete_outbox`]s them; after a crash,
+    /// [`Store::pending_outbox`] hands back what was not deleted.
+    async fn apply(
+        &self,
+        stage: &str,
+        effects: &Effects,
+        outbox: &OutboxBuilder<'_>,
+    ) -> Result<(Applied, Vec<OutboxRecord>), StoreError>;
+
+    /// The stage's outbox records not yet deleted, in seq order.
+    async fn pending_outbox(&self, stage: &str) -> Result<Vec<OutboxRecord>, StoreError>;
+
+    /// Deletes the stage's outbox records up to and including `through_seq`.
+    async fn delete_outbox(&self, stage: &str, through_seq: i64) -> Result<(), StoreError>;
+
+    /// The group's last checkpoint, if it has one.
+    async fn load_checkpoint(&self, group: &str) -> Result<Option<Checkpoint>, StoreError>;
 }
 
 // ------------------------------------------------------------------ open

@@ -18,14 +18,17 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AggregateQuery, AlertFilter, AlertRow, MeterAggregate, NewAlert, NewTariff, RawReading,
-    RegionalAggregate, Retention, RetentionReport, Store, StoreError, StoreOptions, TariffRow,
-    Transition, WindowWidth, merge_duplicate_windows,
+    AggregateQuery, AlertFilter, AlertRow, Applied, Checkpoint, Effects, MeterAggregate, NewAlert,
+    NewTariff, OutboxBuilder, OutboxRecord, RawReading, RegionalAggregate, Retention,
+    RetentionReport, RuleState, Store, StoreError, StoreOptions, TariffRow, Transition,
+    WindowWidth, merge_duplicate_windows,
 };
+use crate::bus::Topic;
+use crate::messages::{AlertStatus, KeyedMessage};
 use crate::time::{format_rfc3339_ms, now_ms, parse_rfc3339_ms};
 
 /// Bound parameters per statement in the bundled SQLite
@@ -231,6 +234,20 @@ fn ts_opt(
     .transpose()
 }
 
+/// A closed-vocabulary column (severity, status, …) read into its enum.
+fn vocabulary<V: FromStr>(
+    row: &SqliteRow,
+    table: &'static str,
+    column: &'static str,
+) -> Result<V, StoreError> {
+    let s: &str = row.try_get(column)?;
+    s.parse().map_err(|_| StoreError::Corrupt {
+        table,
+        column,
+        value: s.to_owned(),
+    })
+}
+
 fn u32_col(row: &SqliteRow, table: &'static str, column: &'static str) -> Result<u32, StoreError> {
     let v: i64 = row.try_get(column)?;
     u32::try_from(v).map_err(|_| StoreError::Corrupt {
@@ -295,12 +312,12 @@ fn alert_row(row: &SqliteRow) -> Result<AlertRow, StoreError> {
             column: "id",
             value: id.to_owned(),
         })?,
-        alert_type: row.try_get("type")?,
-        severity: row.try_get("severity")?,
+        alert_type: vocabulary(row, T, "type")?,
+        severity: vocabulary(row, T, "severity")?,
         region: row.try_get("region")?,
         meter_id: row.try_get("meter_id")?,
         message: row.try_get("message")?,
-        status: row.try_get("status")?,
+        status: vocabulary(row, T, "status")?,
         timestamp_ms: ts(row, T, "timestamp")?,
         acknowledged: row.try_get::<i64, _>("acknowledged")? != 0,
         acknowledged_by: row.try_get("acknowledged_by")?,
@@ -332,7 +349,7 @@ fn tariff_row(row: &SqliteRow) -> Result<TariffRow, StoreError> {
         previous_price: row.try_get("previous_price")?,
         change_percent: row.try_get("change_percent")?,
         load_percentage: row.try_get("load_percentage")?,
-        reason: row.try_get("reason")?,
+        reason: vocabulary(row, T, "reason")?,
     })
 }
 
@@ -360,17 +377,17 @@ enum AlertChange<'a> {
 }
 
 impl AlertChange<'_> {
-    fn target(self) -> &'static str {
+    fn target(self) -> AlertStatus {
         match self {
-            AlertChange::Acknowledge { .. } => "acknowledged",
-            AlertChange::Resolve => "resolved",
+            AlertChange::Acknowledge { .. } => AlertStatus::Acknowledged,
+            AlertChange::Resolve => AlertStatus::Resolved,
         }
     }
 
-    fn allowed_from(self) -> &'static [&'static str] {
+    fn allowed_from(self) -> &'static [AlertStatus] {
         match self {
-            AlertChange::Acknowledge { .. } => &["active"],
-            AlertChange::Resolve => &["active", "acknowledged"],
+            AlertChange::Acknowledge { .. } => &[AlertStatus::Active],
+            AlertChange::Resolve => &[AlertStatus::Active, AlertStatus::Acknowledged],
         }
     }
 }
@@ -402,7 +419,7 @@ impl SqliteStore {
         if current.status == change.target() {
             return Ok(Transition::Unchanged(current));
         }
-        if !change.allowed_from().contains(&current.status.as_str()) {
+        if !change.allowed_from().contains(&current.status) {
             return Ok(Transition::Refused {
                 status: current.status,
             });
@@ -474,6 +491,218 @@ impl SqliteStore {
     }
 }
 
+// ------------------------------------------------- writes in a transaction
+//
+// Each write exists once, on a connection inside a transaction, so that the
+// single-purpose `Store` methods and `Store::apply` run the same SQL.
+
+async fn upsert_meter_aggregates(
+    tx: &mut SqliteConnection,
+    width: WindowWidth,
+    aggs: &[MeterAggregate],
+) -> Result<Vec<MeterAggregate>, StoreError> {
+    if aggs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let table = width.table();
+    let merged = merge_duplicate_windows(aggs);
+    let head = agg_upsert_head(table);
+    let tail = agg_upsert_tail(table);
+    let now = format_rfc3339_ms(now_ms());
+    let max = max_chunk_rows(AGG_INSERT_COLUMNS);
+    let mut out = Vec::with_capacity(merged.len());
+    let mut rest = merged.as_slice();
+    for size in chunk_sizes(merged.len(), max) {
+        let (chunk, after) = rest.split_at(size);
+        rest = after;
+        let sql = values_sql(&head, AGG_INSERT_COLUMNS, size, &tail);
+        let mut q = sqlx::query(&sql);
+        for a in chunk {
+            q = q
+                .bind(a.meter_id.as_str())
+                .bind(a.region.as_str())
+                .bind(format_rfc3339_ms(a.window_start_ms))
+                .bind(a.avg_power_kw)
+                .bind(a.max_power_kw)
+                .bind(a.min_power_kw)
+                .bind(a.energy_kwh_sum)
+                .bind(a.voltage_avg)
+                .bind(i64::from(a.count))
+                .bind(a.power_sum)
+                .bind(a.voltage_sum)
+                .bind(i64::from(a.voltage_count))
+                .bind(now.as_str())
+                .bind(now.as_str());
+        }
+        let rows = q.fetch_all(&mut *tx).await?;
+        // RETURNING promises no order: put the rows back in input order.
+        let mut stored: HashMap<(String, i64), MeterAggregate> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let a = meter_aggregate(row, table)?;
+            stored.insert((a.meter_id.clone(), a.window_start_ms), a);
+        }
+        for a in chunk {
+            let key = (a.meter_id.clone(), a.window_start_ms);
+            let row = stored.remove(&key).ok_or_else(|| StoreError::Corrupt {
+                table,
+                column: "window_start",
+                value: format!(
+                    "upsert returned no row for {} @ {}",
+                    a.meter_id,
+                    format_rfc3339_ms(a.window_start_ms)
+                ),
+            })?;
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
+async fn upsert_regional_aggregates(
+    tx: &mut SqliteConnection,
+    aggs: &[RegionalAggregate],
+) -> Result<(), StoreError> {
+    if aggs.is_empty() {
+        return Ok(());
+    }
+    // The last entry for a key wins, as it would in the table.
+    let mut last: HashMap<(&str, i64), usize> = HashMap::with_capacity(aggs.len());
+    for (i, a) in aggs.iter().enumerate() {
+        last.insert((a.region.as_str(), a.window_start_ms), i);
+    }
+    let unique: Vec<&RegionalAggregate> = aggs
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| last.get(&(a.region.as_str(), a.window_start_ms)) == Some(i))
+        .map(|(_, a)| a)
+        .collect();
+
+    let head = format!("INSERT INTO aggregates_1m_regional ({REGIONAL_COLUMNS}, created_at)");
+    let now = format_rfc3339_ms(now_ms());
+    let max = max_chunk_rows(REGIONAL_INSERT_COLUMNS);
+    let mut rest = unique.as_slice();
+    for size in chunk_sizes(unique.len(), max) {
+        let (chunk, after) = rest.split_at(size);
+        rest = after;
+        let sql = values_sql(&head, REGIONAL_INSERT_COLUMNS, size, REGIONAL_TAIL);
+        let mut q = sqlx::query(&sql);
+        for a in chunk {
+            q = q
+                .bind(a.region.as_str())
+                .bind(format_rfc3339_ms(a.window_start_ms))
+                .bind(i64::from(a.meter_count))
+                .bind(a.total_consumption)
+                .bind(a.avg_consumption)
+                .bind(a.max_consumption)
+                .bind(a.min_consumption)
+                .bind(a.load_percentage)
+                .bind(serde_json::to_string(&a.active_meters)?)
+                .bind(now.as_str());
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// Inserts an `active` alert; `None` when one with the same id or the same
+/// dedupe key is already stored (nothing is written then).
+async fn insert_alert(
+    tx: &mut SqliteConnection,
+    alert: &NewAlert,
+) -> Result<Option<AlertRow>, StoreError> {
+    let id = alert.id.hyphenated().to_string();
+    let metadata = if alert.metadata.is_null() {
+        "{}".to_owned()
+    } else {
+        serde_json::to_string(&alert.metadata)?
+    };
+    let now = format_rfc3339_ms(now_ms());
+    let sql = format!(
+        "INSERT INTO alerts (id, type, severity, region, meter_id, message, status, \
+         timestamp, acknowledged, metadata, created_at, updated_at, dedupe_key) \
+         VALUES (?, ?, ?, ?, ?, ?, 'active', ?, 0, ?, ?, ?, ?) \
+         ON CONFLICT DO NOTHING RETURNING {ALERT_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(&id)
+        .bind(alert.alert_type.as_str())
+        .bind(alert.severity.as_str())
+        .bind(&alert.region)
+        .bind(&alert.meter_id)
+        .bind(&alert.message)
+        .bind(format_rfc3339_ms(alert.timestamp_ms))
+        .bind(metadata)
+        .bind(&now)
+        .bind(&now)
+        .bind(&alert.dedupe_key)
+        .fetch_optional(&mut *tx)
+        .await?;
+    row.as_ref().map(alert_row).transpose()
+}
+
+async fn insert_tariff(
+    tx: &mut SqliteConnection,
+    tariff: &NewTariff,
+) -> Result<TariffRow, StoreError> {
+    let prefix = tariff_prefix(&tariff.region);
+    let from = format_rfc3339_ms(tariff.effective_from_ms);
+    let now = format_rfc3339_ms(now_ms());
+    let n: i64 = sqlx::query_scalar(
+        "INSERT INTO tariff_id_sequences (prefix, last_value) VALUES (?, 1) \
+         ON CONFLICT (prefix) DO UPDATE SET last_value = last_value + 1 \
+         RETURNING last_value",
+    )
+    .bind(&prefix)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE tariffs SET is_active = 0, effective_to = ?, updated_at = ? \
+         WHERE region = ? AND is_active = 1",
+    )
+    .bind(&from)
+    .bind(&now)
+    .bind(&tariff.region)
+    .execute(&mut *tx)
+    .await?;
+    let insert = format!(
+        "INSERT INTO tariffs ({TARIFF_COLUMNS}) \
+         VALUES (?, ?, 'all_day', ?, ?, NULL, 1, 'segs', ?, ?, ?, ?, ?, ?) \
+         RETURNING {TARIFF_COLUMNS}"
+    );
+    let row = sqlx::query(&insert)
+        .bind(format!("TRF-{prefix}-{n:06}"))
+        .bind(&tariff.region)
+        .bind(tariff.price_per_kwh)
+        .bind(&from)
+        .bind(&now)
+        .bind(&now)
+        .bind(tariff.previous_price)
+        .bind(tariff.change_percent)
+        .bind(tariff.load_percentage)
+        .bind(tariff.reason.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+    tariff_row(&row)
+}
+
+async fn save_rule_state(tx: &mut SqliteConnection, state: &[RuleState]) -> Result<(), StoreError> {
+    let now = format_rfc3339_ms(now_ms());
+    for s in state {
+        sqlx::query(
+            "INSERT INTO rule_state (rule, key, value, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (rule, key) DO UPDATE SET value = excluded.value, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&s.rule)
+        .bind(&s.key)
+        .bind(s.value)
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
 // ------------------------------------------------------------------ Store
 
 #[async_trait::async_trait]
@@ -488,7 +717,9 @@ impl Store for SqliteStore {
         for size in chunk_sizes(readings.len(), max) {
             let (chunk, tail) = rest.split_at(size);
             rest = tail;
-            let sql = values_sql(RAW_INSERT, RAW_COLUMNS, size, "");
+            // Each reading once: (meter_id, timestamp) is unique, and a
+            // replayed reading is ignored.
+            let sql = values_sql(RAW_INSERT, RAW_COLUMNS, size, "ON CONFLICT DO NOTHING");
             let mut q = sqlx::query(&sql);
             for r in chunk {
                 q = q
@@ -517,59 +748,8 @@ impl Store for SqliteStore {
         if aggs.is_empty() {
             return Ok(Vec::new());
         }
-        let table = width.table();
-        let merged = merge_duplicate_windows(aggs);
-        let head = agg_upsert_head(table);
-        let tail = agg_upsert_tail(table);
-        let now = format_rfc3339_ms(now_ms());
-        let max = max_chunk_rows(AGG_INSERT_COLUMNS);
-        let mut out = Vec::with_capacity(merged.len());
         let mut tx = self.write_tx().await?;
-        let mut rest = merged.as_slice();
-        for size in chunk_sizes(merged.len(), max) {
-            let (chunk, after) = rest.split_at(size);
-            rest = after;
-            let sql = values_sql(&head, AGG_INSERT_COLUMNS, size, &tail);
-            let mut q = sqlx::query(&sql);
-            for a in chunk {
-                q = q
-                    .bind(a.meter_id.as_str())
-                    .bind(a.region.as_str())
-                    .bind(format_rfc3339_ms(a.window_start_ms))
-                    .bind(a.avg_power_kw)
-                    .bind(a.max_power_kw)
-                    .bind(a.min_power_kw)
-                    .bind(a.energy_kwh_sum)
-                    .bind(a.voltage_avg)
-                    .bind(i64::from(a.count))
-                    .bind(a.power_sum)
-                    .bind(a.voltage_sum)
-                    .bind(i64::from(a.voltage_count))
-                    .bind(now.as_str())
-                    .bind(now.as_str());
-            }
-            let rows = q.fetch_all(&mut *tx).await?;
-            // RETURNING promises no order: put the rows back in input order.
-            let mut stored: HashMap<(String, i64), MeterAggregate> =
-                HashMap::with_capacity(rows.len());
-            for row in &rows {
-                let a = meter_aggregate(row, table)?;
-                stored.insert((a.meter_id.clone(), a.window_start_ms), a);
-            }
-            for a in chunk {
-                let key = (a.meter_id.clone(), a.window_start_ms);
-                let row = stored.remove(&key).ok_or_else(|| StoreError::Corrupt {
-                    table,
-                    column: "window_start",
-                    value: format!(
-                        "upsert returned no row for {} @ {}",
-                        a.meter_id,
-                        format_rfc3339_ms(a.window_start_ms)
-                    ),
-                })?;
-                out.push(row);
-            }
-        }
+        let out = upsert_meter_aggregates(&mut tx, width, aggs).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -581,77 +761,32 @@ impl Store for SqliteStore {
         if aggs.is_empty() {
             return Ok(());
         }
-        // The last entry for a key wins, as it would in the table.
-        let mut last: HashMap<(&str, i64), usize> = HashMap::with_capacity(aggs.len());
-        for (i, a) in aggs.iter().enumerate() {
-            last.insert((a.region.as_str(), a.window_start_ms), i);
-        }
-        let unique: Vec<&RegionalAggregate> = aggs
-            .iter()
-            .enumerate()
-            .filter(|(i, a)| last.get(&(a.region.as_str(), a.window_start_ms)) == Some(i))
-            .map(|(_, a)| a)
-            .collect();
-
-        let head = format!("INSERT INTO aggregates_1m_regional ({REGIONAL_COLUMNS}, created_at)");
-        let now = format_rfc3339_ms(now_ms());
-        let max = max_chunk_rows(REGIONAL_INSERT_COLUMNS);
         let mut tx = self.write_tx().await?;
-        let mut rest = unique.as_slice();
-        for size in chunk_sizes(unique.len(), max) {
-            let (chunk, after) = rest.split_at(size);
-            rest = after;
-            let sql = values_sql(&head, REGIONAL_INSERT_COLUMNS, size, REGIONAL_TAIL);
-            let mut q = sqlx::query(&sql);
-            for a in chunk {
-                q = q
-                    .bind(a.region.as_str())
-                    .bind(format_rfc3339_ms(a.window_start_ms))
-                    .bind(i64::from(a.meter_count))
-                    .bind(a.total_consumption)
-                    .bind(a.avg_consumption)
-                    .bind(a.max_consumption)
-                    .bind(a.min_consumption)
-                    .bind(a.load_percentage)
-                    .bind(serde_json::to_string(&a.active_meters)?)
-                    .bind(now.as_str());
-            }
-            q.execute(&mut *tx).await?;
-        }
+        upsert_regional_aggregates(&mut tx, aggs).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn insert_alert(&self, alert: &NewAlert) -> Result<AlertRow, StoreError> {
-        let id = alert.id.hyphenated().to_string();
-        let metadata = if alert.metadata.is_null() {
-            "{}".to_owned()
-        } else {
-            serde_json::to_string(&alert.metadata)?
-        };
-        let now = format_rfc3339_ms(now_ms());
         let mut tx = self.write_tx().await?;
-        sqlx::query(
-            "INSERT INTO alerts (id, type, severity, region, meter_id, message, status, \
-             timestamp, acknowledged, metadata, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, 'active', ?, 0, ?, ?, ?) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&id)
-        .bind(&alert.alert_type)
-        .bind(&alert.severity)
-        .bind(&alert.region)
-        .bind(&alert.meter_id)
-        .bind(&alert.message)
-        .bind(format_rfc3339_ms(alert.timestamp_ms))
-        .bind(metadata)
-        .bind(&now)
-        .bind(&now)
-        .execute(&mut *tx)
-        .await?;
-        let select = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?");
-        let row = sqlx::query(&select).bind(&id).fetch_one(&mut *tx).await?;
-        let row = alert_row(&row)?;
+        let row = match insert_alert(&mut tx, alert).await? {
+            Some(row) => row,
+            None => {
+                // Already there: by id, or another alert with its dedupe key.
+                let select = format!(
+                    "SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ? OR dedupe_key = ? \
+                     ORDER BY id = ? DESC LIMIT 1"
+                );
+                let id = alert.id.hyphenated().to_string();
+                let row = sqlx::query(&select)
+                    .bind(&id)
+                    .bind(&alert.dedupe_key)
+                    .bind(&id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                alert_row(&row)?
+            }
+        };
         tx.commit().await?;
         Ok(row)
     }
@@ -701,46 +836,8 @@ impl Store for SqliteStore {
     }
 
     async fn insert_tariff(&self, tariff: &NewTariff) -> Result<TariffRow, StoreError> {
-        let prefix = tariff_prefix(&tariff.region);
-        let from = format_rfc3339_ms(tariff.effective_from_ms);
-        let now = format_rfc3339_ms(now_ms());
         let mut tx = self.write_tx().await?;
-        let n: i64 = sqlx::query_scalar(
-            "INSERT INTO tariff_id_sequences (prefix, last_value) VALUES (?, 1) \
-             ON CONFLICT (prefix) DO UPDATE SET last_value = last_value + 1 \
-             RETURNING last_value",
-        )
-        .bind(&prefix)
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE tariffs SET is_active = 0, effective_to = ?, updated_at = ? \
-             WHERE region = ? AND is_active = 1",
-        )
-        .bind(&from)
-        .bind(&now)
-        .bind(&tariff.region)
-        .execute(&mut *tx)
-        .await?;
-        let insert = format!(
-            "INSERT INTO tariffs ({TARIFF_COLUMNS}) \
-             VALUES (?, ?, 'all_day', ?, ?, NULL, 1, 'segs', ?, ?, ?, ?, ?, ?) \
-             RETURNING {TARIFF_COLUMNS}"
-        );
-        let row = sqlx::query(&insert)
-            .bind(format!("TRF-{prefix}-{n:06}"))
-            .bind(&tariff.region)
-            .bind(tariff.price_per_kwh)
-            .bind(&from)
-            .bind(&now)
-            .bind(&now)
-            .bind(tariff.previous_price)
-            .bind(tariff.change_percent)
-            .bind(tariff.load_percentage)
-            .bind(&tariff.reason)
-            .fetch_one(&mut *tx)
-            .await?;
-        let row = tariff_row(&row)?;
+        let row = insert_tariff(&mut tx, tariff).await?;
         tx.commit().await?;
         Ok(row)
     }
@@ -758,22 +855,136 @@ impl Store for SqliteStore {
         if state.is_empty() {
             return Ok(());
         }
-        let now = crate::time::format_rfc3339_ms(crate::time::now_ms());
-        let mut tx = self.pool.begin().await?;
-        for (key, value) in state {
+        let rows: Vec<RuleState> = state
+            .iter()
+            .map(|(key, value)| RuleState {
+                rule: rule.to_owned(),
+                key: key.clone(),
+                value: *value,
+            })
+            .collect();
+        let mut tx = self.write_tx().await?;
+        save_rule_state(&mut tx, &rows).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        stage: &str,
+        effects: &Effects,
+        outbox: &OutboxBuilder<'_>,
+    ) -> Result<(Applied, Vec<OutboxRecord>), StoreError> {
+        let mut tx = self.write_tx().await?;
+        let mut applied = Applied::default();
+        for (width, rows) in &effects.meter_windows {
+            applied
+                .meter_windows
+                .push(upsert_meter_aggregates(&mut tx, *width, rows).await?);
+        }
+        upsert_regional_aggregates(&mut tx, &effects.regional_windows).await?;
+        for alert in &effects.alerts {
+            applied.alerts.push(insert_alert(&mut tx, alert).await?);
+        }
+        for tariff in &effects.tariffs {
+            applied.tariffs.push(insert_tariff(&mut tx, tariff).await?);
+        }
+        save_rule_state(&mut tx, &effects.rule_state).await?;
+        if let Some(cp) = &effects.checkpoint {
             sqlx::query(
-                "INSERT INTO rule_state (rule, key, value, updated_at) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (rule, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                "INSERT INTO stream_checkpoints (consumer_group, bus_id, positions, state, \
+                 updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer_group) DO UPDATE SET \
+                 bus_id = excluded.bus_id, positions = excluded.positions, \
+                 state = excluded.state, updated_at = excluded.updated_at",
             )
-            .bind(rule)
-            .bind(key)
-            .bind(value)
-            .bind(&now)
+            .bind(&cp.group)
+            .bind(&cp.bus_id)
+            .bind(serde_json::to_string(&cp.positions)?)
+            .bind(cp.state.as_slice())
+            .bind(format_rfc3339_ms(now_ms()))
             .execute(&mut *tx)
             .await?;
         }
+        let messages = outbox(&applied);
+        let mut records = Vec::with_capacity(messages.len());
+        for message in messages {
+            let seq: i64 = sqlx::query_scalar(
+                "INSERT INTO outbox (stage, topic, key, value, headers) VALUES (?, ?, ?, ?, ?) \
+                 RETURNING seq",
+            )
+            .bind(stage)
+            .bind(message.topic.name())
+            .bind(&message.key)
+            .bind(message.value.as_slice())
+            .bind(serde_json::to_string(&message.headers)?)
+            .fetch_one(&mut *tx)
+            .await?;
+            records.push(OutboxRecord { seq, message });
+        }
         tx.commit().await?;
+        Ok((applied, records))
+    }
+
+    async fn pending_outbox(&self, stage: &str) -> Result<Vec<OutboxRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, topic, key, value, headers FROM outbox WHERE stage = ? ORDER BY seq",
+        )
+        .bind(stage)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let topic: &str = row.try_get("topic")?;
+                let headers: &str = row.try_get("headers")?;
+                let corrupt = |column: &'static str, value: &str| StoreError::Corrupt {
+                    table: "outbox",
+                    column,
+                    value: value.to_owned(),
+                };
+                Ok(OutboxRecord {
+                    seq: row.try_get("seq")?,
+                    message: KeyedMessage {
+                        topic: Topic::from_name(topic).ok_or_else(|| corrupt("topic", topic))?,
+                        key: row.try_get("key")?,
+                        value: row.try_get("value")?,
+                        headers: serde_json::from_str(headers)
+                            .map_err(|_| corrupt("headers", headers))?,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_outbox(&self, stage: &str, through_seq: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM outbox WHERE stage = ? AND seq <= ?")
+            .bind(stage)
+            .bind(through_seq)
+            .execute(&self.pool)
+            .await?;
         Ok(())
+    }
+
+    async fn load_checkpoint(&self, group: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let row = sqlx::query(
+            "SELECT bus_id, positions, state FROM stream_checkpoints WHERE consumer_group = ?",
+        )
+        .bind(group)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let positions: &str = row.try_get("positions")?;
+        Ok(Some(Checkpoint {
+            group: group.to_owned(),
+            bus_id: row.try_get("bus_id")?,
+            positions: serde_json::from_str(positions).map_err(|_| StoreError::Corrupt {
+                table: "stream_checkpoints",
+                column: "positions",
+                value: positions.to_owned(),
+            })?,
+            state: row.try_get("state")?,
+        }))
     }
 
     async fn current_tariffs(&self) -> Result<Vec<TariffRow>, StoreError> {
@@ -1022,13 +1233,14 @@ mod tests {
         store
             .insert_alert(&NewAlert {
                 id,
-                alert_type: "ANOMALY".into(),
-                severity: "high".into(),
+                alert_type: crate::messages::AlertType::Anomaly,
+                severity: crate::messages::Severity::High,
                 region: Some("Mumbai-North".into()),
                 meter_id: Some("MTR-00000001".into()),
                 message: "spike".into(),
                 timestamp_ms: 1_000,
                 metadata: serde_json::json!({}),
+                dedupe_key: None,
             })
             .await
             .unwrap();
