@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 use super::*;
-use crate::ingest::validate::{MAX_BATCH, validate_batch};
+use crate::ingest::validate::{MAX_BATCH, TimeBounds, validate_batch};
 
 const START: &str = "2025-11-12T06:30:00.000Z";
 
@@ -428,7 +428,7 @@ fn every_reading_passes_ingest_validation() {
         for k in 0..40 {
             for batch in s.next_batches(7) {
                 assert!(batch.readings <= 7);
-                let v = validate_batch(&batch.body, MAX_BATCH)
+                let v = validate_batch(&batch.body, MAX_BATCH, TimeBounds::UNBOUNDED)
                     .unwrap_or_else(|e| panic!("tick {k}: {e:?}"));
                 assert_eq!(v.readings.len(), batch.readings);
                 for r in &v.readings {
@@ -546,7 +546,7 @@ mod http {
             )
                 .into_response();
         }
-        let v = match validate_batch(&body, MAX_BATCH) {
+        let v = match validate_batch(&body, MAX_BATCH, TimeBounds::UNBOUNDED) {
             Ok(v) => v,
             Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
         };
