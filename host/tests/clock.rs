@@ -129,14 +129,16 @@ fn dated(reading: &Value, timestamp: &str) -> Value {
     r
 }
 
+/// An alert as compared: (type, severity, region, meter_id, timestamp).
+type AlertKey = (String, String, Option<String>, Option<String>, i64);
+
 /// What a run left in the store, in a stable order.
 #[derive(Debug, PartialEq)]
 struct Outcome {
     accepted: u64,
     meter_1m: Vec<MeterAggregate>,
     regional: Vec<RegionalAggregate>,
-    /// (type, severity, region, meter_id, timestamp)
-    alerts: Vec<(String, String, Option<String>, Option<String>, i64)>,
+    alerts: Vec<AlertKey>,
     /// (region, effective_from, price, effective_to)
     tariffs: Vec<(String, i64, f64, Option<i64>)>,
 }
