@@ -123,6 +123,8 @@ impl App {
             max_body_bytes: config.ingest.max_body_bytes,
             reading_ttl: Duration::from_secs(config.dedupe.reading_ttl_s),
             retry_after_s: config.ingest.retry_after_s,
+            max_clock_skew_s: config.ingest.max_clock_skew_s,
+            max_reading_age_s: config.ingest.max_reading_age_s,
         };
         let api = ApiState {
             store,

@@ -76,7 +76,20 @@ pub struct IngestConfig {
     pub max_body_bytes: usize,
     /// Seconds returned in `Retry-After` when the pipeline is saturated.
     pub retry_after_s: u32,
+    /// A reading whose timestamp is more than this many seconds ahead of
+    /// the server clock is refused (400); 0 = no bound.
+    pub max_clock_skew_s: u64,
+    /// A reading whose timestamp is more than this many seconds behind the
+    /// server clock is refused (400); 0 = no bound. Default: 7 days, the
+    /// raw retention.
+    pub max_reading_age_s: u64,
 }
+
+/// Largest `ingest.max_clock_skew_s`: a reading this far ahead moves the
+/// watermark this far, so every reading until the clock catches up is late.
+pub const MAX_CLOCK_SKEW_S: u64 = 86_400;
+/// Largest `ingest.max_reading_age_s` (0 turns the bound off instead).
+pub const MAX_READING_AGE_S: u64 = 366 * 86_400;
 
 impl Default for IngestConfig {
     fn default() -> Self {
@@ -84,6 +97,8 @@ impl Default for IngestConfig {
             max_batch: 1000,
             max_body_bytes: 4 << 20,
             retry_after_s: 1,
+            max_clock_skew_s: 300,
+            max_reading_age_s: 7 * 86_400,
         }
     }
 }
@@ -305,6 +320,20 @@ impl PipelineConfig {
             "ingest.max_body_bytes: must be at least 1024".into(),
         );
         need(
+            self.ingest.max_clock_skew_s <= MAX_CLOCK_SKEW_S,
+            format!(
+                "ingest.max_clock_skew_s = {}: must be 0 (no bound) ..= {MAX_CLOCK_SKEW_S} (1 day)",
+                self.ingest.max_clock_skew_s
+            ),
+        );
+        need(
+            self.ingest.max_reading_age_s <= MAX_READING_AGE_S,
+            format!(
+                "ingest.max_reading_age_s = {}: must be 0 (no bound) ..= {MAX_READING_AGE_S} (366 days)",
+                self.ingest.max_reading_age_s
+            ),
+        );
+        need(
             (1..=1024).contains(&self.bus.partitions),
             format!("bus.partitions = {}: must be 1..=1024", self.bus.partitions),
         );
@@ -456,6 +485,8 @@ component = "g.wasm"
     fn minimal_config_gets_defaults() {
         let cfg = parse(MINIMAL).unwrap();
         assert_eq!(cfg.ingest.max_batch, 1000);
+        assert_eq!(cfg.ingest.max_clock_skew_s, 300);
+        assert_eq!(cfg.ingest.max_reading_age_s, 604_800);
         assert_eq!(cfg.dedupe.reading_ttl_s, 60);
         assert_eq!(cfg.windows.flush_interval_15m_s, 900);
         assert_eq!(
@@ -486,13 +517,15 @@ component = "g.wasm"
     #[test]
     fn every_semantic_problem_is_reported_at_once() {
         let text = format!(
-            "{MINIMAL}\n[bus]\npartitions = 0\n[regions.\"X\"]\ncapacity_kw = -1\nbase_price_per_kwh = 0\n[plugins.magic]\ncomponent = \"m.wasm\"\n"
+            "{MINIMAL}\n[ingest]\nmax_clock_skew_s = 86401\nmax_reading_age_s = 31622401\n[bus]\npartitions = 0\n[regions.\"X\"]\ncapacity_kw = -1\nbase_price_per_kwh = 0\n[plugins.magic]\ncomponent = \"m.wasm\"\n"
         );
         let ConfigError::Invalid { problems, .. } = parse(&text).unwrap_err() else {
             panic!("expected Invalid");
         };
         let all = problems.join("\n");
         assert!(all.contains("bus.partitions"), "{all}");
+        assert!(all.contains("ingest.max_clock_skew_s = 86401"), "{all}");
+        assert!(all.contains("ingest.max_reading_age_s = 31622401"), "{all}");
         assert!(all.contains("regions.\"X\".capacity_kw"), "{all}");
         assert!(all.contains("regions.\"X\".base_price_per_kwh"), "{all}");
         assert!(all.contains("plugins.magic"), "{all}");

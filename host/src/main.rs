@@ -45,7 +45,9 @@ struct RunArgs {
     #[command(flatten)]
     sim: SimArgs,
     /// Simulated seconds per real second for the built-in simulator
-    /// (1 = real time).
+    /// (1 = real time, starting now). Faster runs start an hour back and go
+    /// on in real time once they catch up with the clock: readings are
+    /// never dated in the future.
     #[arg(long, default_value_t = 10.0)]
     speedup: f64,
 }
@@ -92,8 +94,10 @@ struct SimulateArgs {
     /// Readings per request.
     #[arg(long, default_value_t = 1000)]
     batch_size: usize,
-    /// Send tick k at k × interval after the start (live), not as fast as
-    /// possible.
+    /// Send tick k at k × interval after the start (live, starting now),
+    /// not as fast as possible. Without it the stream starts an hour back
+    /// and goes on in real time once it catches up with the clock: readings
+    /// are never dated in the future.
     #[arg(long)]
     realtime: bool,
 }
@@ -106,7 +110,12 @@ enum ModeArg {
 }
 
 impl SimArgs {
-    fn config(&self) -> SimConfig {
+    /// The simulator config; `live`: simulated time starts now and runs
+    /// with the clock, else it starts an hour back
+    /// ([`simulator::demo_start_ms`]) so an accelerated run has an hour of
+    /// simulated grid before it catches up with the clock (the sender never
+    /// sends a reading dated in the future).
+    fn config(&self, live: bool) -> SimConfig {
         let mut cfg = SimConfig {
             meters: self.meters,
             interval_s: self.interval,
@@ -119,8 +128,12 @@ impl SimArgs {
             duplicate_ratio: self.duplicates,
             ..SimConfig::default()
         };
-        cfg.start_ms =
-            segs::time::window_start(segs::time::now_ms(), i64::from(self.interval) * 1000);
+        let now = segs::time::now_ms();
+        cfg.start_ms = if live {
+            segs::time::window_start(now, i64::from(self.interval) * 1000)
+        } else {
+            simulator::demo_start_ms(now)
+        };
         if !self.no_phases {
             cfg.phases = simulator::default_phases(cfg.meters, &cfg.regions, cfg.interval_s);
         }
@@ -173,13 +186,22 @@ async fn run(args: RunArgs) -> Result<()> {
     let sim = if args.no_simulator {
         None
     } else {
-        let cfg = args.sim.config();
+        let realtime = args.speedup == 1.0;
+        let cfg = args.sim.config(realtime);
         let per_second = f64::from(cfg.meters) / f64::from(cfg.interval_s) * args.speedup.max(0.01);
         println!(
-            "simulator: {} meters every {} s (simulated), {:.0}x real time, seed {}{}",
+            "simulator: {} meters every {} s (simulated), {}, seed {}{}",
             cfg.meters,
             cfg.interval_s,
-            args.speedup,
+            if realtime {
+                "real time".to_owned()
+            } else {
+                format!(
+                    "{:.0}x real time from {} until it reaches the clock",
+                    args.speedup,
+                    segs::time::format_rfc3339_ms(cfg.start_ms)
+                )
+            },
             cfg.seed,
             if cfg.phases.is_empty() {
                 String::new()
@@ -191,7 +213,7 @@ async fn run(args: RunArgs) -> Result<()> {
             url: base.clone(),
             batch_size: 1000,
             rate: Some(per_second),
-            realtime: args.speedup == 1.0,
+            realtime,
             ..SendTarget::default()
         };
         let stats = sim_stats.clone();
@@ -269,7 +291,7 @@ async fn status_line(ctx: segs::pipeline::Context, sim: Arc<SimStats>) {
 }
 
 async fn simulate(args: SimulateArgs) -> Result<()> {
-    let cfg = args.sim.config();
+    let cfg = args.sim.config(args.realtime);
     let target = SendTarget {
         url: args.url,
         batch_size: args.batch_size,

@@ -2,7 +2,9 @@
 //!
 //! Owns the request path from body bytes to records on the
 //! `telemetry-readings` topic: validate the whole request (nothing of an
-//! invalid request is published), drop duplicates by
+//! invalid request is published; event time must be within the
+//! `[ingest]` clock bounds around the server clock, read here once per
+//! request), drop duplicates by
 //! `reading:{meterId}:{timestamp}` (SET NX EX semantics), add `receivedAt`,
 //! and answer 2xx only once the bus holds every accepted reading. When the
 //! bus refuses (backpressure) the dedupe marks are taken back and the client
@@ -26,7 +28,7 @@ use serde_json::json;
 use crate::bus::{Bus, BusError, Record, Topic};
 use crate::dedupe::{Dedupe, KeyBatch};
 use crate::pipeline::Metrics;
-use validate::{Validated, ValidationError};
+use validate::{TimeBounds, Validated, ValidationError};
 
 /// What the ingest handlers share.
 #[derive(Clone)]
@@ -38,6 +40,23 @@ pub struct IngestState {
     pub max_body_bytes: usize,
     pub reading_ttl: Duration,
     pub retry_after_s: u32,
+    /// `[ingest] max_clock_skew_s`: how far ahead of the server clock event
+    /// time may be, seconds; 0 = no bound.
+    pub max_clock_skew_s: u64,
+    /// `[ingest] max_reading_age_s`: how far behind the server clock event
+    /// time may be, seconds; 0 = no bound.
+    pub max_reading_age_s: u64,
+}
+
+impl IngestState {
+    /// The event-time bounds of a request arriving now.
+    fn time_bounds(&self) -> TimeBounds {
+        TimeBounds::from_secs(
+            crate::time::now_ms(),
+            self.max_clock_skew_s,
+            self.max_reading_age_s,
+        )
+    }
 }
 
 /// `POST /telemetry/batch`: a JSON array of 1..=max_batch readings.
@@ -49,7 +68,7 @@ pub async fn post_batch(
         Ok(b) => b,
         Err(e) => return body_rejected(&s, e),
     };
-    let validated = validate::validate_batch(&body, s.max_batch);
+    let validated = validate::validate_batch(&body, s.max_batch, s.time_bounds());
     accept(&s, validated).await
 }
 
@@ -62,7 +81,7 @@ pub async fn post_one(
         Ok(b) => b,
         Err(e) => return body_rejected(&s, e),
     };
-    let validated = validate::validate_one(&body);
+    let validated = validate::validate_one(&body, s.time_bounds());
     accept(&s, validated).await
 }
 

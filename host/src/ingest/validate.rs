@@ -9,6 +9,12 @@
 //! known fields are picked out as borrowed slices and type-checked; unknown
 //! fields are never decoded and travel verbatim.
 //!
+//! Event time must lie within [`TimeBounds`] around the server clock
+//! (`[ingest] max_clock_skew_s` ahead, `max_reading_age_s` behind): one
+//! meter with a wrong clock must not move event time for everyone (see
+//! ARCHITECTURE.md, "Event time and bad clocks"). The caller reads the
+//! clock; this module only compares.
+//!
 //! Must not: do I/O, know about dedupe, the bus or HTTP status codes, or
 //! accept part of a batch: one invalid reading fails the whole batch, and
 //! every field error of every reading is reported (capped at
@@ -76,6 +82,95 @@ pub struct FieldError {
     pub message: String,
 }
 
+/// How far from the server clock a reading's event time may be: at most
+/// `max_ahead_ms` after `now_ms` and `max_age_ms` before it, both bounds
+/// inclusive; `None` is no bound on that side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeBounds {
+    /// The server clock for this request, epoch milliseconds.
+    pub now_ms: i64,
+    pub max_ahead_ms: Option<i64>,
+    pub max_age_ms: Option<i64>,
+}
+
+impl TimeBounds {
+    /// Any event time is accepted (unit tests, tools that replay history).
+    pub const UNBOUNDED: TimeBounds = TimeBounds {
+        now_ms: 0,
+        max_ahead_ms: None,
+        max_age_ms: None,
+    };
+
+    /// The bounds of `[ingest]` (seconds; 0 = no bound) around `now_ms`.
+    pub fn from_secs(now_ms: i64, max_ahead_s: u64, max_age_s: u64) -> TimeBounds {
+        let ms =
+            |s: u64| (s > 0).then(|| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX));
+        TimeBounds {
+            now_ms,
+            max_ahead_ms: ms(max_ahead_s),
+            max_age_ms: ms(max_age_s),
+        }
+    }
+
+    /// Why `event_ms` is out of bounds, if it is.
+    fn check(&self, event_ms: i64) -> Option<String> {
+        let ahead = event_ms.saturating_sub(self.now_ms);
+        if let Some(max) = self.max_ahead_ms {
+            if ahead > max {
+                return Some(format!(
+                    "Timestamp {} is {} ahead of the server clock; at most {} ahead is \
+                     accepted (ingest.max_clock_skew_s)",
+                    crate::time::format_rfc3339_ms(event_ms),
+                    distance(ahead, max),
+                    bound(max),
+                ));
+            }
+        }
+        if let Some(max) = self.max_age_ms {
+            let age = self.now_ms.saturating_sub(event_ms);
+            if age > max {
+                return Some(format!(
+                    "Timestamp {} is {} older than the server clock; at most {} old is \
+                     accepted (ingest.max_reading_age_s)",
+                    crate::time::format_rfc3339_ms(event_ms),
+                    distance(age, max),
+                    bound(max),
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// A configured bound (whole seconds) as days or hours when it is a whole
+/// number of them, else in seconds like the config key: `300 s`, `7 days`.
+fn bound(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        _ if s >= 86_400 && s % 86_400 == 0 => plural(s / 86_400, "day"),
+        _ if s >= 3_600 && s % 3_600 == 0 => format!("{} h", s / 3_600),
+        _ => format!("{s} s"),
+    }
+}
+
+/// How far out of bounds a timestamp is: whole days when that is clearly
+/// beyond `bound_ms`, else exact seconds (so a distance just past the bound
+/// never reads as equal to it).
+fn distance(ms: i64, bound_ms: i64) -> String {
+    const DAY_MS: i64 = 86_400_000;
+    if ms >= 2 * DAY_MS && ms / DAY_MS > bound_ms / DAY_MS {
+        return plural(ms / DAY_MS, "day");
+    }
+    match ms % 1000 {
+        0 => format!("{} s", ms / 1000),
+        frac => format!("{}.{frac:03} s", ms / 1000),
+    }
+}
+
+fn plural(n: i64, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 impl ValidationError {
     fn body(message: impl Into<String>) -> Self {
         ValidationError {
@@ -86,8 +181,12 @@ impl ValidationError {
 }
 
 /// Validates the body of `POST /telemetry/batch`: a JSON array of
-/// 1..=`max_batch` reading objects.
-pub fn validate_batch(body: &[u8], max_batch: usize) -> Result<Validated<'_>, ValidationError> {
+/// 1..=`max_batch` reading objects, each with its event time within `time`.
+pub fn validate_batch(
+    body: &[u8],
+    max_batch: usize,
+    time: TimeBounds,
+) -> Result<Validated<'_>, ValidationError> {
     if first_byte(body) != Some(b'[') {
         return Err(not_json_or(body, |b| match b {
             Some(b'{') => {
@@ -118,7 +217,7 @@ pub fn validate_batch(body: &[u8], max_batch: usize) -> Result<Validated<'_>, Va
     let mut errors = Errors::default();
     let mut readings = Vec::with_capacity(items.len());
     for (i, raw) in items.into_iter().enumerate() {
-        if let Some(r) = check_reading(raw, Some(i), &mut errors) {
+        if let Some(r) = check_reading(raw, Some(i), time, &mut errors) {
             if errors.total == 0 {
                 readings.push(r);
             }
@@ -127,8 +226,9 @@ pub fn validate_batch(body: &[u8], max_batch: usize) -> Result<Validated<'_>, Va
     errors.into_result(readings, true)
 }
 
-/// Validates the body of `POST /telemetry`: one reading object.
-pub fn validate_one(body: &[u8]) -> Result<Validated<'_>, ValidationError> {
+/// Validates the body of `POST /telemetry`: one reading object, its event
+/// time within `time`.
+pub fn validate_one(body: &[u8], time: TimeBounds) -> Result<Validated<'_>, ValidationError> {
     if first_byte(body) != Some(b'{') {
         return Err(not_json_or(body, |b| match b {
             Some(b'[') => {
@@ -140,7 +240,7 @@ pub fn validate_one(body: &[u8]) -> Result<Validated<'_>, ValidationError> {
     }
     let raw: &RawValue = serde_json::from_slice(body).map_err(invalid_json)?;
     let mut errors = Errors::default();
-    let reading = check_reading(raw, None, &mut errors);
+    let reading = check_reading(raw, None, time, &mut errors);
     errors.into_result(reading.into_iter().collect(), false)
 }
 
@@ -463,6 +563,7 @@ fn decode_str(v: &RawValue) -> Option<Cow<'_, str>> {
 fn check_reading<'a>(
     raw: &'a RawValue,
     index: Option<usize>,
+    time: TimeBounds,
     errors: &mut Errors,
 ) -> Option<ValidReading<'a>> {
     if raw.get().as_bytes().first() != Some(&b'{') {
@@ -480,7 +581,7 @@ fn check_reading<'a>(
         }
     };
     let before = errors.total;
-    let mut err = |field: Field, message: &'static str| errors.push(index, field.name(), message);
+    let mut err = |field: Field, message: &str| errors.push(index, field.name(), message);
 
     let _reading_id = required_str(
         &fields,
@@ -494,7 +595,10 @@ fn check_reading<'a>(
     let mut timestamp = None;
     if let Some(ts) = required_str(&fields, Field::Timestamp, "Timestamp is required", &mut err) {
         match crate::time::parse_rfc3339_ms(&ts) {
-            Some(ms) => timestamp = Some((ms, ts)),
+            Some(ms) => match time.check(ms) {
+                None => timestamp = Some((ms, ts)),
+                Some(out_of_bounds) => err(Field::Timestamp, &out_of_bounds),
+            },
             None => err(Field::Timestamp, "Invalid timestamp format"),
         }
     }
@@ -560,7 +664,7 @@ fn required_str<'a>(
     fields: &RawFields<'a>,
     field: Field,
     required: &'static str,
-    err: &mut impl FnMut(Field, &'static str),
+    err: &mut impl FnMut(Field, &str),
 ) -> Option<Cow<'a, str>> {
     let Some(v) = fields.get(field) else {
         err(field, required);
@@ -594,7 +698,7 @@ fn number(
     v: &RawValue,
     field: Field,
     bound: Bound,
-    err: &mut impl FnMut(Field, &'static str),
+    err: &mut impl FnMut(Field, &str),
 ) -> Option<f64> {
     if !is_number(v) {
         err(field, "expected a number");
@@ -651,14 +755,14 @@ mod tests {
     }
 
     fn batch_err(body: &str) -> String {
-        match validate_batch(body.as_bytes(), MAX_BATCH) {
+        match validate_batch(body.as_bytes(), MAX_BATCH, TimeBounds::UNBOUNDED) {
             Ok(v) => panic!("accepted {} readings of {body}", v.readings.len()),
             Err(e) => render(&e),
         }
     }
 
     fn one_err(body: &str) -> String {
-        match validate_one(body.as_bytes()) {
+        match validate_one(body.as_bytes(), TimeBounds::UNBOUNDED) {
             Ok(_) => panic!("accepted {body}"),
             Err(e) => render(&e),
         }
@@ -719,7 +823,7 @@ mod tests {
                 r#""energyKwh":0.0435"#,
             ])
         );
-        let v = validate_batch(body.as_bytes(), MAX_BATCH).expect("valid");
+        let v = validate_batch(body.as_bytes(), MAX_BATCH, TimeBounds::UNBOUNDED).expect("valid");
         assert_eq!(v.readings.len(), 2);
         let (a, b) = (&v.readings[0], &v.readings[1]);
         assert_eq!(a.raw.get(), OK);
@@ -735,7 +839,7 @@ mod tests {
     #[test]
     fn accepts_one_reading() {
         let body = format!(" \n{OK}\n ");
-        let v = validate_one(body.as_bytes()).expect("valid");
+        let v = validate_one(body.as_bytes(), TimeBounds::UNBOUNDED).expect("valid");
         assert_eq!(v.readings.len(), 1);
         assert_eq!(v.readings[0].raw.get(), OK);
     }
@@ -749,7 +853,7 @@ mod tests {
             r#""metadata":{"mode":"normal","baseLoad":4.5,"nested":[1,{"a":null}]}"#,
             r#""weird":1e400"#,
         ]);
-        let v = validate_one(r.as_bytes()).expect("valid");
+        let v = validate_one(r.as_bytes(), TimeBounds::UNBOUNDED).expect("valid");
         assert_eq!(v.readings[0].raw.get(), r);
     }
 
@@ -817,7 +921,7 @@ mod tests {
         let mut body = b"[{\"readingId\":\"".to_vec();
         body.extend_from_slice(&[0xff, 0xfe]);
         body.extend_from_slice(b"\"}]");
-        let e = validate_batch(&body, MAX_BATCH).unwrap_err();
+        let e = validate_batch(&body, MAX_BATCH, TimeBounds::UNBOUNDED).unwrap_err();
         assert!(e.message.starts_with("Invalid JSON: "), "{}", e.message);
         assert!(e.details.is_empty());
     }
@@ -826,13 +930,13 @@ mod tests {
     fn batch_size_limits() {
         let three = format!("[{OK},{OK},{OK}]");
         assert_eq!(
-            validate_batch(three.as_bytes(), 3)
+            validate_batch(three.as_bytes(), 3, TimeBounds::UNBOUNDED)
                 .expect("valid")
                 .readings
                 .len(),
             3
         );
-        let e = validate_batch(three.as_bytes(), 2).unwrap_err();
+        let e = validate_batch(three.as_bytes(), 2, TimeBounds::UNBOUNDED).unwrap_err();
         assert_eq!(render(&e), "Batch size cannot exceed 2 readings (got 3)");
 
         let many = format!("[{}]", vec![OK; MAX_BATCH + 1].join(","));
@@ -842,7 +946,7 @@ mod tests {
         );
         let max = format!("[{}]", vec![OK; MAX_BATCH].join(","));
         assert_eq!(
-            validate_batch(max.as_bytes(), MAX_BATCH)
+            validate_batch(max.as_bytes(), MAX_BATCH, TimeBounds::UNBOUNDED)
                 .expect("valid")
                 .readings
                 .len(),
@@ -851,7 +955,7 @@ mod tests {
         // Elements past the limit still have to be JSON.
         let bad = format!("[{OK},{OK},{OK}, nope]");
         assert!(
-            validate_batch(bad.as_bytes(), 2)
+            validate_batch(bad.as_bytes(), 2, TimeBounds::UNBOUNDED)
                 .unwrap_err()
                 .message
                 .starts_with("Invalid JSON")
@@ -908,7 +1012,11 @@ mod tests {
              timestamp: expected a string"
         );
         // Whitespace is a non-empty string, as in the seed's schema.
-        validate_one(reading(&[r#""region":" ""#]).as_bytes()).expect("valid");
+        validate_one(
+            reading(&[r#""region":" ""#]).as_bytes(),
+            TimeBounds::UNBOUNDED,
+        )
+        .expect("valid");
     }
 
     #[test]
@@ -934,7 +1042,7 @@ mod tests {
             (r"2025-11-12T06:30:00.000\u005a", 1_762_929_000_000),
         ] {
             let body = reading(&[&format!(r#""timestamp":"{ts}""#)]);
-            let v = validate_one(body.as_bytes()).expect(ts);
+            let v = validate_one(body.as_bytes(), TimeBounds::UNBOUNDED).expect(ts);
             assert_eq!(v.readings[0].timestamp_ms, ms, "{ts}");
         }
     }
@@ -996,10 +1104,10 @@ mod tests {
             r#""temperature":-40"#,
             r#""energyKwh":0"#,
         ] {
-            validate_one(reading(&[ok]).as_bytes()).expect(ok);
+            validate_one(reading(&[ok]).as_bytes(), TimeBounds::UNBOUNDED).expect(ok);
         }
         let body = reading(&[r#""powerKw":1.5e1"#]);
-        let v = validate_one(body.as_bytes()).expect("valid");
+        let v = validate_one(body.as_bytes(), TimeBounds::UNBOUNDED).expect("valid");
         assert_eq!(v.readings[0].power_kw, 15.0);
     }
 
@@ -1050,7 +1158,7 @@ mod tests {
     fn caps_the_details() {
         let bad = reading(&[r#""powerKw":-1"#, r#""voltage":-1"#]);
         let body = format!("[{}]", vec![bad.as_str(); 60].join(","));
-        let e = validate_batch(body.as_bytes(), MAX_BATCH).unwrap_err();
+        let e = validate_batch(body.as_bytes(), MAX_BATCH, TimeBounds::UNBOUNDED).unwrap_err();
         assert_eq!(e.details.len(), MAX_DETAILS);
         assert_eq!(
             e.message,
@@ -1071,13 +1179,18 @@ mod tests {
         let e = validate_batch(
             format!("[{}]", reading(&[r#""powerKw":-1"#])).as_bytes(),
             1000,
+            TimeBounds::UNBOUNDED,
         )
         .unwrap_err();
         assert_eq!(
             serde_json::to_string(&e).expect("json"),
             r#"{"message":"Validation failed: 1 error in 1 reading","details":[{"index":0,"field":"powerKw","message":"Power must not be negative"}]}"#
         );
-        let e = validate_one(reading(&[r#""powerKw":-1"#]).as_bytes()).unwrap_err();
+        let e = validate_one(
+            reading(&[r#""powerKw":-1"#]).as_bytes(),
+            TimeBounds::UNBOUNDED,
+        )
+        .unwrap_err();
         assert_eq!(
             serde_json::to_string(&e).expect("json"),
             r#"{"message":"Validation failed: 1 error","details":[{"field":"powerKw","message":"Power must not be negative"}]}"#
@@ -1091,7 +1204,7 @@ mod tests {
             r#""meterId":"MTR-\u0030\u00301 \"quoted\" \\ é""#,
             r#""region":"Pune\nWest""#,
         ]);
-        let v = validate_one(body.as_bytes()).expect("valid");
+        let v = validate_one(body.as_bytes(), TimeBounds::UNBOUNDED).expect("valid");
         let r = &v.readings[0];
         assert_eq!(r.meter_id, "MTR-001 \"quoted\" \\ é");
         assert!(matches!(r.meter_id, Cow::Owned(_)));
@@ -1110,7 +1223,7 @@ mod tests {
     fn published_form() {
         let check = |fields: &[&str]| {
             let body = reading(fields);
-            let v = validate_one(body.as_bytes()).expect("valid");
+            let v = validate_one(body.as_bytes(), TimeBounds::UNBOUNDED).expect("valid");
             let p = published(&v.readings[0]);
             let back: Reading = serde_json::from_str(&p).unwrap_or_else(|e| panic!("{e}: {p}"));
             assert_eq!(
@@ -1140,7 +1253,7 @@ mod tests {
             r#"{"meterId":"MTR-00000001","region":"Mumbai-North","timestamp":"2025-11-12T06:30:00.000Z","powerKw":5.234,"receivedAt":"2025-11-12T06:30:01.234Z","readingId":"r1"}"#
         );
         let early = r#"{"receivedAt":"1999-01-01T00:00:00Z","readingId":"r1","meterId":"m","region":"r","timestamp":"2025-11-12t06:30:00.1z","powerKw":1}"#;
-        let v = validate_one(early.as_bytes()).expect("valid");
+        let v = validate_one(early.as_bytes(), TimeBounds::UNBOUNDED).expect("valid");
         assert_eq!(
             published(&v.readings[0]),
             r#"{"receivedAt":"2025-11-12T06:30:01.234Z","readingId":"r1","meterId":"m","region":"r","timestamp":"2025-11-12T06:30:00.100Z","powerKw":1}"#
@@ -1148,7 +1261,7 @@ mod tests {
         // Pretty-printed input keeps its layout.
         let pretty = "{\n  \"readingId\": \"r1\",\n  \"meterId\": \"m\",\n  \"region\": \"r\",\n  \"timestamp\" :\t\"2025-11-12T06:30:00Z\" ,\n  \"powerKw\": 1\n}";
         let body = format!("[ {pretty} ]");
-        let v = validate_batch(body.as_bytes(), 10).expect("valid");
+        let v = validate_batch(body.as_bytes(), 10, TimeBounds::UNBOUNDED).expect("valid");
         assert_eq!(
             published(&v.readings[0]),
             "{\n  \"readingId\": \"r1\",\n  \"meterId\": \"m\",\n  \"region\": \"r\",\n  \"timestamp\" :\t\"2025-11-12T06:30:00.000Z\" ,\n  \"powerKw\": 1\n,\"receivedAt\":\"2025-11-12T06:30:01.234Z\"}"
@@ -1157,5 +1270,132 @@ mod tests {
         let mut out = b"x".to_vec();
         write_published(&v.readings[0], "2025-11-12T06:30:01.234Z", &mut out);
         assert!(out.starts_with(b"x{"));
+    }
+
+    /// 2025-11-12T06:30:00Z, the server clock of the bound tests.
+    const NOW_MS: i64 = 1_762_929_000_000;
+
+    fn bounded(ahead_s: u64, age_s: u64) -> TimeBounds {
+        TimeBounds::from_secs(NOW_MS, ahead_s, age_s)
+    }
+
+    fn at(ms: i64) -> String {
+        reading(&[&format!(
+            r#""timestamp":"{}""#,
+            crate::time::format_rfc3339_ms(ms)
+        )])
+    }
+
+    fn bounded_err(body: &str, time: TimeBounds) -> String {
+        match validate_one(body.as_bytes(), time) {
+            Ok(_) => panic!("accepted {body}"),
+            Err(e) => render(&e),
+        }
+    }
+
+    #[test]
+    fn the_reading_of_the_test_helper_is_at_now() {
+        assert_eq!(
+            crate::time::parse_rfc3339_ms("2025-11-12T06:30:00.000Z"),
+            Some(NOW_MS)
+        );
+    }
+
+    #[test]
+    fn timestamps_ahead_of_the_clock_are_refused() {
+        let time = bounded(300, 604_800);
+        assert_eq!(
+            bounded_err(&reading(&[r#""timestamp":"2099-01-01T00:00:00Z""#]), time),
+            "Validation failed: 1 error\ntimestamp: Timestamp 2099-01-01T00:00:00.000Z is \
+             26712 days ahead of the server clock; at most 300 s ahead is accepted \
+             (ingest.max_clock_skew_s)"
+        );
+        assert_eq!(
+            bounded_err(&at(NOW_MS + 300_001), time),
+            "Validation failed: 1 error\ntimestamp: Timestamp 2025-11-12T06:35:00.001Z is \
+             300.001 s ahead of the server clock; at most 300 s ahead is accepted \
+             (ingest.max_clock_skew_s)"
+        );
+        assert!(
+            bounded_err(&at(NOW_MS + 7_200_000), time).contains("is 7200 s ahead"),
+            "exact seconds below two days"
+        );
+    }
+
+    #[test]
+    fn timestamps_too_old_are_refused() {
+        let time = bounded(300, 604_800);
+        assert_eq!(
+            bounded_err(
+                &reading(&[r#""timestamp":"1971-01-01T00:00:00+05:30""#]),
+                time
+            ),
+            "Validation failed: 1 error\ntimestamp: Timestamp 1970-12-31T18:30:00.000Z is \
+             20039 days older than the server clock; at most 7 days old is accepted \
+             (ingest.max_reading_age_s)"
+        );
+        assert!(
+            bounded_err(&at(NOW_MS - 604_801_000), time).contains(
+                "is 604801 s older than the server clock; at most 7 days old is accepted"
+            )
+        );
+        assert!(bounded_err(&at(NOW_MS - 8 * 86_400_000), time).contains("is 8 days older"),);
+        assert!(
+            bounded_err(&at(NOW_MS - 5_400_000), bounded(300, 3_600))
+                .contains("at most 1 h old is accepted")
+        );
+    }
+
+    #[test]
+    fn timestamps_just_inside_the_bounds_are_accepted() {
+        let time = bounded(300, 604_800);
+        for ms in [NOW_MS, NOW_MS + 300_000, NOW_MS - 604_800_000] {
+            let body = at(ms);
+            let v = validate_one(body.as_bytes(), time).expect(&body);
+            assert_eq!(v.readings[0].timestamp_ms, ms);
+        }
+    }
+
+    #[test]
+    fn zero_disables_a_bound() {
+        for (time, ms) in [
+            (bounded(0, 604_800), NOW_MS + 100 * 365 * 86_400_000),
+            (bounded(300, 0), 0),
+            (bounded(0, 0), -86_400_000),
+        ] {
+            let body = at(ms);
+            validate_one(body.as_bytes(), time).expect(&body);
+        }
+        assert_eq!(
+            bounded(0, 0),
+            TimeBounds {
+                now_ms: NOW_MS,
+                ..TimeBounds::UNBOUNDED
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_clock_fails_the_whole_batch_with_its_index() {
+        let time = bounded(300, 604_800);
+        let body = format!(
+            "[{},{},{}]",
+            at(NOW_MS - 10_000),
+            reading(&[r#""timestamp":"2099-01-01T00:00:00Z""#, r#""powerKw":-1"#]),
+            at(NOW_MS)
+        );
+        let e = validate_batch(body.as_bytes(), MAX_BATCH, time).unwrap_err();
+        let fields: Vec<(Option<usize>, &str)> = e
+            .details
+            .iter()
+            .map(|d| (d.index, d.field.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            [(Some(1), "timestamp"), (Some(1), "powerKw")],
+            "{}",
+            render(&e)
+        );
+        assert!(e.details[0].message.contains("ahead"), "{}", render(&e));
     }
 }

@@ -7,7 +7,11 @@
 //! is simulated (tick `k` is stamped `start_ms + k × interval`), never read
 //! from the wall clock, so tests can run hours of grid in seconds; with the
 //! same config and seed the bytes sent are identical across runs and
-//! versions.
+//! versions. The one tie to the clock: the sender never sends a tick before
+//! the wall clock reaches its event time (segs refuses readings dated ahead
+//! of its clock), so an accelerated run that catches up with the clock goes
+//! on in real time. An accelerated demo therefore starts in the past
+//! ([`demo_start_ms`]).
 //!
 //! Must not: reach into ingest, the bus or the stores (it is a client of the
 //! HTTP API like any external meter), or use a random source other than
@@ -166,6 +170,23 @@ pub enum PhaseTarget {
     Meters(Range<u32>),
     /// Every meter of the region.
     Region(String),
+}
+
+/// How far before the clock an accelerated demo starts: an hour of
+/// simulated grid can run faster than real time before the simulator
+/// catches up with the clock (well inside ingest's default
+/// `max_reading_age_s` of 7 days).
+pub const DEMO_HEAD_START_MS: i64 = 3_600_000;
+
+/// Tick 0 of an accelerated demo started at `now_ms`: [`DEMO_HEAD_START_MS`]
+/// earlier, floored to 15 minutes so that 15-minute windows start with it.
+/// The scripted phases ([`default_phases`]) are offsets from tick 0, so
+/// they play out within the first simulated minutes whatever the start.
+pub fn demo_start_ms(now_ms: i64) -> i64 {
+    crate::time::window_start(
+        now_ms - DEMO_HEAD_START_MS,
+        crate::windows::FIFTEEN_MINUTES_MS,
+    )
 }
 
 /// Power factor of the demo surge: load × 1.7, enough to take a region from

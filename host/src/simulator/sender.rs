@@ -1,6 +1,9 @@
 //! The simulator's HTTP sender: posts each tick's batches to
 //! `{url}/telemetry/batch`, paced by a rate and/or simulated real time, and
-//! counts what the server answered.
+//! counts what the server answered. Whatever the pacing, a tick is never
+//! sent before the wall clock has reached its event time: a simulation
+//! that would run ahead of the clock drops to real time, because ingest
+//! refuses readings dated in the future (`[ingest] max_clock_skew_s`).
 //!
 //! Owns retries (503/429 honour `Retry-After` and re-send the same batch;
 //! transport failures back off and re-send; re-sends are safe because
@@ -37,6 +40,8 @@ pub struct SendTarget {
     pub ticks: Option<u64>,
     /// Send tick `k` no earlier than `k × interval` after the start (live
     /// demo); otherwise ticks follow each other as fast as `rate` allows.
+    /// Either way no tick is sent before the wall clock reaches its event
+    /// time.
     pub realtime: bool,
 }
 
@@ -231,6 +236,21 @@ pub async fn run(
                 .unwrap_or_else(far_future);
             if !stats.wait_until(at, deadline).await {
                 break;
+            }
+        }
+        // Never stamp a reading in the future: wait for the wall clock to
+        // reach this tick's event time (a start in the past never waits).
+        // Re-read after each sleep: timers run on the monotonic clock.
+        loop {
+            let ahead_ms = sim.timestamp_ms(k).saturating_sub(crate::time::now_ms());
+            if ahead_ms <= 0 {
+                break;
+            }
+            let at = Instant::now()
+                .checked_add(Duration::from_millis(ahead_ms.unsigned_abs()))
+                .unwrap_or_else(far_future);
+            if !stats.wait_until(at, deadline).await {
+                break 'ticks;
             }
         }
         let batches = sim.next_batches(target.batch_size);

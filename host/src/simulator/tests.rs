@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 use super::*;
-use crate::ingest::validate::{MAX_BATCH, validate_batch};
+use crate::ingest::validate::{MAX_BATCH, TimeBounds, validate_batch};
 
 const START: &str = "2025-11-12T06:30:00.000Z";
 
@@ -307,6 +307,19 @@ fn phases_apply() {
 }
 
 #[test]
+fn the_demo_starts_an_hour_back_on_a_quarter_hour() {
+    let at = |s: &str| crate::time::parse_rfc3339_ms(s).expect(s);
+    assert_eq!(
+        demo_start_ms(at("2025-11-12T06:37:12.345Z")),
+        at("2025-11-12T05:30:00Z")
+    );
+    assert_eq!(
+        demo_start_ms(at("2025-11-12T06:30:00Z")),
+        at("2025-11-12T05:30:00Z")
+    );
+}
+
+#[test]
 fn the_default_script() {
     let regions = cfg(0).regions;
     let phases = default_phases(20, &regions, 10);
@@ -428,7 +441,7 @@ fn every_reading_passes_ingest_validation() {
         for k in 0..40 {
             for batch in s.next_batches(7) {
                 assert!(batch.readings <= 7);
-                let v = validate_batch(&batch.body, MAX_BATCH)
+                let v = validate_batch(&batch.body, MAX_BATCH, TimeBounds::UNBOUNDED)
                     .unwrap_or_else(|e| panic!("tick {k}: {e:?}"));
                 assert_eq!(v.readings.len(), batch.readings);
                 for r in &v.readings {
@@ -546,7 +559,14 @@ mod http {
             )
                 .into_response();
         }
-        let v = match validate_batch(&body, MAX_BATCH) {
+        // Like segs, refuse readings dated ahead of this server's clock
+        // (with no slack at all).
+        let time = TimeBounds {
+            now_ms: crate::time::now_ms(),
+            max_ahead_ms: Some(0),
+            max_age_ms: None,
+        };
+        let v = match validate_batch(&body, MAX_BATCH, time) {
             Ok(v) => v,
             Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
         };
@@ -683,6 +703,31 @@ mod http {
             .expect("join")
             .expect("run");
         assert_eq!((summary.ticks, summary.accepted), (1, 10));
+    }
+
+    #[tokio::test]
+    async fn never_sends_a_tick_before_its_event_time() {
+        // Ticks stamped a moment from now, sent as fast as possible: the
+        // sender waits for the clock, so the server (which refuses readings
+        // dated ahead of its clock) accepts every one.
+        let (url, server) = serve(Server::default()).await;
+        let c = SimConfig {
+            interval_s: 1,
+            start_ms: crate::time::now_ms() + 200,
+            ..cfg(10)
+        };
+        let t = SendTarget {
+            ticks: Some(2),
+            ..target(&url)
+        };
+        let summary = run(c, t, SimStats::new()).await.expect("run");
+        assert_eq!(
+            (summary.accepted, summary.rejected),
+            (20, 0),
+            "{:?}",
+            summary.last_error
+        );
+        assert_eq!(server.seen.lock().len(), 20);
     }
 
     #[tokio::test]

@@ -21,6 +21,12 @@
 //! into the stored row by the store (sums add up). Late windows do not revise
 //! the regional aggregate of their minute, which has been published already;
 //! they are counted in [`WindowStats::late_readings`].
+//!
+//! Event time is trusted: ingest refuses readings dated more than
+//! `[ingest] max_clock_skew_s` ahead of the server clock or more than
+//! `max_reading_age_s` behind it, so one reading can move the watermark at
+//! most that far ahead of the clock. Records from other producers (a
+//! future Kafka bus) must be held to the same bounds before they get here.
 
 use std::collections::BTreeMap;
 
