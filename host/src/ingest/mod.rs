@@ -184,6 +184,8 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
             return unavailable(s, message);
         }
     }
+    // The readings are on the bus; the client has not been told.
+    crate::crash::point("ingest.after_publish");
     s.metrics
         .accepted
         .fetch_add(accepted.len() as u64, Ordering::Relaxed);

@@ -63,6 +63,9 @@ pub struct StreamStage {
     /// Per partition, the position of the checkpoint restored at start:
     /// records below it are already in the restored state and are skipped.
     replay_until: BTreeMap<(Topic, u32), u64>,
+    /// Until the first poll after a restart is folded: that poll holds what
+    /// the bus redelivers (crash point `stream.replay`).
+    replaying: bool,
     last_record: Instant,
     last_checkpoint: Instant,
     /// To the checkpoint writer; `None` once finished.
@@ -217,6 +220,7 @@ impl StreamStage {
             refs: Vec::with_capacity(cap),
             closed: Vec::new(),
             pending: Pending::default(),
+            replaying: !positions.is_empty(),
             replay_until: positions.clone(),
             positions,
             last_record: Instant::now(),
@@ -233,11 +237,13 @@ impl StreamStage {
         let late_before = self.windows.stats().late_readings;
         let mut n = 0u64;
         for d in records {
+            if self.replaying {
+                crate::crash::point("stream.replay");
+            }
             let tp = (d.topic, d.partition);
             if let Some(&until) = self.replay_until.get(&tp) {
                 if d.offset < until {
                     // Already folded into the restored checkpoint.
-                    crate::crash::point("stream.replay");
                     continue;
                 }
             }
@@ -271,6 +277,7 @@ impl StreamStage {
                 self.detect();
             }
         }
+        self.replaying = false;
         let m = &self.ctx.metrics;
         m.readings_processed.fetch_add(n, Ordering::Relaxed);
         m.late_readings.fetch_add(

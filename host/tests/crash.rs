@@ -1,0 +1,378 @@
+//! Crashes change no count: the real `segs` binary on the embedded default
+//! (durable bus, SQLite), killed with SIGKILL at many points of a scripted
+//! stream and restarted on the same files, ends with every acknowledged
+//! reading counted exactly once, and no alert or tariff change repeated.
+//!
+//! The client behaves as a real one does: a request that got no answer
+//! (the process died under it) is sent again once segs is back. Kill points:
+//! - `ingest.after_publish` — mid-request: the readings are on the bus, the
+//!   2xx never left (the retry must be told "duplicates");
+//! - right after a 2xx (an external SIGKILL), twice, both inside an open
+//!   15-minute window;
+//! - `stream.before_checkpoint` — windows closed, not yet stored;
+//! - `stream.after_publish` — stored and published, offsets not committed;
+//! - `alerts.after_apply`, `tariff.after_apply` — an alert / a tariff stored,
+//!   `alerts_processed` / `tariff_updates` not yet published;
+//! - `stream.replay` — during the replay after a restart.
+//!
+//! Needs `cargo xtask build-plugins` first (`cargo xtask test` does it).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use segs::simulator::{self, SimConfig, Simulator};
+use segs::store::{AggregateQuery, AlertFilter, Store, WindowWidth};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+const METERS: u32 = 100;
+/// 12 simulated minutes at one reading per meter every 10 s: the scripted
+/// surge (overload alert, tariff move), spike and outage all happen.
+const TICKS: u64 = 72;
+
+/// 100 meters with the demo script, two hours back (inside the ingest
+/// bounds), 3 % re-sent duplicates.
+fn sim_config() -> SimConfig {
+    let start_ms = segs::time::window_start(
+        segs::time::now_ms() - 2 * 3_600_000,
+        segs::windows::FIFTEEN_MINUTES_MS,
+    );
+    let mut cfg = SimConfig {
+        meters: METERS,
+        interval_s: 10,
+        seed: 7,
+        start_ms,
+        duplicate_ratio: 0.03,
+        ..SimConfig::default()
+    };
+    cfg.phases = simulator::default_phases(cfg.meters, &cfg.regions, cfg.interval_s);
+    cfg
+}
+
+/// The shipped pipeline.toml with absolute plugin paths and capacities that
+/// put every region at 60 % in normal mode (the surge crosses 90 %).
+fn write_config(dir: &Path, sim: &Simulator) -> PathBuf {
+    let plugins = root().join("target/plugins");
+    assert!(
+        plugins.join("anomaly.wasm").exists(),
+        "{} is missing: run `cargo xtask build-plugins` (or `cargo xtask test`)",
+        plugins.display()
+    );
+    let text = std::fs::read_to_string(root().join("pipeline.toml")).unwrap();
+    let mut doc: toml::Table = text.parse().unwrap();
+    for (name, plugin) in doc["plugins"].as_table_mut().unwrap() {
+        plugin.as_table_mut().unwrap().insert(
+            "component".into(),
+            toml::Value::String(plugins.join(format!("{name}.wasm")).display().to_string()),
+        );
+    }
+    let mut regions = toml::Table::new();
+    for r in &sim.config().regions {
+        let mut t = toml::Table::new();
+        t.insert(
+            "capacity_kw".into(),
+            toml::Value::Float(sim.region_base_load(r) / 0.6),
+        );
+        t.insert("base_price_per_kwh".into(), toml::Value::Float(6.5));
+        regions.insert(r.clone(), toml::Value::Table(t));
+    }
+    doc.insert("regions".into(), toml::Value::Table(regions));
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+    path
+}
+
+/// One `segs run` process.
+struct Segs {
+    child: Child,
+    url: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `segs run --no-simulator` on the files in `dir`, armed with
+/// `crash_at` (a `SEGS_CRASH_AT` spec), and waits until it answers.
+async fn start(dir: &Path, config: &Path, crash_at: Option<&str>, n: usize) -> Segs {
+    let port = free_port();
+    let log = std::fs::File::create(dir.join(format!("segs-{n}.log"))).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segs"));
+    cmd.args(["run", "--no-simulator", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--config")
+        .arg(config)
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}", dir.join("segs.db").display()),
+        )
+        .env("SEGS_BUS_PATH", dir.join("segs-bus.db"))
+        .env_remove("SEGS_CRASH_AT")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    if let Some(spec) = crash_at {
+        cmd.env("SEGS_CRASH_AT", spec);
+    }
+    let mut child = cmd.spawn().expect("spawning segs");
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "segs exited at start ({status}); log:\n{}",
+                std::fs::read_to_string(dir.join(format!("segs-{n}.log"))).unwrap_or_default()
+            );
+        }
+        if let Ok(r) = client.get(format!("{url}/healthz")).send().await {
+            if r.status().is_success() {
+                return Segs { child, url };
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("segs did not answer within 60 s");
+}
+
+impl Segs {
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    /// Waits for a process that is dying (or dead) to be gone; true if it
+    /// was killed by a signal (a crash point), not a clean exit.
+    fn reap(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.child.wait().unwrap();
+        status.signal() == Some(9)
+    }
+}
+
+/// (meterId, timestamp) of every reading in a batch body.
+fn keys(body: &[u8]) -> Vec<(String, String)> {
+    let readings: Vec<Value> = serde_json::from_slice(body).unwrap();
+    readings
+        .iter()
+        .map(|r| {
+            (
+                r["meterId"].as_str().unwrap().to_owned(),
+                segs::time::format_rfc3339_ms(
+                    segs::time::parse_rfc3339_ms(r["timestamp"].as_str().unwrap()).unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_anywhere_changes_no_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = Simulator::new(sim_config()).unwrap();
+    let config = write_config(dir.path(), &sim);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+
+    // Processes die in this order; each restart is armed with the next.
+    let mut armed: VecDeque<&str> = VecDeque::from([
+        "ingest.after_publish#10",
+        "stream.before_checkpoint#2",
+        "alerts.after_apply#1",
+        "tariff.after_apply#1",
+        "stream.after_publish#2",
+        "stream.replay#5",
+    ]);
+    // After the 2xx of these ticks, an external SIGKILL.
+    let kill_after: HashSet<u64> = [20, 45].into();
+
+    let mut starts = 0;
+    let mut deaths: Vec<String> = Vec::new();
+    let mut current = armed.pop_front();
+    let mut segs = start(dir.path(), &config, current, starts).await;
+    let mut acked: HashSet<(String, String)> = HashSet::new();
+    let mut retried_after_crash = Vec::new();
+
+    for k in 0..TICKS {
+        for batch in sim.next_batches(1000) {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                assert!(attempt < 10, "tick {k}: too many attempts");
+                let sent = client
+                    .post(format!("{}/telemetry/batch", segs.url))
+                    .header("content-type", "application/json")
+                    .body(batch.body.clone())
+                    .send()
+                    .await;
+                let answer = match sent {
+                    Ok(r) => Some((r.status().as_u16(), r.bytes().await)),
+                    Err(_) => None,
+                };
+                match answer {
+                    Some((200, Ok(body))) => {
+                        let body: Value = serde_json::from_slice(&body).unwrap();
+                        if attempt > 1 {
+                            retried_after_crash.push((k, body.clone()));
+                        }
+                        acked.extend(keys(&batch.body));
+                        break;
+                    }
+                    Some((503, _)) => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Some((status, body)) => panic!("tick {k}: {status} {body:?}"),
+                    None => {
+                        // No answer: the process died under the request.
+                        assert!(segs.reap(), "segs exited without being killed");
+                        deaths.push(current.unwrap_or("?").to_owned());
+                        starts += 1;
+                        current = armed.pop_front();
+                        segs = start(dir.path(), &config, current, starts).await;
+                    }
+                }
+            }
+        }
+        if kill_after.contains(&k) {
+            segs.kill();
+            deaths.push(format!("SIGKILL after the 2xx of tick {k}"));
+            starts += 1;
+            current = armed.pop_front();
+            segs = start(dir.path(), &config, current, starts).await;
+        }
+        // Give the stages time to get somewhere between requests, so that
+        // the armed crash points are reached mid-stream.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        if let Ok(Some(_)) = segs.child.try_wait() {
+            assert!(segs.reap(), "segs exited without being killed");
+            deaths.push(current.unwrap_or("?").to_owned());
+            starts += 1;
+            current = armed.pop_front();
+            segs = start(dir.path(), &config, current, starts).await;
+        }
+    }
+    // Let an armed process reach its point with nothing more sent, then
+    // stop the last one cleanly (SIGTERM: open windows are stored).
+    while current.is_some() {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        match segs.child.try_wait().unwrap() {
+            Some(_) => {
+                assert!(segs.reap());
+                deaths.push(current.unwrap().to_owned());
+                starts += 1;
+                current = armed.pop_front();
+                segs = start(dir.path(), &config, current, starts).await;
+            }
+            None => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    unsafe {
+        libc::kill(segs.child.id() as i32, libc::SIGTERM);
+    }
+    let status = segs.child.wait().unwrap();
+    assert!(status.success(), "clean stop: {status}");
+
+    // Every crash point was reached.
+    assert!(
+        current.is_none() && armed.is_empty(),
+        "crash points never reached: {current:?} {armed:?} (deaths: {deaths:?})"
+    );
+    assert_eq!(deaths.len(), 8, "{deaths:?}");
+    // The request that died after publishing was answered "duplicates" on
+    // its retry: its readings were already kept.
+    let (tick, retry) = &retried_after_crash[0];
+    assert_eq!(*tick, 9, "{retried_after_crash:?}");
+    assert_eq!(retry["accepted"], 0, "{retry}");
+
+    let store = segs::store::open(&format!(
+        "sqlite://{}",
+        dir.path().join("segs.db").display()
+    ))
+    .await
+    .unwrap();
+    assert_exactly_once(&*store, &acked).await;
+}
+
+async fn assert_exactly_once(store: &dyn Store, acked: &HashSet<(String, String)>) {
+    let unique = acked.len() as u64;
+    assert_eq!(unique, u64::from(METERS) * TICKS, "every reading acked once");
+    let all = AggregateQuery {
+        limit: 100_000,
+        ..AggregateQuery::default()
+    };
+
+    // aggregates_1m: one row per meter-minute, each counting its 6 readings.
+    let one = store
+        .meter_aggregates(WindowWidth::OneMinute, &all)
+        .await
+        .unwrap();
+    let sum_1m: u64 = one.iter().map(|a| u64::from(a.count)).sum();
+    assert_eq!(sum_1m, unique, "sum of count in aggregates_1m");
+    let wrong: Vec<_> = one
+        .iter()
+        .filter(|a| a.count != 6)
+        .map(|a| (&a.meter_id, a.window_start_ms, a.count))
+        .collect();
+    assert!(wrong.is_empty(), "meter-minutes not counted 6 times: {wrong:?}");
+    assert_eq!(one.len(), (METERS as usize) * (TICKS as usize / 6));
+
+    // aggregates_15m: all twelve minutes are in one 15-minute window.
+    let fifteen = store
+        .meter_aggregates(WindowWidth::FifteenMinutes, &all)
+        .await
+        .unwrap();
+    let sum_15m: u64 = fifteen.iter().map(|a| u64::from(a.count)).sum();
+    assert_eq!(sum_15m, unique, "sum of count in aggregates_15m");
+
+    assert_eq!(
+        store.count_raw_readings().await.unwrap(),
+        unique,
+        "raw_readings holds each reading once"
+    );
+
+    // No alert stored twice; the scripted overload incident alerts once.
+    let alerts = store
+        .list_alerts(&AlertFilter {
+            limit: 10_000,
+            ..AlertFilter::default()
+        })
+        .await
+        .unwrap();
+    let mut seen = HashSet::new();
+    for a in &alerts {
+        assert!(
+            seen.insert((a.alert_type, a.meter_id.clone(), a.region.clone(), a.timestamp_ms)),
+            "alert stored twice: {a:?}"
+        );
+    }
+    let overloads = alerts.iter().filter(|a| a.alert_type == "OVERLOAD").count();
+    assert_eq!(overloads, 1, "{alerts:?}");
+    assert!(alerts.iter().any(|a| a.alert_type == "ANOMALY"), "{alerts:?}");
+
+    // No tariff change repeated: per region, effective_from strictly
+    // increases and each row changes the price.
+    let mut history = store.tariff_history(None, 10_000).await.unwrap();
+    history.sort_by(|a, b| (&a.region, a.effective_from_ms).cmp(&(&b.region, b.effective_from_ms)));
+    let mut last: HashMap<&str, (i64, f64)> = HashMap::new();
+    for t in &history {
+        if let Some((from, price)) = last.get(t.region.as_str()) {
+            assert!(t.effective_from_ms > *from, "tariff repeated: {t:?}");
+            assert_ne!(t.price_per_kwh, *price, "tariff change repeated: {t:?}");
+        }
+        last.insert(&t.region, (t.effective_from_ms, t.price_per_kwh));
+    }
+    assert!(
+        history.iter().any(|t| t.price_per_kwh == 7.8),
+        "the surge moved a tariff: {history:?}"
+    );
+}
