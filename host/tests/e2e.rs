@@ -21,7 +21,7 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The shipped pipeline.toml, with its store in `dir`.
+/// The shipped pipeline.toml, with its store and bus journal in `dir`.
 fn config(dir: &Path) -> PipelineConfig {
     let plugins = root().join("target/plugins/anomaly.wasm");
     assert!(
@@ -31,6 +31,7 @@ fn config(dir: &Path) -> PipelineConfig {
     );
     let mut cfg = PipelineConfig::load(&root().join("pipeline.toml")).unwrap();
     cfg.store.url = format!("sqlite://{}", dir.join("segs.db").display());
+    cfg.bus.path = dir.join("segs-bus.db");
     cfg
 }
 
