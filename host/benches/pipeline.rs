@@ -548,10 +548,11 @@ fn app_runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// The shipped pipeline.toml, with its store in `dir`.
+/// The shipped pipeline.toml, with its store and bus journal in `dir`.
 fn pipeline_config(dir: &Path, archive: bool, max_lag: usize) -> PipelineConfig {
     let mut cfg = PipelineConfig::load(&root().join("pipeline.toml")).expect("pipeline.toml");
     cfg.store.url = format!("sqlite://{}", dir.join("segs.db").display());
+    cfg.bus.path = dir.join("segs-bus.db");
     cfg.store.archive_raw_readings = archive;
     cfg.bus.max_lag_per_partition = max_lag;
     // The streams start at a fixed date (START_MS), older than the default

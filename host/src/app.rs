@@ -14,9 +14,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState};
-use crate::bus::{Bus, MemoryBus};
+use crate::bus::{Bus, BusError, JournalOptions, MemoryBus, Topic};
 use crate::config::{BusKind, DedupeKind, PipelineConfig};
-use crate::dedupe::{Dedupe, MemoryDedupe, RedisDedupe};
+use crate::dedupe::{Dedupe, KeyBatch, MemoryDedupe, RedisDedupe};
 use crate::ingest::IngestState;
 use crate::pipeline::{self, Context, Metrics, PipelineError, Plugins, Running};
 use crate::plugins::{Limits, PluginVersion, Runtime};
@@ -33,9 +33,11 @@ pub enum AppError {
     #[error("dedupe: {0}")]
     Dedupe(#[from] crate::dedupe::DedupeError),
     #[error(
-        "bus.kind = \"kafka\": the Kafka bus is not available in this build yet; use kind = \"memory\""
+        "bus.kind = \"kafka\": the Kafka bus is not available in this build yet; use kind = \"embedded\""
     )]
     KafkaUnavailable,
+    #[error("bus: {0}")]
+    Bus(#[from] BusError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -65,7 +67,28 @@ impl App {
     /// before anything is served.
     pub async fn start(config: PipelineConfig, listen: SocketAddr) -> Result<App, AppError> {
         let config = Arc::new(config);
+        let durable = match config.bus.kind {
+            BusKind::Embedded => {
+                let opts = JournalOptions {
+                    path: config.bus_path(),
+                    fsync: config.bus.fsync,
+                    // Long enough to rebuild the dedupe marks after a restart.
+                    retain_min: Duration::from_secs(config.dedupe.reading_ttl_s),
+                    retain_unconsumed: crate::bus::memory::DEFAULT_RETAIN_UNCONSUMED,
+                };
+                let (partitions, max_lag) =
+                    (config.bus.partitions, config.bus.max_lag_per_partition);
+                let bus = tokio::task::spawn_blocking(move || {
+                    MemoryBus::open_durable(partitions, max_lag, opts)
+                })
+                .await
+                .map_err(|e| BusError::Journal(format!("opening the journal panicked: {e}")))??;
+                Some(bus)
+            }
+            BusKind::Memory | BusKind::Kafka => None,
+        };
         let bus: Arc<dyn Bus> = match config.bus.kind {
+            BusKind::Embedded => Arc::new(durable.clone().expect("opened above")),
             BusKind::Memory => Arc::new(MemoryBus::new(
                 config.bus.partitions,
                 config.bus.max_lag_per_partition,
@@ -75,6 +98,16 @@ impl App {
         let dedupe: Arc<dyn Dedupe> = match config.dedupe.kind {
             DedupeKind::Memory => {
                 let d = Arc::new(MemoryDedupe::new());
+                if let Some(bus) = &durable {
+                    let ttl = Duration::from_secs(config.dedupe.reading_ttl_s);
+                    let marked = remark_recent_readings(bus, &*d, ttl).await?;
+                    if marked > 0 {
+                        tracing::info!(
+                            readings = marked,
+                            "dedupe marks rebuilt from the bus journal"
+                        );
+                    }
+                }
                 d.clone().spawn_sweeper(Duration::from_secs(10));
                 d
             }
@@ -171,6 +204,56 @@ impl App {
         self.retention.abort();
         self.running.shutdown().await;
     }
+}
+
+/// Marks `reading:{meterId}:{timestamp}` again, exactly as ingest builds it,
+/// for every `telemetry-readings` record the journal holds that was received
+/// within `ttl`, for the rest of its TTL: a client retrying a request whose
+/// 2xx was lost in a crash is then told "duplicates" instead of being
+/// counted twice. Returns how many keys were marked.
+pub async fn remark_recent_readings(
+    bus: &MemoryBus,
+    dedupe: &dyn Dedupe,
+    ttl: Duration,
+) -> Result<usize, AppError> {
+    let now = crate::time::now_ms();
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let since = now.saturating_sub(ttl_ms);
+    let reader = bus.clone();
+    let records =
+        tokio::task::spawn_blocking(move || reader.recent(Topic::TelemetryReadings, since))
+            .await
+            .map_err(|e| BusError::Journal(format!("reading the journal panicked: {e}")))??;
+    // Grouped by whole seconds of TTL left (rounded up): one call each.
+    let mut by_ttl: std::collections::BTreeMap<u64, KeyBatch> = Default::default();
+    let mut marked = 0;
+    for r in &records {
+        let left_ms = ttl_ms - (now - r.timestamp_ms).max(0);
+        if left_ms <= 0 {
+            continue;
+        }
+        let Ok(reading) = serde_json::from_slice::<crate::reading::Reading<'_>>(&r.value) else {
+            tracing::warn!("journal record on telemetry-readings is not a reading; skipped");
+            continue;
+        };
+        let Some(ts) = reading.event_time_ms() else {
+            continue;
+        };
+        let left_s = (left_ms as u64).div_ceil(1000);
+        by_ttl.entry(left_s).or_default().push_with(|k| {
+            k.push_str("reading:");
+            k.push_str(&reading.meter_id);
+            k.push(':');
+            crate::time::write_rfc3339_ms(k, ts);
+        });
+        marked += 1;
+    }
+    for (left_s, keys) in by_ttl {
+        dedupe
+            .check_and_mark(&keys, Duration::from_secs(left_s))
+            .await?;
+    }
+    Ok(marked)
 }
 
 /// Deletes rows past their retention (raw readings 7 days, 1-minute

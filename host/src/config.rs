@@ -5,7 +5,7 @@
 //! cannot express (ranges, a plugin file that must exist, …) run in
 //! [`PipelineConfig::check`] and are reported all together. Environment
 //! overrides from the seed (`REDIS_DEDUPE_TTL`, `FLUSH_INTERVAL_1M`,
-//! `FLUSH_INTERVAL_15M`, `DATABASE_URL`) are applied by
+//! `FLUSH_INTERVAL_15M`, `DATABASE_URL`, and `SEGS_BUS_PATH`) are applied by
 //! [`PipelineConfig::apply_env`].
 
 use std::collections::BTreeMap;
@@ -106,7 +106,11 @@ impl Default for IngestConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BusKind {
-    /// In-process, partitioned like Kafka.
+    /// In-process, partitioned like Kafka, with a journal on disk: what it
+    /// acknowledges survives a crash (the default).
+    Embedded,
+    /// In-process and volatile: a crash loses what was not yet consumed
+    /// (tests, throwaway runs).
     Memory,
     /// Apache Kafka (or a Kafka-protocol broker) via rdkafka.
     Kafka,
@@ -121,14 +125,22 @@ pub struct BusConfig {
     /// Records a partition may hold that its slowest consumer group has not
     /// committed yet; past it, producers are refused (ingest answers 503).
     pub max_lag_per_partition: usize,
+    /// The embedded bus's journal file, relative to pipeline.toml's folder
+    /// (env `SEGS_BUS_PATH`).
+    pub path: PathBuf,
+    /// fsync every journal commit (survives power loss); off, a commit still
+    /// survives a crashed process.
+    pub fsync: bool,
 }
 
 impl Default for BusConfig {
     fn default() -> Self {
         BusConfig {
-            kind: BusKind::Memory,
+            kind: BusKind::Embedded,
             partitions: 3,
             max_lag_per_partition: 200_000,
+            path: PathBuf::from("segs-bus.db"),
+            fsync: true,
         }
     }
 }
@@ -342,6 +354,10 @@ impl PipelineConfig {
             "bus.max_lag_per_partition: must be at least 1000".into(),
         );
         need(
+            !self.bus.path.as_os_str().is_empty(),
+            "bus.path: must not be empty".into(),
+        );
+        need(
             self.windows.flush_interval_1m_s >= 1,
             "windows.flush_interval_1m_s: must be at least 1".into(),
         );
@@ -438,7 +454,23 @@ impl PipelineConfig {
             }
             self.store.url = url;
         }
+        if let Some(path) = std::env::var_os("SEGS_BUS_PATH") {
+            if path.is_empty() {
+                return Err(ConfigError::Env {
+                    name: "SEGS_BUS_PATH",
+                    value: String::new(),
+                    message: "must not be empty".into(),
+                });
+            }
+            self.bus.path = PathBuf::from(path);
+        }
         Ok(())
+    }
+
+    /// The embedded bus's journal file, resolved against the config file's
+    /// folder (an absolute `bus.path` is kept as is).
+    pub fn bus_path(&self) -> PathBuf {
+        self.base_dir.join(&self.bus.path)
     }
 
     /// A plugin's component path, resolved against the config file's folder.
@@ -494,6 +526,32 @@ component = "g.wasm"
             PathBuf::from("/cfg/t.wasm")
         );
         assert_eq!(cfg.region("Nowhere").base_price_per_kwh, 6.5);
+        assert_eq!(cfg.bus.kind, BusKind::Embedded);
+        assert!(cfg.bus.fsync);
+        assert_eq!(cfg.bus_path(), PathBuf::from("/cfg/segs-bus.db"));
+    }
+
+    #[test]
+    fn bus_keys_are_checked_and_named() {
+        let cfg = parse(&format!(
+            "{MINIMAL}\n[bus]\nkind = \"memory\"\npath = \"/var/lib/segs/bus.db\"\nfsync = false\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.bus.kind, BusKind::Memory);
+        assert!(!cfg.bus.fsync);
+        assert_eq!(cfg.bus_path(), PathBuf::from("/var/lib/segs/bus.db"));
+        let err = parse(&format!("{MINIMAL}\n[bus]\nfsync = \"yes\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fsync"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[bus]\npaht = \"x.db\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("paht"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[bus]\nkind = \"disk\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("embedded"), "{err}");
     }
 
     #[test]

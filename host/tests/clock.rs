@@ -42,6 +42,7 @@ fn config(dir: &Path, sim: &Simulator) -> PipelineConfig {
         "the shipped bounds"
     );
     cfg.store.url = format!("sqlite://{}", dir.join("segs.db").display());
+    cfg.bus.path = dir.join("segs-bus.db");
     for r in &sim.config().regions {
         cfg.regions.insert(
             r.clone(),
@@ -130,7 +131,13 @@ fn dated(reading: &Value, timestamp: &str) -> Value {
 }
 
 /// An alert as compared: (type, severity, region, meter_id, timestamp).
-type AlertKey = (String, String, Option<String>, Option<String>, i64);
+type AlertKey = (
+    segs::messages::AlertType,
+    segs::messages::Severity,
+    Option<String>,
+    Option<String>,
+    i64,
+);
 
 /// What a run left in the store, in a stable order.
 #[derive(Debug, PartialEq)]

@@ -21,7 +21,7 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The shipped pipeline.toml, with its store in `dir`.
+/// The shipped pipeline.toml, with its store and bus journal in `dir`.
 fn config(dir: &Path) -> PipelineConfig {
     let plugins = root().join("target/plugins/anomaly.wasm");
     assert!(
@@ -36,6 +36,7 @@ fn config(dir: &Path) -> PipelineConfig {
     // which would refuse them as older than 7 days. tests/clock.rs covers
     // the bounds.
     cfg.ingest.max_reading_age_s = 0;
+    cfg.bus.path = dir.join("segs-bus.db");
     cfg
 }
 

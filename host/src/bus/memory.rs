@@ -1,16 +1,19 @@
 //! The in-process bus: Kafka's semantics (keyed partitions, consumer groups,
 //! committed offsets, at-least-once redelivery) without a broker, for
-//! embedded mode and tests.
+//! embedded mode and tests; durable when opened with
+//! [`MemoryBus::open_durable`] (`bus.kind = "embedded"`), volatile when made
+//! with [`MemoryBus::new`] (`bus.kind = "memory"`).
 //!
 //! Layout: per topic, `partitions` logs. A log is a `VecDeque<Record>` and the
 //! offset of its first record, behind its own `parking_lot::Mutex`, with a
-//! `tokio::sync::Notify` that wakes waiting consumers when records arrive.
-//! Consumer-group state (members, generation, assignment, committed offsets)
-//! sits behind one mutex; it is touched on subscribe, commit, rebalance and
-//! drop, never per record.
+//! `tokio::sync::Notify` that wakes waiting consumers when records become
+//! visible. Consumer-group state (members, generation, assignment, committed
+//! offsets) sits behind one mutex; it is touched on subscribe, commit,
+//! rebalance and drop, never per record.
 //!
-//! Lock order: the groups mutex, then partition mutexes in ascending index.
-//! `produce` takes only partition mutexes, each once per call.
+//! Lock order: the groups mutex, then partition mutexes in ascending index,
+//! then the journal's queue mutex. `produce` takes only partition mutexes,
+//! each once per call (and the queue mutex under them).
 //!
 //! Bounded memory: a partition keeps only what its slowest subscribed group
 //! has not committed (records below every group's committed offset are
@@ -21,8 +24,23 @@
 //! offsets, and so holds back retention, after its last member leaves (as
 //! Kafka keeps an empty group's offsets) until [`MemoryBus::delete_group`].
 //!
-//! Not durable: records live in this process only. That is embedded mode's
-//! contract; durability across crashes is the Kafka bus's.
+//! Durability (with a journal, see [`super::journal`]): offsets are still
+//! assigned under the partition lock and records appended to the in-memory
+//! log at once, but each log also has a *durable end*: consumers read only
+//! up to it, and it moves when the journal's writer thread has committed the
+//! records. `produce` returns after that commit; `commit`,
+//! `commit_positions` and a group's first subscription to a topic return
+//! after the group's offsets are in the journal. So whatever was
+//! acknowledged, and nothing a consumer could have seen without it being
+//! acknowledgeable, is on disk; after a crash [`MemoryBus::open_durable`]
+//! restores every partition from the lowest offset a group still needs and
+//! every group's committed offsets (members rejoin and resume there), and
+//! offsets continue where they were. Memory retention is as above; the
+//! journal additionally keeps committed records for `retain_min` (see
+//! [`MemoryBus::recent`]).
+//!
+//! Without a journal, records live in this process only: a crash loses
+//! whatever was not consumed and committed downstream.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::pin::Pin;
@@ -33,6 +51,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::journal::{self, Journal, JournalOptions, Op};
 use super::{Bus, BusError, Consumer, Delivered, Record, Topic, partition_for};
 
 /// Records kept per partition of a topic no consumer group has subscribed to.
@@ -63,11 +82,14 @@ struct Inner {
     partitions: u32,
     max_lag: usize,
     retain_unconsumed: usize,
-    /// `[topic.index()][partition]`.
-    topics: Vec<Vec<Partition>>,
+    /// `[topic.index()][partition]`. Shared with the journal's writer
+    /// thread, which moves durable ends.
+    topics: Arc<Vec<Vec<Partition>>>,
     groups: Mutex<HashMap<String, Group>>,
     next_member: AtomicU64,
     closed: AtomicBool,
+    /// `None`: volatile (records are visible once appended).
+    journal: Option<Journal>,
 }
 
 struct Partition {
@@ -84,6 +106,9 @@ struct Log {
     /// `None` while no group is. Lag is measured from here, and records
     /// below it are dropped.
     floor: Option<u64>,
+    /// Records below this offset are in the journal (always `end()` when
+    /// there is none); consumers read only up to here.
+    durable: u64,
 }
 
 impl Log {
@@ -209,32 +234,107 @@ impl MemoryBus {
         retain_unconsumed: usize,
     ) -> MemoryBus {
         let partitions = partitions.max(1);
-        let topics = Topic::ALL
-            .iter()
-            .map(|_| {
-                (0..partitions)
-                    .map(|_| Partition {
-                        log: Mutex::new(Log {
-                            base: 0,
-                            records: VecDeque::new(),
-                            floor: None,
-                        }),
-                        appended: Notify::new(),
-                    })
-                    .collect()
-            })
-            .collect();
         MemoryBus {
             inner: Arc::new(Inner {
                 log_id: format!("memory-{}", uuid::Uuid::new_v4()),
                 partitions,
                 max_lag: max_lag_per_partition,
                 retain_unconsumed,
-                topics,
+                topics: Arc::new(empty_topics(partitions)),
                 groups: Mutex::new(HashMap::new()),
                 next_member: AtomicU64::new(1),
                 closed: AtomicBool::new(false),
+                journal: None,
             }),
+        }
+    }
+
+    /// A durable bus on the journal `opts.path` (created if missing): what
+    /// it held is restored (records from the lowest offset any group still
+    /// needs, every group's committed offsets, the next offset of every
+    /// partition), and from now on `produce` and commits return only once
+    /// they are in the journal. Refused if the journal was made with another
+    /// partition count. Blocking (reads the file).
+    pub fn open_durable(
+        partitions: u32,
+        max_lag_per_partition: usize,
+        opts: JournalOptions,
+    ) -> Result<MemoryBus, BusError> {
+        let partitions = partitions.max(1);
+        let topics = Arc::new(empty_topics(partitions));
+        let on_durable = {
+            let topics = topics.clone();
+            Box::new(move |ends: &[(Topic, u32, u64)]| {
+                for &(topic, p, end) in ends {
+                    let part = &topics[topic.index()][p as usize];
+                    {
+                        let mut log = part.log.lock();
+                        log.durable = log.durable.max(end);
+                    }
+                    part.appended.notify_waiters();
+                }
+            })
+        };
+        let (journal, recovered) = Journal::open(&opts, partitions, on_durable)?;
+        let mut groups = HashMap::new();
+        for (name, committed) in recovered.groups {
+            let mut g = Group::new();
+            for &(topic, _) in committed.keys() {
+                g.subscribed[topic.index()] = true;
+            }
+            g.committed = committed;
+            groups.insert(name, g);
+        }
+        let mut logs = recovered.logs;
+        for topic in Topic::ALL {
+            for p in 0..partitions {
+                let (base, records) = logs.remove(&(topic, p)).unwrap_or_default();
+                let mut log = topics[topic.index()][p as usize].log.lock();
+                log.base = base;
+                log.records = records.into();
+                log.durable = log.end();
+            }
+        }
+        let inner = Inner {
+            log_id: recovered.log_id,
+            partitions,
+            max_lag: max_lag_per_partition,
+            retain_unconsumed: opts.retain_unconsumed,
+            topics,
+            groups: Mutex::new(HashMap::new()),
+            next_member: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            journal: Some(journal),
+        };
+        for topic in Topic::ALL {
+            for p in 0..partitions {
+                inner.update_floor(&groups, topic, p);
+                let mut log = inner.partition(topic, p).log.lock();
+                if log.floor.is_none() {
+                    log.trim_to_newest(inner.retain_unconsumed);
+                }
+            }
+        }
+        *inner.groups.lock() = groups;
+        Ok(MemoryBus {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Whether this bus keeps a journal ([`MemoryBus::open_durable`]).
+    pub fn is_durable(&self) -> bool {
+        self.inner.journal.is_some()
+    }
+
+    /// Records of `topic` with `timestamp_ms >= since_ms` still in the
+    /// journal (committed ones are kept there for `retain_min`), by
+    /// partition and offset; empty for a volatile bus. Blocking (reads the
+    /// file). Used after a restart to rebuild state that depends on recent
+    /// records, such as ingest's dedupe marks.
+    pub fn recent(&self, topic: Topic, since_ms: i64) -> Result<Vec<Record>, BusError> {
+        match &self.inner.journal {
+            Some(j) => j.recent(topic, since_ms),
+            None => Ok(Vec::new()),
         }
     }
 
@@ -290,6 +390,9 @@ impl MemoryBus {
         }
         let subscribed = g.subscribed;
         groups.remove(group);
+        if let Some(j) = &self.inner.journal {
+            j.enqueue_detached(Op::DeleteGroup(group.to_owned()));
+        }
         for topic in Topic::ALL {
             if subscribed[topic.index()] {
                 for p in 0..self.inner.partitions {
@@ -304,7 +407,7 @@ impl MemoryBus {
     /// is already there, then [`BusError::Closed`]. Waiting polls wake.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
-        for parts in &self.inner.topics {
+        for parts in self.inner.topics.iter() {
             for part in parts {
                 part.appended.notify_waiters();
             }
@@ -317,6 +420,25 @@ impl MemoryBus {
     fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
     }
+}
+
+fn empty_topics(partitions: u32) -> Vec<Vec<Partition>> {
+    Topic::ALL
+        .iter()
+        .map(|_| {
+            (0..partitions)
+                .map(|_| Partition {
+                    log: Mutex::new(Log {
+                        base: 0,
+                        records: VecDeque::new(),
+                        floor: None,
+                        durable: 0,
+                    }),
+                    appended: Notify::new(),
+                })
+                .collect()
+        })
+        .collect()
 }
 
 impl Inner {
@@ -346,18 +468,34 @@ impl Bus for MemoryBus {
         if self.is_closed() {
             return Err(BusError::Closed);
         }
+        let inner = &*self.inner;
+        if let Some(e) = inner.journal.as_ref().and_then(Journal::failed) {
+            return Err(e);
+        }
         if records.is_empty() {
             return Ok(());
         }
-        let inner = &*self.inner;
         let n = inner.partitions;
         let mut buckets: Vec<Vec<Record>> = (0..n).map(|_| Vec::new()).collect();
         for r in records {
             let p = partition_for(&r.key, n) as usize;
             buckets[p].push(r);
         }
+        // Encoded before any lock is taken; the offset goes beside the blob.
+        let mut blobs: Vec<Option<(Vec<u8>, i64)>> = match inner.journal {
+            Some(_) => buckets
+                .iter()
+                .map(|b| {
+                    (!b.is_empty()).then(|| {
+                        let max_ts = b.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
+                        (journal::encode(b), max_ts)
+                    })
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let parts = &inner.topics[topic.index()];
-        let touched: Vec<usize> = {
+        let (touched, written) = {
             // Every target partition locked at once (ascending), so the
             // check and the append see the same logs: all or nothing.
             let mut guards: Vec<_> = parts
@@ -378,18 +516,44 @@ impl Bus for MemoryBus {
                     }
                 }
             }
+            let mut appends = Vec::new();
             for (p, log) in &mut guards {
+                let base = log.end();
+                let count = buckets[*p].len() as u64;
                 log.records.extend(std::mem::take(&mut buckets[*p]));
+                if let Some((blob, max_ts)) = blobs.get_mut(*p).and_then(Option::take) {
+                    appends.push(journal::Append {
+                        topic,
+                        partition: *p as u32,
+                        base,
+                        count,
+                        max_ts,
+                        blob,
+                    });
+                } else {
+                    log.durable = log.end();
+                }
                 if log.floor.is_none() {
                     log.trim_to_newest(inner.retain_unconsumed);
                 }
             }
-            guards.iter().map(|(p, _)| *p).collect()
+            // Queued under the partition locks: queue order is offset order.
+            let written = inner
+                .journal
+                .as_ref()
+                .map(|j| j.enqueue(Op::Append(appends)));
+            (guards.iter().map(|(p, _)| *p).collect::<Vec<_>>(), written)
         };
-        for p in touched {
-            parts[p].appended.notify_waiters();
+        match written {
+            // The writer thread moves the durable ends and wakes consumers.
+            Some(rx) => Journal::wait(rx).await,
+            None => {
+                for p in touched {
+                    parts[p].appended.notify_waiters();
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     async fn subscribe(
@@ -409,10 +573,14 @@ impl Bus for MemoryBus {
         let mut topics = topics.to_vec();
         topics.sort();
         topics.dedup();
+        if let Some(e) = inner.journal.as_ref().and_then(Journal::failed) {
+            return Err(e);
+        }
         let member = inner.next_member.fetch_add(1, Ordering::Relaxed);
-        let shared = {
+        let (shared, written) = {
             let mut groups = inner.groups.lock();
             let g = groups.entry(group.to_owned()).or_insert_with(Group::new);
+            let mut start = Vec::new();
             for &topic in &topics {
                 if g.subscribed[topic.index()] {
                     continue;
@@ -426,11 +594,21 @@ impl Bus for MemoryBus {
                     let base = log.base;
                     log.floor = Some(log.floor.map_or(base, |f| f.min(base)));
                     g.committed.insert((topic, p), base);
+                    start.push((topic, p, base));
                 }
             }
             g.members.insert(member, topics);
             g.rebalance(inner.partitions);
-            g.shared.clone()
+            // The group's starting offsets go to the journal too, so that
+            // journal retention holds back for it from now on.
+            let written = match &inner.journal {
+                Some(j) if !start.is_empty() => Some(j.enqueue(Op::Offsets {
+                    group: group.to_owned(),
+                    offsets: start,
+                })),
+                _ => None,
+            };
+            (g.shared.clone(), written)
         };
         let mut consumer = MemoryConsumer {
             inner: self.inner.clone(),
@@ -443,6 +621,10 @@ impl Bus for MemoryBus {
             lost: Vec::new(),
         };
         consumer.refresh();
+        if let Some(rx) = written {
+            // Dropping the consumer on failure leaves the group again.
+            Journal::wait(rx).await?;
+        }
         Ok(Box::new(consumer))
     }
 
@@ -554,7 +736,7 @@ impl MemoryConsumer {
                 );
                 o.position = log.base;
             }
-            let end = log.end();
+            let end = log.durable.min(log.end());
             if o.position >= end {
                 continue;
             }
@@ -577,6 +759,73 @@ impl MemoryConsumer {
 
     fn closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Commits `offsets` (each at most the partition's position) of the
+    /// partitions this member still owns; the others are reported as lost
+    /// to a rebalance. Returns once the new offsets are in the journal.
+    async fn commit_offsets(&mut self, offsets: &[(Topic, u32, u64)]) -> Result<(), BusError> {
+        let inner = self.inner.clone();
+        if let Some(e) = inner.journal.as_ref().and_then(Journal::failed) {
+            return Err(e);
+        }
+        let written = {
+            let groups_guard = &mut *inner.groups.lock();
+            let mut changed = Vec::new();
+            if let Some(g) = groups_guard.get_mut(&self.group) {
+                for &(topic, partition, offset) in offsets {
+                    let tp = (topic, partition);
+                    let Some(o) = self
+                        .owned
+                        .iter_mut()
+                        .find(|o| o.topic == topic && o.partition == partition)
+                    else {
+                        // Not ours (any more): what was polled from it is
+                        // redelivered to its owner.
+                        self.lost.push(tp);
+                        continue;
+                    };
+                    if offset == o.committed {
+                        continue;
+                    }
+                    match g.owners.get(&tp) {
+                        Some(owner) if owner.member == self.member && owner.epoch == o.epoch => {
+                            g.committed.insert(tp, offset);
+                            changed.push((topic, partition, offset));
+                        }
+                        // Reassigned since our last look: the new owner starts
+                        // from the committed offset, so what we polled will be
+                        // redelivered there.
+                        _ => self.lost.push(tp),
+                    }
+                    o.committed = offset;
+                }
+            }
+            for &(topic, p, _) in &changed {
+                inner.update_floor(groups_guard, topic, p);
+            }
+            // Queued under the groups lock: queue order is commit order.
+            match &inner.journal {
+                Some(j) if !changed.is_empty() => Some(j.enqueue(Op::Offsets {
+                    group: self.group.clone(),
+                    offsets: changed,
+                })),
+                _ => None,
+            }
+        };
+        if let Some(rx) = written {
+            Journal::wait(rx).await?;
+        }
+        if self.lost.is_empty() {
+            return Ok(());
+        }
+        let mut partitions = std::mem::take(&mut self.lost);
+        partitions.sort();
+        partitions.dedup();
+        Err(BusError::Rebalanced {
+            group: self.group.clone(),
+            partitions,
+        })
     }
 }
 
@@ -638,87 +887,35 @@ impl Consumer for MemoryConsumer {
     }
 
     async fn commit(&mut self) -> Result<(), BusError> {
-        self.refresh();
-        let inner = self.inner.clone();
-        let groups_guard = &mut *inner.groups.lock();
-        let mut changed = Vec::new();
-        if let Some(g) = groups_guard.get_mut(&self.group) {
-            for o in &mut self.owned {
-                if o.position <= o.committed {
-                    continue;
-                }
-                let tp = (o.topic, o.partition);
-                match g.owners.get(&tp) {
-                    Some(owner) if owner.member == self.member && owner.epoch == o.epoch => {
-                        g.committed.insert(tp, o.position);
-                        changed.push(tp);
-                    }
-                    // Reassigned since our last look: the new owner starts
-                    // from the committed offset, so what we polled will be
-                    // redelivered there.
-                    _ => self.lost.push(tp),
-                }
-                o.committed = o.position;
-            }
-        }
-        for (topic, p) in changed {
-            inner.update_floor(groups_guard, topic, p);
-        }
-        if self.lost.is_empty() {
-            return Ok(());
-        }
-        let mut partitions = std::mem::take(&mut self.lost);
-        partitions.sort();
-        partitions.dedup();
-        Err(BusError::Rebalanced {
-            group: self.group.clone(),
-            partitions,
-        })
+        let all: Vec<(Topic, u32, u64)> = {
+            self.refresh();
+            self.owned
+                .iter()
+                .map(|o| (o.topic, o.partition, o.position))
+                .collect()
+        };
+        self.commit_offsets(&all).await
     }
 
     async fn commit_positions(&mut self, positions: &[(Topic, u32, u64)]) -> Result<(), BusError> {
         self.refresh();
-        let inner = self.inner.clone();
-        let groups_guard = &mut *inner.groups.lock();
-        let mut changed = Vec::new();
-        if let Some(g) = groups_guard.get_mut(&self.group) {
-            for &(topic, partition, offset) in positions {
-                let Some(o) = self
-                    .owned
-                    .iter_mut()
-                    .find(|o| o.topic == topic && o.partition == partition)
-                else {
-                    self.lost.push((topic, partition));
-                    continue;
-                };
-                let offset = offset.min(o.position);
-                if offset <= o.committed {
-                    continue;
-                }
-                let tp = (topic, partition);
-                match g.owners.get(&tp) {
-                    Some(owner) if owner.member == self.member && owner.epoch == o.epoch => {
-                        g.committed.insert(tp, offset);
-                        changed.push(tp);
-                    }
-                    _ => self.lost.push(tp),
-                }
-                o.committed = offset;
+        for &(topic, partition, offset) in positions {
+            if let Some(o) = self
+                .owned
+                .iter()
+                .find(|o| o.topic == topic && o.partition == partition)
+                && offset > o.position
+            {
+                return Err(BusError::CommitBeyondPosition {
+                    group: self.group.clone(),
+                    topic,
+                    partition,
+                    offset,
+                    position: o.position,
+                });
             }
         }
-        for (topic, p) in changed {
-            inner.update_floor(groups_guard, topic, p);
-        }
-        if self.lost.is_empty() {
-            return Ok(());
-        }
-        let mut partitions = std::mem::take(&mut self.lost);
-        partitions.sort();
-        partitions.dedup();
-        Err(BusError::Rebalanced {
-            group: self.group.clone(),
-            partitions,
-        })
+        self.commit_offsets(positions).await
     }
 
     fn assignment(&self) -> Vec<(Topic, u32)> {

@@ -14,12 +14,14 @@
 //! redelivered to whichever member owns its partition next unless a
 //! [`Consumer::commit`] covering it succeeded first.
 
+pub mod journal;
 pub mod memory;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use journal::JournalOptions;
 pub use memory::{MemoryBus, TopicStats};
 
 /// The topics of SPEC §5. The set is closed: stages cannot invent topics.
@@ -146,6 +148,23 @@ pub enum BusError {
     /// `GroupNotEmptyException`).
     #[error("consumer group {group} still has {members} member(s)")]
     GroupNotEmpty { group: String, members: usize },
+    /// `commit_positions` was asked to commit past what poll has returned
+    /// from the partition. Nothing of the call was committed.
+    #[error(
+        "group {group}: cannot commit {topic} partition {partition} at offset {offset}: poll has only returned records up to {position}"
+    )]
+    CommitBeyondPosition {
+        group: String,
+        topic: Topic,
+        partition: u32,
+        offset: u64,
+        position: u64,
+    },
+    /// The embedded bus's journal could not be opened, read or written.
+    /// After a failed write the bus refuses every further write (the message
+    /// says so); a restart recovers everything acknowledged before.
+    #[error("bus journal: {0}")]
+    Journal(String),
     /// An error from the Kafka client (production bus).
     #[error("kafka: {0}")]
     Kafka(String),
@@ -196,12 +215,16 @@ pub trait Consumer: Send {
     async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivered>, BusError>;
 
     /// Commits the position after everything returned by poll so far
-    /// (Kafka: `commitSync()` of the positions).
+    /// (Kafka: `commitSync()` of the positions). On the durable bus it
+    /// returns once the offsets are on disk.
     async fn commit(&mut self) -> Result<(), BusError>;
 
-    /// Commits exactly these next-offsets, one per (topic, partition) this
-    /// member owns; each must be at most what poll has returned for it
-    /// (Kafka: `commitSync(Map)`). Same rebalance semantics as `commit`.
+    /// Commits exactly these next offsets (Kafka: `commitSync(Map)`), each
+    /// for a partition this member owns and at most the position poll has
+    /// reached there ([`BusError::CommitBeyondPosition`] otherwise, and
+    /// nothing is committed). Partitions lost to a rebalance are reported as
+    /// by [`Consumer::commit`]; the others are committed. Partitions not
+    /// listed keep their committed offsets.
     async fn commit_positions(&mut self, positions: &[(Topic, u32, u64)]) -> Result<(), BusError>;
 
     /// Partitions currently assigned to this member.
