@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState};
+use crate::bus::kafka::KafkaBus;
 use crate::bus::{Bus, BusError, JournalOptions, MemoryBus, Topic};
 use crate::config::{BusKind, DedupeKind, PipelineConfig};
 use crate::dedupe::{Dedupe, KeyBatch, MemoryDedupe, RedisDedupe};
@@ -32,10 +33,6 @@ pub enum AppError {
     },
     #[error("dedupe: {0}")]
     Dedupe(#[from] crate::dedupe::DedupeError),
-    #[error(
-        "bus.kind = \"kafka\": the Kafka bus is not available in this build yet; use kind = \"embedded\""
-    )]
-    KafkaUnavailable,
     #[error("bus: {0}")]
     Bus(#[from] BusError),
     #[error("cannot listen on {addr}: {source}")]
@@ -93,18 +90,26 @@ impl App {
                 config.bus.partitions,
                 config.bus.max_lag_per_partition,
             )),
-            BusKind::Kafka => return Err(AppError::KafkaUnavailable),
+            BusKind::Kafka => Arc::new(
+                KafkaBus::connect(
+                    &config.kafka,
+                    config.bus.partitions,
+                    config.bus.max_lag_per_partition,
+                    &[pipeline::STREAM_GROUP, pipeline::ARCHIVE_GROUP],
+                )
+                .await?,
+            ),
         };
         let dedupe: Arc<dyn Dedupe> = match config.dedupe.kind {
             DedupeKind::Memory => {
                 let d = Arc::new(MemoryDedupe::new());
-                if let Some(bus) = &durable {
+                if config.bus.kind != BusKind::Memory {
                     let ttl = Duration::from_secs(config.dedupe.reading_ttl_s);
-                    let marked = remark_recent_readings(bus, &*d, ttl).await?;
+                    let marked = remark_recent_readings(&*bus, &*d, ttl).await?;
                     if marked > 0 {
                         tracing::info!(
                             readings = marked,
-                            "dedupe marks rebuilt from the bus journal"
+                            "dedupe marks rebuilt from the bus's recent readings"
                         );
                     }
                 }
@@ -212,18 +217,14 @@ impl App {
 /// 2xx was lost in a crash is then told "duplicates" instead of being
 /// counted twice. Returns how many keys were marked.
 pub async fn remark_recent_readings(
-    bus: &MemoryBus,
+    bus: &dyn Bus,
     dedupe: &dyn Dedupe,
     ttl: Duration,
 ) -> Result<usize, AppError> {
     let now = crate::time::now_ms();
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     let since = now.saturating_sub(ttl_ms);
-    let reader = bus.clone();
-    let records =
-        tokio::task::spawn_blocking(move || reader.recent(Topic::TelemetryReadings, since))
-            .await
-            .map_err(|e| BusError::Journal(format!("reading the journal panicked: {e}")))??;
+    let records = bus.recent_records(Topic::TelemetryReadings, since).await?;
     // Grouped by whole seconds of TTL left (rounded up): one call each.
     let mut by_ttl: std::collections::BTreeMap<u64, KeyBatch> = Default::default();
     let mut marked = 0;

@@ -5,7 +5,7 @@
 //! cannot express (ranges, a plugin file that must exist, …) run in
 //! [`PipelineConfig::check`] and are reported all together. Environment
 //! overrides from the seed (`REDIS_DEDUPE_TTL`, `FLUSH_INTERVAL_1M`,
-//! `FLUSH_INTERVAL_15M`, `DATABASE_URL`, and `SEGS_BUS_PATH`) are applied by
+//! `FLUSH_INTERVAL_15M`, `DATABASE_URL`, `SEGS_BUS_PATH`, `KAFKA_BROKERS`) are applied by
 //! [`PipelineConfig::apply_env`].
 
 use std::collections::BTreeMap;
@@ -43,6 +43,8 @@ pub struct PipelineConfig {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub bus: BusConfig,
+    #[serde(default)]
+    pub kafka: KafkaConfig,
     #[serde(default)]
     pub dedupe: DedupeConfig,
     #[serde(default)]
@@ -141,6 +143,42 @@ impl Default for BusConfig {
             max_lag_per_partition: 200_000,
             path: PathBuf::from("segs-bus.db"),
             fsync: true,
+        }
+    }
+}
+
+/// `[kafka]`: used when `bus.kind = "kafka"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers` (env `KAFKA_BROKERS`).
+    pub brokers: String,
+    /// Prepended to every topic and consumer-group name (several segs
+    /// installations, or test runs, on one cluster). Empty: the seed's names.
+    pub namespace: String,
+    /// Replication factor of the topics segs creates.
+    pub replication_factor: u16,
+    /// `retention.ms` of the topics segs creates.
+    pub retention_ms: u64,
+    /// The producer's `linger.ms` (0 sends at once; Tansu needs 0).
+    pub linger_ms: u32,
+    /// How long start-up waits for the cluster before failing.
+    pub connect_timeout_s: u64,
+    /// Further librdkafka client properties, passed through as they are
+    /// (e.g. `"security.protocol" = "SASL_SSL"`).
+    pub client: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            namespace: String::new(),
+            replication_factor: 1,
+            retention_ms: 7 * 24 * 3_600_000,
+            linger_ms: 0,
+            connect_timeout_s: 10,
+            client: BTreeMap::new(),
         }
     }
 }
@@ -357,6 +395,20 @@ impl PipelineConfig {
             !self.bus.path.as_os_str().is_empty(),
             "bus.path: must not be empty".into(),
         );
+        if self.bus.kind == BusKind::Kafka {
+            need(
+                !self.kafka.brokers.trim().is_empty(),
+                "kafka.brokers: must name at least one broker (host:port)".into(),
+            );
+            need(
+                self.kafka.replication_factor >= 1,
+                "kafka.replication_factor: must be at least 1".into(),
+            );
+            need(
+                self.kafka.connect_timeout_s >= 1,
+                "kafka.connect_timeout_s: must be at least 1".into(),
+            );
+        }
         need(
             self.windows.flush_interval_1m_s >= 1,
             "windows.flush_interval_1m_s: must be at least 1".into(),
@@ -463,6 +515,16 @@ impl PipelineConfig {
                 });
             }
             self.bus.path = PathBuf::from(path);
+        }
+        if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
+            if brokers.trim().is_empty() {
+                return Err(ConfigError::Env {
+                    name: "KAFKA_BROKERS",
+                    value: brokers,
+                    message: "must not be empty".into(),
+                });
+            }
+            self.kafka.brokers = brokers;
         }
         Ok(())
     }

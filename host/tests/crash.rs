@@ -1,5 +1,5 @@
 //! Crashes change no count: the real `segs` binary on the embedded default
-//! (durable bus, SQLite), killed with SIGKILL at many points of a scripted
+//! (durable bus, SQLite) and on Kafka (the test broker), killed with SIGKILL at many points of a scripted
 //! stream and restarted on the same files, ends with every acknowledged
 //! reading counted exactly once, and no alert or tariff change repeated.
 //!
@@ -56,7 +56,7 @@ fn sim_config() -> SimConfig {
 
 /// The shipped pipeline.toml with absolute plugin paths and capacities that
 /// put every region at 60 % in normal mode (the surge crosses 90 %).
-fn write_config(dir: &Path, sim: &Simulator) -> PathBuf {
+fn write_config(dir: &Path, sim: &Simulator, kafka: bool) -> PathBuf {
     let plugins = root().join("target/plugins");
     assert!(
         plugins.join("anomaly.wasm").exists(),
@@ -82,6 +82,34 @@ fn write_config(dir: &Path, sim: &Simulator) -> PathBuf {
         regions.insert(r.clone(), toml::Value::Table(t));
     }
     doc.insert("regions".into(), toml::Value::Table(regions));
+    if kafka {
+        // The Kafka bus on the test broker, in a namespace of its own; a
+        // killed member's partitions move on after 6 s, not Kafka's 45.
+        let bus = doc["bus"].as_table_mut().unwrap();
+        bus.insert("kind".into(), toml::Value::String("kafka".into()));
+        let mut k = toml::Table::new();
+        k.insert(
+            "brokers".into(),
+            toml::Value::String(
+                std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
+            ),
+        );
+        k.insert(
+            "namespace".into(),
+            toml::Value::String(format!("crash{}-", uuid::Uuid::new_v4().simple())),
+        );
+        let mut client = toml::Table::new();
+        client.insert(
+            "session.timeout.ms".into(),
+            toml::Value::String("6000".into()),
+        );
+        client.insert(
+            "heartbeat.interval.ms".into(),
+            toml::Value::String("1000".into()),
+        );
+        k.insert("client".into(), toml::Value::Table(client));
+        doc.insert("kafka".into(), toml::Value::Table(k));
+    }
     let path = dir.join("pipeline.toml");
     std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
     path
@@ -209,9 +237,18 @@ fn keys(body: &[u8]) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_anywhere_changes_no_count() {
+    sigkill_anywhere(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_anywhere_changes_no_count_on_kafka() {
+    sigkill_anywhere(true).await;
+}
+
+async fn sigkill_anywhere(kafka: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut sim = Simulator::new(sim_config()).unwrap();
-    let config = write_config(dir.path(), &sim);
+    let config = write_config(dir.path(), &sim, kafka);
     eprintln!("segs logs in {}", dir.path().display());
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))

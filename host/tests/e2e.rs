@@ -49,8 +49,29 @@ async fn start(cfg: PipelineConfig) -> App {
 /// 2025-11-12T06:00:00Z: a fixed start so event time is repeatable.
 const START_MS: i64 = 1_762_927_200_000;
 
+/// The same config on the Kafka bus (the test broker, `KAFKA_BROKERS`), in
+/// a namespace of its own.
+fn on_kafka(cfg: &mut PipelineConfig) {
+    cfg.bus.kind = segs::config::BusKind::Kafka;
+    if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
+        cfg.kafka.brokers = brokers;
+    }
+    cfg.kafka.namespace = format!("e2e{}-", uuid::Uuid::new_v4().simple());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scripted_stream_gives_exact_results() {
+    scripted_stream(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scripted_stream_gives_exact_results_on_kafka() {
+    scripted_stream(true).await;
+}
+
+/// A fixed-seed stream with a spike, an outage, a regional surge and 3 %
+/// duplicates; the results are checked exactly. The same on either bus.
+async fn scripted_stream(kafka: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut sim_cfg = SimConfig {
         meters: 100,
@@ -75,6 +96,9 @@ async fn a_scripted_stream_gives_exact_results() {
                 base_price_per_kwh: 6.5,
             },
         );
+    }
+    if kafka {
+        on_kafka(&mut cfg);
     }
     let surged = sim_cfg.regions[0].clone();
     let spike_meter = phase_meter(&sim_cfg, "spike");

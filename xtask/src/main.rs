@@ -3,8 +3,9 @@
 //! - `cargo xtask build-plugins` builds the four rule guests to WebAssembly
 //!   components (wasm32-wasip2) in one cargo call and copies them to
 //!   `target/plugins/<name>.wasm`, where `pipeline.toml` looks for them.
-//! - `cargo xtask test` checks the services the tests need, builds the
-//!   plugins, and runs every test of the workspace.
+//! - `cargo xtask test` starts the services the tests need (PostgreSQL,
+//!   Redis, the Tansu Kafka broker; Tansu is installed from crates.io when
+//!   missing), builds the plugins, and runs every test of the workspace.
 //! - `cargo xtask bench` builds in release and runs the benchmarks.
 //!
 //! It depends on nothing but `anyhow` so that it builds in seconds.
@@ -23,7 +24,10 @@ fn main() -> ExitCode {
         Some("build-plugins") => build_plugins().map(|_| ()),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
-        Some("services") => check_services().map(|_| ()),
+        Some("services") => match args.get(1).map(String::as_str) {
+            Some("start") => ensure_services(),
+            _ => check_services(),
+        },
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -31,7 +35,7 @@ fn main() -> ExitCode {
                  build-plugins   build the rule plugins to target/plugins/*.wasm\n  \
                  test [ARGS]     check services, build plugins, run every test (ARGS go to the test runner)\n  \
                  bench [FILTER]  run the benchmarks in release mode\n  \
-                 services        check the services the tests need"
+                 services [start] check (or start) the services the tests need"
             );
             return ExitCode::from(2);
         }
@@ -134,44 +138,158 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
-/// The services the test suite talks to. Each is checked with a TCP connect;
-/// what is missing is named together with the command that starts it.
-fn check_services() -> Result<Vec<&'static str>> {
-    let services: [(&str, &str, &str); 2] = [
-        (
-            "PostgreSQL",
-            "127.0.0.1:5432",
-            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
-        ),
-        (
-            "Redis",
-            "127.0.0.1:6379",
-            "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no",
-        ),
-    ];
+/// A service the test suite talks to.
+struct Service {
+    name: &'static str,
+    addr: &'static str,
+    /// The program that must be installed to run it.
+    program: &'static str,
+    /// Starts it in the background (`sh -c`).
+    start: &'static str,
+    /// How to install it when the program is missing, if we can.
+    install: Option<&'static [&'static str]>,
+}
+
+/// Tansu, the Kafka-protocol broker of the tests: loopback only, in-memory
+/// storage (a fresh broker per start).
+const TANSU_START: &str = "nohup tansu broker \
+    --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 \
+    --storage-engine memory://tansu/ \
+    > /tmp/segs-tansu.log 2>&1 &";
+
+const SERVICES: [Service; 3] = [
+    Service {
+        name: "PostgreSQL",
+        addr: "127.0.0.1:5432",
+        program: "pg_ctlcluster",
+        start: "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+        install: None,
+    },
+    Service {
+        name: "Redis",
+        addr: "127.0.0.1:6379",
+        program: "redis-server",
+        start: "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' --appendonly no",
+        install: None,
+    },
+    Service {
+        name: "Kafka (Tansu)",
+        addr: "127.0.0.1:9092",
+        program: "tansu",
+        start: TANSU_START,
+        install: Some(&["install", "tansu", "--locked", "--features", "dynostore"]),
+    },
+];
+
+fn is_up(addr: &str) -> bool {
+    addr.parse()
+        .ok()
+        .and_then(|a| {
+            std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).ok()
+        })
+        .is_some()
+}
+
+fn installed(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Makes sure every service the tests need is up: starts what is installed
+/// but not running, installs what can be installed (Tansu, from crates.io),
+/// and fails naming what is missing and how to get it.
+fn ensure_services() -> Result<()> {
     let mut missing = Vec::new();
-    for (name, addr, start) in services {
-        let up = addr
-            .parse()
-            .ok()
-            .and_then(|a| {
-                std::net::TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).ok()
-            })
-            .is_some();
-        if up {
-            eprintln!("xtask: {name} is up at {addr}");
+    for s in &SERVICES {
+        if is_up(s.addr) {
+            eprintln!("xtask: {} is up at {}", s.name, s.addr);
+            continue;
+        }
+        if !installed(s.program) {
+            match s.install {
+                Some(args) => {
+                    eprintln!(
+                        "xtask: {} is not installed; installing it (cargo {}; a few minutes, once)",
+                        s.name,
+                        args.join(" ")
+                    );
+                    let mut cmd = cargo();
+                    cmd.args(args);
+                    run(cmd)?;
+                }
+                None => {
+                    missing.push(format!(
+                        "{}: `{}` is not installed (Debian package: see the README)",
+                        s.name, s.program
+                    ));
+                    continue;
+                }
+            }
+        }
+        eprintln!(
+            "xtask: starting {} ({})",
+            s.name,
+            s.start
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        std::fs::create_dir_all(target_dir()).ok();
+        let status = Command::new("sh")
+            .args(["-c", s.start])
+            .current_dir(root())
+            .status()
+            .with_context(|| format!("starting {}", s.name))?;
+        if !status.success() {
+            missing.push(format!("{}: `{}` failed with {status}", s.name, s.start));
+            continue;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !is_up(s.addr) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        if is_up(s.addr) {
+            eprintln!("xtask: {} is up at {}", s.name, s.addr);
         } else {
-            eprintln!("xtask: {name} is NOT reachable at {addr}; start it with: {start}");
-            missing.push(name);
+            missing.push(format!(
+                "{}: started, but nothing answers at {}",
+                s.name, s.addr
+            ));
         }
     }
-    Ok(missing)
+    if !missing.is_empty() {
+        bail!(
+            "services the tests need are missing:\n  {}",
+            missing.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
+/// Reports each service without starting anything.
+fn check_services() -> Result<()> {
+    for s in &SERVICES {
+        if is_up(s.addr) {
+            eprintln!("xtask: {} is up at {}", s.name, s.addr);
+        } else if installed(s.program) {
+            eprintln!(
+                "xtask: {} is NOT running at {}; start it with: {}",
+                s.name, s.addr, s.start
+            );
+        } else {
+            eprintln!("xtask: {} is NOT installed (`{}`)", s.name, s.program);
+        }
+    }
+    Ok(())
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    // No test needs PostgreSQL or Redis yet; report them so that a machine
-    // without them is visible before the tests that need them land.
-    let _ = check_services()?;
+    ensure_services()?;
     build_plugins()?;
     let nextest = Command::new("cargo")
         .args(["nextest", "--version"])

@@ -635,6 +635,13 @@ impl Bus for MemoryBus {
     fn log_id(&self) -> &str {
         &self.inner.log_id
     }
+
+    async fn recent_records(&self, topic: Topic, since_ms: i64) -> Result<Vec<Record>, BusError> {
+        let bus = self.clone();
+        tokio::task::spawn_blocking(move || bus.recent(topic, since_ms))
+            .await
+            .map_err(|e| BusError::Journal(format!("reading the journal panicked: {e}")))?
+    }
 }
 
 /// A partition this member owns, and how far it has read and committed.

@@ -15,6 +15,7 @@
 //! [`Consumer::commit`] covering it succeeded first.
 
 pub mod journal;
+pub mod kafka;
 pub mod memory;
 
 use std::time::Duration;
@@ -202,6 +203,12 @@ pub trait Bus: Send + Sync {
     /// one when they start over (a volatile bus in a new process). State
     /// checkpointed with positions applies only to the log it names.
     fn log_id(&self) -> &str;
+
+    /// Records of `topic` stamped at or after `since_ms` that the bus still
+    /// holds (a durable log's tail; nothing for a volatile bus). Used after
+    /// a restart to rebuild state made of recent records, such as ingest's
+    /// dedupe marks.
+    async fn recent_records(&self, topic: Topic, since_ms: i64) -> Result<Vec<Record>, BusError>;
 }
 
 /// One member of a consumer group. Dropping it leaves the group; its
