@@ -51,8 +51,9 @@ pub struct App {
     pub ctx: Context,
     /// The rule components in use.
     pub plugins: Vec<PluginVersion>,
-    running: Running,
-    retention: JoinHandle<()>,
+    /// The stages; `None` for an `ingest`-role process.
+    running: Option<Running>,
+    retention: Option<JoinHandle<()>>,
     server: JoinHandle<()>,
     stop_server: oneshot::Sender<()>,
 }
@@ -129,19 +130,6 @@ impl App {
                 source,
             })?;
 
-        let runtime = Runtime::new(Limits {
-            call_timeout: Duration::from_millis(config.sandbox.call_timeout_ms),
-            max_memory_bytes: config.sandbox.max_memory_mib << 20,
-        })
-        .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
-        let plugins = Plugins::load(&config, &runtime)?;
-        let versions = vec![
-            plugins.anomaly.version().clone(),
-            plugins.overload.version().clone(),
-            plugins.tariff.version().clone(),
-            plugins.aggregate.version().clone(),
-        ];
-
         let metrics = Arc::new(Metrics::default());
         let ctx = Context {
             config: config.clone(),
@@ -150,8 +138,25 @@ impl App {
             store: store.clone(),
             metrics: metrics.clone(),
         };
-        let running = pipeline::start(ctx.clone(), plugins).await?;
-        let retention = tokio::spawn(retention_job(ctx.clone()));
+        let (running, retention, versions) = if config.role.processes() {
+            let runtime = Runtime::new(Limits {
+                call_timeout: Duration::from_millis(config.sandbox.call_timeout_ms),
+                max_memory_bytes: config.sandbox.max_memory_mib << 20,
+            })
+            .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
+            let plugins = Plugins::load(&config, &runtime)?;
+            let versions = vec![
+                plugins.anomaly.version().clone(),
+                plugins.overload.version().clone(),
+                plugins.tariff.version().clone(),
+                plugins.aggregate.version().clone(),
+            ];
+            let running = pipeline::start(ctx.clone(), plugins).await?;
+            let retention = tokio::spawn(retention_job(ctx.clone()));
+            (Some(running), Some(retention), versions)
+        } else {
+            (None, None, Vec::new())
+        };
 
         let ingest = IngestState {
             bus: bus.clone(),
@@ -169,7 +174,7 @@ impl App {
             bus,
             metrics,
         };
-        let router = api::router(ingest, api);
+        let router = api::router(config.role.ingests().then_some(ingest), api);
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| AppError::Listen {
@@ -206,8 +211,12 @@ impl App {
     pub async fn shutdown(self) {
         let _ = self.stop_server.send(());
         let _ = self.server.await;
-        self.retention.abort();
-        self.running.shutdown().await;
+        if let Some(retention) = self.retention {
+            retention.abort();
+        }
+        if let Some(running) = self.running {
+            running.shutdown().await;
+        }
     }
 }
 

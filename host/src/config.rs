@@ -5,7 +5,8 @@
 //! cannot express (ranges, a plugin file that must exist, …) run in
 //! [`PipelineConfig::check`] and are reported all together. Environment
 //! overrides from the seed (`REDIS_DEDUPE_TTL`, `FLUSH_INTERVAL_1M`,
-//! `FLUSH_INTERVAL_15M`, `DATABASE_URL`, `SEGS_BUS_PATH`, `KAFKA_BROKERS`) are applied by
+//! `FLUSH_INTERVAL_15M`, `DATABASE_URL`, `SEGS_BUS_PATH`, `KAFKA_BROKERS`,
+//! `SEGS_ROLE`) are applied by
 //! [`PipelineConfig::apply_env`].
 
 use std::collections::BTreeMap;
@@ -35,10 +36,51 @@ pub enum ConfigError {
     },
 }
 
+/// What a process runs: everything, or one side, so that ingest and
+/// processing scale separately (several `ingest` processes in front of one
+/// `process` process on a shared bus and store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// HTTP ingest, the stages and the read API.
+    #[default]
+    All,
+    /// HTTP ingest and the read API; no stages, no plugins.
+    Ingest,
+    /// The stages and the read API; no ingest routes.
+    Process,
+}
+
+impl Role {
+    pub fn ingests(self) -> bool {
+        self != Role::Process
+    }
+    pub fn processes(self) -> bool {
+        self != Role::Ingest
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "all" => Ok(Role::All),
+            "ingest" => Ok(Role::Ingest),
+            "process" => Ok(Role::Process),
+            _ => Err(format!(
+                "unknown role {s:?} (expected all, ingest or process)"
+            )),
+        }
+    }
+}
+
 /// The whole of `pipeline.toml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineConfig {
+    /// What this process runs (env `SEGS_ROLE`, `segs run --role`).
+    #[serde(default)]
+    pub role: Role,
     #[serde(default)]
     pub ingest: IngestConfig,
     #[serde(default)]
@@ -515,6 +557,13 @@ impl PipelineConfig {
                 });
             }
             self.bus.path = PathBuf::from(path);
+        }
+        if let Ok(role) = std::env::var("SEGS_ROLE") {
+            self.role = role.parse().map_err(|message| ConfigError::Env {
+                name: "SEGS_ROLE",
+                value: role.clone(),
+                message,
+            })?;
         }
         if let Ok(brokers) = std::env::var("KAFKA_BROKERS") {
             if brokers.trim().is_empty() {

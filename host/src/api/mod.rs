@@ -32,14 +32,20 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
 }
 
-/// The whole HTTP surface of segs.
-pub fn router(ingest: IngestState, api: ApiState) -> Router {
-    let limit = ingest.max_body_bytes;
-    let telemetry = Router::new()
-        .route("/telemetry/batch", post(ingest::post_batch))
-        .route("/telemetry", post(ingest::post_one))
-        .layer(DefaultBodyLimit::max(limit))
-        .with_state(ingest);
+/// The whole HTTP surface of segs; without `ingest` (a `process`-role
+/// process), no telemetry routes.
+pub fn router(ingest: Option<IngestState>, api: ApiState) -> Router {
+    let telemetry = match ingest {
+        Some(ingest) => {
+            let limit = ingest.max_body_bytes;
+            Router::new()
+                .route("/telemetry/batch", post(ingest::post_batch))
+                .route("/telemetry", post(ingest::post_one))
+                .layer(DefaultBodyLimit::max(limit))
+                .with_state(ingest)
+        }
+        None => Router::new(),
+    };
     let read = Router::new()
         .route("/healthz", get(healthz))
         .route("/alerts", get(list_alerts))
