@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::messages::{AlertStatus, AlertType, KeyedMessage, Severity, TariffReason};
 
+mod rules;
 pub mod sqlite;
 
 /// Why a store call failed.
