@@ -72,7 +72,7 @@ impl Db {
                  The store suite's ::postgres tests need it. Start it with\n    {START_POSTGRES}\n\
                  (`cargo xtask test` checks for it), or set SEGS_TEST_POSTGRES_URL to a \
                  database where the user may CREATE DATABASE.",
-                store::postgres::redact_url(&admin)
+                store::redact_url(&admin)
             )
         });
         let name = format!("segs_test_{}", Uuid::new_v4().simple());
@@ -94,7 +94,7 @@ impl Db {
     async fn open_with(&self, options: &StoreOptions) -> Arc<dyn Store> {
         store::open_with(&self.url, options)
             .await
-            .unwrap_or_else(|e| panic!("opening {}: {e}", store::postgres::redact_url(&self.url)))
+            .unwrap_or_else(|e| panic!("opening {}: {e}", store::redact_url(&self.url)))
     }
 
     /// Drops the PostgreSQL database, if any.

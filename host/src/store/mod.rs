@@ -636,6 +636,29 @@ pub trait Store: Send + Sync {
 
 // ------------------------------------------------------------------ open
 
+/// The password in a `scheme://user:password@host/…` URL, if any.
+pub(crate) fn url_password(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let userinfo = authority.rsplit_once('@')?.0;
+    let password = userinfo.split_once(':')?.1;
+    Some(password.to_owned())
+}
+
+/// `url` with its password replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match url_password(url) {
+        Some(p) if !p.is_empty() => {
+            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let at = rest[..authority_end].rfind('@').map_or(0, |i| i + 1);
+            let user_end = rest[..at].find(':').unwrap_or(0);
+            format!("{scheme}://{}:***@{}", &rest[..user_end], &rest[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Opens the store named by `url` with default [`StoreOptions`].
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     open_with(url, &StoreOptions::default()).await
@@ -708,6 +731,25 @@ mod tests {
         assert_eq!(b.voltage_avg, Some(235.0));
         assert!((b.energy_kwh_sum - 0.03).abs() < 1e-12);
         assert_eq!(merged[1], agg("A", 0, &[5.0], &[]));
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        assert_eq!(
+            url_password("postgres://u:s3cret@db:5432/segs").as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(
+            redact_url("postgres://u:s3cret@db:5432/segs?sslmode=require"),
+            "postgres://u:***@db:5432/segs?sslmode=require"
+        );
+        assert_eq!(url_password("postgres://u@db/segs"), None);
+        assert_eq!(redact_url("postgres://db/segs"), "postgres://db/segs");
+        // A '@' in the password (percent-encoding forgotten) is still hidden.
+        assert_eq!(
+            redact_url("postgres://u:a@b@db/segs"),
+            "postgres://u:***@db/segs"
+        );
     }
 
     #[tokio::test]

@@ -78,13 +78,13 @@ impl PostgresStore {
     /// TimescaleDB is available, the hypertable step. Errors name the
     /// server (host:port, database, user), never the password.
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Self, StoreError> {
-        let password = url_password(url);
+        let password = super::url_password(url);
         let hide = |s: String| match &password {
             Some(p) if !p.is_empty() => s.replace(p.as_str(), "***"),
             _ => s,
         };
         let connect = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::InvalidUrl(hide(format!("{}: {e}", redact_url(url)))))?
+            .map_err(|e| StoreError::InvalidUrl(hide(format!("{}: {e}", super::redact_url(url)))))?
             .application_name("segs");
         let target = format!(
             "PostgreSQL at {}:{} (database {}, user {})",
@@ -133,29 +133,6 @@ impl PostgresStore {
     /// The mode chosen at open.
     pub fn mode(&self) -> &Mode {
         &self.mode
-    }
-}
-
-/// The password in a `scheme://user:password@host/…` URL, if any.
-fn url_password(url: &str) -> Option<String> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split(['/', '?']).next()?;
-    let userinfo = authority.rsplit_once('@')?.0;
-    let password = userinfo.split_once(':')?.1;
-    Some(password.to_owned())
-}
-
-/// `url` with its password replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    match url_password(url) {
-        Some(p) if !p.is_empty() => {
-            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-            let at = rest[..authority_end].rfind('@').map_or(0, |i| i + 1);
-            let user_end = rest[..at].find(':').unwrap_or(0);
-            format!("{scheme}://{}:***@{}", &rest[..user_end], &rest[at..])
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -1272,25 +1249,6 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_are_shown_without_their_password() {
-        assert_eq!(
-            url_password("postgres://u:s3cret@db:5432/segs").as_deref(),
-            Some("s3cret")
-        );
-        assert_eq!(
-            redact_url("postgres://u:s3cret@db:5432/segs?sslmode=require"),
-            "postgres://u:***@db:5432/segs?sslmode=require"
-        );
-        assert_eq!(url_password("postgres://u@db/segs"), None);
-        assert_eq!(redact_url("postgres://db/segs"), "postgres://db/segs");
-        // A '@' in the password (percent-encoding forgotten) is still hidden.
-        assert_eq!(
-            redact_url("postgres://u:a@b@db/segs"),
-            "postgres://u:***@db/segs"
-        );
-    }
 
     #[test]
     fn nan_is_bound_as_null_as_sqlite_stores_it() {
