@@ -168,9 +168,31 @@ fn check_services() -> Result<Vec<&'static str>> {
     Ok(missing)
 }
 
+/// The store suite's `::postgres` tests need PostgreSQL at 127.0.0.1:5432:
+/// when nothing listens there, try to start the local cluster.
+fn check_postgres() {
+    let addr = "127.0.0.1:5432".parse().expect("a socket address");
+    let up =
+        || std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).is_ok();
+    if up() {
+        return;
+    }
+    eprintln!("xtask: starting PostgreSQL");
+    let started = Command::new("sh")
+        .args([
+            "-c",
+            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !started || !up() {
+        eprintln!("xtask: could not start PostgreSQL; the ::postgres store tests will fail");
+    }
+}
+
 fn test(extra: &[String]) -> Result<()> {
-    // No test needs PostgreSQL or Redis yet; report them so that a machine
-    // without them is visible before the tests that need them land.
+    check_postgres();
+    // Report what is (still) missing.
     let _ = check_services()?;
     build_plugins()?;
     let nextest = Command::new("cargo")
