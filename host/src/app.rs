@@ -126,7 +126,7 @@ impl App {
         let store = crate::store::open(&config.store.url)
             .await
             .map_err(|source| AppError::Store {
-                url: config.store.url.clone(),
+                url: crate::store::redact_url(&config.store.url),
                 source,
             })?;
 

@@ -162,7 +162,7 @@ fn main() -> Result<()> {
 async fn run(args: RunArgs) -> Result<()> {
     let mut config = PipelineConfig::load(&args.config)?;
     config.apply_env()?;
-    let store_url = config.store.url.clone();
+    let store_url = segs::store::redact_url(&config.store.url);
     let app = App::start(config, args.listen)
         .await
         .context("segs could not start")?;

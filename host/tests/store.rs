@@ -1,15 +1,27 @@
-//! The store seam, end to end against real SQLite databases (files in a
-//! temporary directory, and `sqlite::memory:`): window merging, tariffs,
-//! the alert lifecycle, filters, JSON shapes, retention and bulk inserts.
+//! The store's behaviour suite: every test body runs against SQLite (a file
+//! in a temporary directory, or `sqlite::memory:`) and against PostgreSQL
+//! (a fresh database per test), as `<test>::sqlite` and `<test>::postgres`:
+//! window merging, tariffs, the alert lifecycle, filters, JSON shapes,
+//! retention, bulk inserts and the exactly-once unit of work. A few tests at
+//! the end are specific to one backend.
+//!
+//! PostgreSQL: `SEGS_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) names a database where the
+//! user may `CREATE DATABASE`; each test creates `segs_test_<uuid>` and
+//! drops it at the end. When the server is not reachable the `::postgres`
+//! tests fail and say how to start it.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use segs::store::{
     self, AggregateQuery, AlertFilter, AlertRow, MeterAggregate, NewAlert, NewTariff, RawReading,
     RegionalAggregate, Retention, Store, StoreOptions, Transition, WindowWidth,
 };
 use segs::time::{format_rfc3339_ms, parse_rfc3339_ms};
 use serde_json::{Value, json};
+use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
 
 const DAY_MS: i64 = 86_400_000;
@@ -18,16 +30,154 @@ fn t(s: &str) -> i64 {
     parse_rfc3339_ms(s).unwrap_or_else(|| panic!("bad test timestamp {s}"))
 }
 
-/// A file-backed store in its own temporary directory (kept alive with it).
-async fn file_store() -> (Arc<dyn Store>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("segs.db").display());
-    (store::open(&url).await.expect("open"), dir)
+// ------------------------------------------------------------- backends
+
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const START_POSTGRES: &str =
+    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start";
+
+/// Where one test's store lives; [`Db::open`] may be called again to reopen
+/// it (except for `sqlite::memory:`, which is a new database each time).
+struct Db {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL database to drop at the end: (admin URL, name).
+    pg: Option<(String, String)>,
 }
 
-async fn memory_store() -> Arc<dyn Store> {
-    store::open("sqlite::memory:").await.expect("open memory")
+impl Db {
+    fn memory() -> Db {
+        Db {
+            url: "sqlite::memory:".into(),
+            _dir: None,
+            pg: None,
+        }
+    }
+
+    fn file() -> Db {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Db {
+            url: format!("sqlite://{}", dir.path().join("segs.db").display()),
+            _dir: Some(dir),
+            pg: None,
+        }
+    }
+
+    /// A new, empty PostgreSQL database.
+    async fn postgres() -> Db {
+        let admin = postgres_admin_url();
+        let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is not reachable at {}: {e}\n\
+                 The store suite's ::postgres tests need it. Start it with\n    {START_POSTGRES}\n\
+                 (`cargo xtask test` checks for it), or set SEGS_TEST_POSTGRES_URL to a \
+                 database where the user may CREATE DATABASE.",
+                store::redact_url(&admin)
+            )
+        });
+        let name = format!("segs_test_{}", Uuid::new_v4().simple());
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+        conn.close().await.ok();
+        Db {
+            url: with_database(&admin, &name),
+            _dir: None,
+            pg: Some((admin, name)),
+        }
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        self.open_with(&StoreOptions::default()).await
+    }
+
+    async fn open_with(&self, options: &StoreOptions) -> Arc<dyn Store> {
+        store::open_with(&self.url, options)
+            .await
+            .unwrap_or_else(|e| panic!("opening {}: {e}", store::redact_url(&self.url)))
+    }
+
+    /// Drops the PostgreSQL database, if any.
+    async fn drop_database(&self) {
+        if let Some((admin, name)) = &self.pg {
+            let mut conn = PgConnection::connect(admin).await.expect("reconnect");
+            conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                .await
+                .unwrap_or_else(|e| panic!("DROP DATABASE {name}: {e}"));
+            conn.close().await.ok();
+        }
+    }
+
+    /// Drops the database, then passes on the test body's panic, if any.
+    async fn finish(self, result: std::thread::Result<()>) {
+        self.drop_database().await;
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    }
 }
+
+fn postgres_admin_url() -> String {
+    std::env::var("SEGS_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.into())
+}
+
+/// `url` naming database `name` instead of its own.
+fn with_database(url: &str, name: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let (base, query) = match rest.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (rest, String::new()),
+    };
+    let host = base.split_once('/').map_or(base, |(host, _)| host);
+    format!("{scheme}://{host}/{name}{query}")
+}
+
+/// Turns `async fn name(db: &Db)` bodies into the tests `name::sqlite` (on
+/// a `file` or `memory` SQLite database) and `name::postgres`.
+macro_rules! on_both_backends {
+    ($($name:ident: $sqlite:ident,)*) => {
+        $(
+            mod $name {
+                use super::*;
+
+                #[tokio::test]
+                async fn sqlite() {
+                    let db = Db::$sqlite();
+                    let result = AssertUnwindSafe(super::$name(&db)).catch_unwind().await;
+                    db.finish(result).await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    let db = Db::postgres().await;
+                    let result = AssertUnwindSafe(super::$name(&db)).catch_unwind().await;
+                    db.finish(result).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_backends! {
+    a_late_window_merges_into_the_stored_one: file,
+    duplicate_keys_within_one_call_are_merged_not_double_applied: memory,
+    aggregate_queries_filter_and_order: memory,
+    regional_windows_are_replaced_on_conflict: file,
+    a_new_tariff_deactivates_the_previous_one: file,
+    tariff_ids_follow_a_per_region_sequence: memory,
+    alert_lifecycle: file,
+    concurrent_acknowledgements_change_the_alert_once: file,
+    an_alert_is_stored_once_per_id_and_once_per_dedupe_key: memory,
+    raw_readings_hold_each_reading_once: memory,
+    alert_filters_and_limit: memory,
+    alerts_with_equal_timestamps_list_newest_insert_first: memory,
+    rows_serialize_with_the_seeds_column_names: memory,
+    fifty_thousand_readings_in_one_call: file,
+    retention_deletes_only_old_rows: file,
+    apply_stores_everything_or_nothing_with_its_outbox: file,
+}
+
+// -------------------------------------------------------------- helpers
 
 /// A window holding `powers` (and `volts`), as the windows stage builds it.
 fn window(meter: &str, start: &str, powers: &[f64], volts: &[f64]) -> MeterAggregate {
@@ -125,9 +275,8 @@ fn is_canonical_time(v: &Value) -> bool {
 
 // ------------------------------------------------------------ aggregates
 
-#[tokio::test]
-async fn a_late_window_merges_into_the_stored_one() {
-    let (store, _dir) = file_store().await;
+async fn a_late_window_merges_into_the_stored_one(db: &Db) {
+    let store = db.open().await;
     let first = store
         .upsert_meter_aggregates(
             WindowWidth::OneMinute,
@@ -185,9 +334,8 @@ async fn a_late_window_merges_into_the_stored_one() {
     );
 }
 
-#[tokio::test]
-async fn duplicate_keys_within_one_call_are_merged_not_double_applied() {
-    let store = memory_store().await;
+async fn duplicate_keys_within_one_call_are_merged_not_double_applied(db: &Db) {
+    let store = db.open().await;
     let out = store
         .upsert_meter_aggregates(
             WindowWidth::FifteenMinutes,
@@ -242,9 +390,8 @@ async fn duplicate_keys_within_one_call_are_merged_not_double_applied() {
     assert!(close(again[0].avg_power_kw, 4.0));
 }
 
-#[tokio::test]
-async fn aggregate_queries_filter_and_order() {
-    let store = memory_store().await;
+async fn aggregate_queries_filter_and_order(db: &Db) {
+    let store = db.open().await;
     let mut aggs = Vec::new();
     for m in ["MTR-3", "MTR-1", "MTR-2"] {
         for start in [
@@ -334,9 +481,8 @@ fn regional(region: &str, at: &str, total: f64, load: f64) -> RegionalAggregate 
     }
 }
 
-#[tokio::test]
-async fn regional_windows_are_replaced_on_conflict() {
-    let (store, _dir) = file_store().await;
+async fn regional_windows_are_replaced_on_conflict(db: &Db) {
+    let store = db.open().await;
     store
         .upsert_regional_aggregates(&[
             regional("Mumbai-North", "2025-11-12T06:30:00Z", 10.0, 40.0),
@@ -380,9 +526,8 @@ async fn regional_windows_are_replaced_on_conflict() {
 
 // --------------------------------------------------------------- tariffs
 
-#[tokio::test]
-async fn a_new_tariff_deactivates_the_previous_one() {
-    let (store, _dir) = file_store().await;
+async fn a_new_tariff_deactivates_the_previous_one(db: &Db) {
+    let store = db.open().await;
     let first = store
         .insert_tariff(&tariff("Mumbai-North", 6.5, "2025-11-12T06:00:00Z"))
         .await
@@ -416,9 +561,8 @@ async fn a_new_tariff_deactivates_the_previous_one() {
     assert_eq!(current, vec![second]);
 }
 
-#[tokio::test]
-async fn tariff_ids_follow_a_per_region_sequence() {
-    let store = memory_store().await;
+async fn tariff_ids_follow_a_per_region_sequence(db: &Db) {
+    let store = db.open().await;
     let mut ids = Vec::new();
     for (region, from) in [
         ("Mumbai-North", "2025-11-12T06:00:00Z"),
@@ -476,9 +620,8 @@ async fn tariff_ids_follow_a_per_region_sequence() {
 
 // ---------------------------------------------------------------- alerts
 
-#[tokio::test]
-async fn alert_lifecycle() {
-    let (store, _dir) = file_store().await;
+async fn alert_lifecycle(db: &Db) {
+    let store = db.open().await;
     let new = alert(
         "ANOMALY",
         "high",
@@ -584,9 +727,8 @@ async fn alert_lifecycle() {
     }
 }
 
-#[tokio::test]
-async fn concurrent_acknowledgements_change_the_alert_once() {
-    let (store, _dir) = file_store().await;
+async fn concurrent_acknowledgements_change_the_alert_once(db: &Db) {
+    let store = db.open().await;
     let new = alert(
         "ANOMALY",
         "medium",
@@ -616,9 +758,8 @@ async fn concurrent_acknowledgements_change_the_alert_once() {
     assert_eq!((changed, unchanged), (1, 7));
 }
 
-#[tokio::test]
-async fn an_alert_is_stored_once_per_id_and_once_per_dedupe_key() {
-    let store = memory_store().await;
+async fn an_alert_is_stored_once_per_id_and_once_per_dedupe_key(db: &Db) {
+    let store = db.open().await;
     let mut first = alert(
         "ANOMALY",
         "high",
@@ -657,9 +798,8 @@ async fn an_alert_is_stored_once_per_id_and_once_per_dedupe_key() {
     assert_eq!(ids, want);
 }
 
-#[tokio::test]
-async fn raw_readings_hold_each_reading_once() {
-    let store = memory_store().await;
+async fn raw_readings_hold_each_reading_once(db: &Db) {
+    let store = db.open().await;
     let batch: Vec<RawReading> = (0..10).map(|i| reading("MTR-1", i * 1000, 1.0)).collect();
     store.insert_raw_readings(&batch).await.unwrap();
     // A replay of part of it, with one new reading.
@@ -669,12 +809,11 @@ async fn raw_readings_hold_each_reading_once() {
     assert_eq!(store.count_raw_readings().await.unwrap(), 11);
 }
 
-#[tokio::test]
-async fn apply_stores_everything_or_nothing_with_its_outbox() {
+async fn apply_stores_everything_or_nothing_with_its_outbox(db: &Db) {
     use segs::messages::KeyedMessage;
     use segs::store::{Applied, Checkpoint, Effects, RuleState};
 
-    let (store, _dir) = file_store().await;
+    let store = db.open().await;
     let mut dup = alert(
         "OVERLOAD",
         "high",
@@ -771,9 +910,8 @@ async fn apply_stores_everything_or_nothing_with_its_outbox() {
     assert_eq!(store.pending_outbox("test").await.unwrap(), records[1..]);
 }
 
-#[tokio::test]
-async fn alert_filters_and_limit() {
-    let store = memory_store().await;
+async fn alert_filters_and_limit(db: &Db) {
+    let store = db.open().await;
     let specs = [
         (
             "ANOMALY",
@@ -917,9 +1055,8 @@ async fn alert_filters_and_limit() {
     );
 }
 
-#[tokio::test]
-async fn alerts_with_equal_timestamps_list_newest_insert_first() {
-    let store = memory_store().await;
+async fn alerts_with_equal_timestamps_list_newest_insert_first(db: &Db) {
+    let store = db.open().await;
     let a = store
         .insert_alert(&alert(
             "ANOMALY",
@@ -953,9 +1090,8 @@ async fn alerts_with_equal_timestamps_list_newest_insert_first() {
 
 // ------------------------------------------------------------ JSON shape
 
-#[tokio::test]
-async fn rows_serialize_with_the_seeds_column_names() {
-    let store = memory_store().await;
+async fn rows_serialize_with_the_seeds_column_names(db: &Db) {
+    let store = db.open().await;
 
     let agg = store
         .upsert_meter_aggregates(
@@ -1129,13 +1265,8 @@ async fn rows_serialize_with_the_seeds_column_names() {
 
 // ------------------------------------------------------ retention, bulk
 
-#[tokio::test]
-async fn retention_deletes_only_old_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("retention.db").display());
-    let store = store::open_with(&url, &StoreOptions::default())
-        .await
-        .unwrap();
+async fn retention_deletes_only_old_rows(db: &Db) {
+    let store = db.open_with(&StoreOptions::default()).await;
     let now = t("2025-11-12T06:30:00Z");
 
     store
@@ -1210,16 +1341,15 @@ async fn retention_deletes_only_old_rows() {
             ..Retention::default()
         },
     };
-    let store = store::open_with(&url, &short).await.unwrap();
+    let store = db.open_with(&short).await;
     let report = store.apply_retention(now).await.unwrap();
     assert_eq!(report.raw_readings, 2);
     assert_eq!(report.aggregates_1m, 0);
     assert_eq!(store.count_raw_readings().await.unwrap(), 1);
 }
 
-#[tokio::test]
-async fn fifty_thousand_readings_in_one_call() {
-    let (store, _dir) = file_store().await;
+async fn fifty_thousand_readings_in_one_call(db: &Db) {
+    let store = db.open().await;
     let start = t("2025-11-12T06:00:00Z");
     let readings: Vec<RawReading> = (0..50_000i64)
         .map(|i| {
@@ -1238,8 +1368,9 @@ async fn fifty_thousand_readings_in_one_call() {
     store.insert_raw_readings(&readings).await.unwrap();
     assert_eq!(store.count_raw_readings().await.unwrap(), 50_000);
 
-    // And as many windows in one upsert (more than one statement's worth).
-    let windows: Vec<MeterAggregate> = (0..5_000i64)
+    // And many windows in one upsert (more than one statement's worth on
+    // either backend).
+    let windows: Vec<MeterAggregate> = (0..12_000i64)
         .map(|i| {
             let mut w = window(
                 &format!("MTR-{:08}", i % 1000),
@@ -1255,14 +1386,16 @@ async fn fifty_thousand_readings_in_one_call() {
         .upsert_meter_aggregates(WindowWidth::OneMinute, &windows)
         .await
         .unwrap();
-    assert_eq!(out.len(), 5_000);
+    assert_eq!(out.len(), 12_000);
     assert!(
         out.iter()
             .zip(&windows)
             .all(|(o, w)| o.meter_id == w.meter_id && o.window_start_ms == w.window_start_ms)
     );
-    assert_eq!(store.count_readings_1m().await.unwrap(), 10_000);
+    assert_eq!(store.count_readings_1m().await.unwrap(), 24_000);
 }
+
+// ------------------------------------------------------ backend-specific
 
 #[tokio::test]
 async fn data_survives_reopening_the_file() {
@@ -1285,4 +1418,125 @@ async fn data_survives_reopening_the_file() {
     let store = store::open(&url).await.unwrap();
     assert_eq!(store.count_raw_readings().await.unwrap(), 1);
     assert_eq!(store.count_readings_1m().await.unwrap(), 2);
+}
+
+/// A test body run on a fresh PostgreSQL database, dropped afterwards.
+async fn on_postgres<F: std::future::Future<Output = ()>>(body: impl FnOnce(String) -> F) {
+    let db = Db::postgres().await;
+    let result = AssertUnwindSafe(body(db.url.clone())).catch_unwind().await;
+    db.finish(result).await;
+}
+
+#[tokio::test]
+async fn postgres_migrates_once_and_checks_both_modes() {
+    use segs::store::postgres::{Mode, PostgresStore, timescaledb_block};
+    on_postgres(|url| async move {
+        let pg = PostgresStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        let timescale: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
+        )
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+        if !timescale {
+            assert_eq!(pg.mode(), &Mode::Plain);
+        }
+        // Both branches are valid SQL for this server: the TimescaleDB block
+        // is compiled (syntax-checked) by PL/pgSQL before it returns at its
+        // guard, with or without the extension…
+        sqlx::query(&timescaledb_block(&Retention::default(), false))
+            .execute(pg.pool())
+            .await
+            .expect("the TimescaleDB step parses");
+        // …and a syntax error in it would be caught.
+        let broken =
+            timescaledb_block(&Retention::default(), false).replace("ALTER TABLE", "ALTER TABEL");
+        assert!(sqlx::query(&broken).execute(pg.pool()).await.is_err());
+
+        // Reopening applies no migration twice.
+        drop(pg);
+        let again = PostgresStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public' \
+             AND table_name IN ('users', 'meters', 'tariffs', 'alerts', 'invoices', \
+             'invoice_line_items', 'tariff_rules', 'audit_logs', 'raw_readings', \
+             'aggregates_1m', 'aggregates_15m', 'aggregates_1m_regional', 'rule_state', \
+             'outbox', 'stream_checkpoints', 'tariff_id_sequences')",
+        )
+        .fetch_one(again.pool())
+        .await
+        .unwrap();
+        assert_eq!(tables, 16);
+        let migrations: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+            .fetch_one(again.pool())
+            .await
+            .unwrap();
+        assert_eq!(migrations, 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_audit_rows_record_each_change() {
+    use segs::store::postgres::PostgresStore;
+    on_postgres(|url| async move {
+        let pg = PostgresStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        let new = alert(
+            "ANOMALY",
+            "high",
+            "Mumbai-North",
+            Some("MTR-1"),
+            "2025-11-12T06:30:00Z",
+        );
+        pg.insert_alert(&new).await.unwrap();
+        pg.acknowledge_alert(new.id, "ops", 2_000).await.unwrap();
+        pg.acknowledge_alert(new.id, "ops", 2_500).await.unwrap(); // unchanged
+        pg.resolve_alert(new.id, 3_000).await.unwrap();
+        pg.resolve_alert(new.id, 3_500).await.unwrap(); // unchanged
+        let rows: Vec<(String, String, Option<String>, Value)> =
+            sqlx::query_as("SELECT action, entity_id, actor, details FROM audit_logs ORDER BY id")
+                .fetch_all(pg.pool())
+                .await
+                .unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(rows[0].0, "alert.acknowledged");
+        assert_eq!(rows[0].1, new.id.to_string());
+        assert_eq!(rows[0].2.as_deref(), Some("ops"));
+        assert_eq!(
+            rows[0].3,
+            json!({"from": "active", "to": "acknowledged", "at": "1970-01-01T00:00:02.000Z"})
+        );
+        assert_eq!(rows[1].0, "alert.resolved");
+        assert_eq!(rows[1].2, None);
+        assert_eq!(rows[1].3["from"], "acknowledged");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_refuses_bad_input_as_rejected() {
+    on_postgres(|url| async move {
+        let store = store::open(&url).await.unwrap();
+        // Text PostgreSQL cannot store (a NUL byte) is bad input, not an
+        // outage to retry.
+        let e = store
+            .insert_raw_readings(&[reading("MTR-\0", 0, 1.0)])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, store::StoreError::Rejected(_)), "{e:?}");
+        // A NaN in a NOT NULL column is refused, as by SQLite.
+        let e = store
+            .insert_raw_readings(&[reading("MTR-1", 0, f64::NAN)])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, store::StoreError::Rejected(_)), "{e:?}");
+        assert_eq!(store.count_raw_readings().await.unwrap(), 0);
+    })
+    .await;
 }

@@ -1,7 +1,8 @@
 //! Store: the persistence seam. Every SQL byte of segs lives under this
 //! module — the [`Store`] trait, its row types, and the backends
-//! ([`sqlite`] today; PostgreSQL/TimescaleDB later) with their migrations in
-//! `migrations/<backend>/`.
+//! ([`sqlite`], embedded; [`postgres`], with TimescaleDB when the server has
+//! it) with their migrations in `migrations/<backend>/`, and the storage
+//! rules both share (`rules`).
 //!
 //! What it must not do: business rules. The store does not decide when an
 //! alert fires, what a tariff costs or when a window closes; it stores what
@@ -26,6 +27,8 @@ use uuid::Uuid;
 
 use crate::messages::{AlertStatus, AlertType, KeyedMessage, Severity, TariffReason};
 
+pub mod postgres;
+mod rules;
 pub mod sqlite;
 
 /// Why a store call failed.
@@ -41,6 +44,14 @@ pub enum StoreError {
     /// key constraint): the input is bad, retrying will not help.
     #[error("rejected by the database: {0}")]
     Rejected(String),
+    /// The database server could not be reached or refused the login;
+    /// `target` names it (host:port, database, user — never a password).
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
     /// Any other database failure (I/O, lock timeout, …).
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
@@ -71,6 +82,14 @@ impl From<sqlx::Error> for StoreError {
                     | K::NotNullViolation
                     | K::CheckViolation
             ) {
+                return StoreError::Rejected(db.message().to_owned());
+            }
+            // PostgreSQL's data exceptions (SQLSTATE class 22: a value out
+            // of range, text it cannot encode, …) are bad input too.
+            let data_exception = db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| pg.code().starts_with("22"));
+            if data_exception {
                 return StoreError::Rejected(db.message().to_owned());
             }
         }
@@ -617,6 +636,29 @@ pub trait Store: Send + Sync {
 
 // ------------------------------------------------------------------ open
 
+/// The password in a `scheme://user:password@host/…` URL, if any.
+pub(crate) fn url_password(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let userinfo = authority.rsplit_once('@')?.0;
+    let password = userinfo.split_once(':')?.1;
+    Some(password.to_owned())
+}
+
+/// `url` with its password replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match url_password(url) {
+        Some(p) if !p.is_empty() => {
+            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let at = rest[..authority_end].rfind('@').map_or(0, |i| i + 1);
+            let user_end = rest[..at].find(':').unwrap_or(0);
+            format!("{scheme}://{}:***@{}", &rest[..user_end], &rest[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Opens the store named by `url` with default [`StoreOptions`].
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     open_with(url, &StoreOptions::default()).await
@@ -624,15 +666,15 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
 
 /// Opens the store named by `url` and brings its schema up to date:
 /// - `sqlite://path.db` (created if missing) or `sqlite::memory:`;
-/// - `postgres://…` / `postgresql://…`: not built yet
-///   ([`StoreError::Unsupported`]).
+/// - `postgres://…` / `postgresql://…` ([`postgres::PostgresStore`]);
+///   errors never show the URL's password.
 pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>, StoreError> {
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or("");
     match scheme {
         "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open(url, options).await?)),
-        "postgres" | "postgresql" => Err(StoreError::Unsupported(
-            "the PostgreSQL store is not built yet; use a sqlite:// URL".into(),
-        )),
+        "postgres" | "postgresql" => {
+            Ok(Arc::new(postgres::PostgresStore::open(url, options).await?))
+        }
         "" => Err(StoreError::InvalidUrl(
             "the URL has no scheme; expected sqlite://path.db, sqlite::memory: or postgres://…"
                 .into(),
@@ -691,18 +733,41 @@ mod tests {
         assert_eq!(merged[1], agg("A", 0, &[5.0], &[]));
     }
 
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        assert_eq!(
+            url_password("postgres://u:s3cret@db:5432/segs").as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(
+            redact_url("postgres://u:s3cret@db:5432/segs?sslmode=require"),
+            "postgres://u:***@db:5432/segs?sslmode=require"
+        );
+        assert_eq!(url_password("postgres://u@db/segs"), None);
+        assert_eq!(redact_url("postgres://db/segs"), "postgres://db/segs");
+        // A '@' in the password (percent-encoding forgotten) is still hidden.
+        assert_eq!(
+            redact_url("postgres://u:a@b@db/segs"),
+            "postgres://u:***@db/segs"
+        );
+    }
+
     #[tokio::test]
     async fn open_names_the_problem() {
         let err = |r: Result<Arc<dyn Store>, StoreError>| match r {
             Ok(_) => panic!("opened"),
             Err(e) => e,
         };
-        let e = err(open("postgres://u:secret@localhost/segs").await);
-        assert!(matches!(e, StoreError::Unsupported(_)), "{e}");
-        assert!(
-            e.to_string().contains("PostgreSQL store is not built yet"),
-            "{e}"
-        );
+        // Nothing listens on port 1: a connection error naming the server.
+        let e = err(open("postgres://u:secret@127.0.0.1:1/segs").await);
+        assert!(matches!(e, StoreError::Connect { .. }), "{e}");
+        assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+        assert!(e.to_string().contains("database segs, user u"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert!(!format!("{e:?}").contains("secret"), "{e:?}");
+
+        let e = err(open("postgresql://u:secret@127.0.0.1:notaport/segs").await);
+        assert!(matches!(e, StoreError::InvalidUrl(_)), "{e}");
         assert!(!e.to_string().contains("secret"), "{e}");
 
         let e = err(open("mysql://u:secret@localhost/segs").await);

@@ -21,6 +21,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
+use super::rules::{AlertChange, last_entry_wins, regional_key, tariff_id, tariff_prefix};
 use super::{
     AggregateQuery, AlertFilter, AlertRow, Applied, Checkpoint, Effects, MeterAggregate, NewAlert,
     NewTariff, OutboxBuilder, OutboxRecord, RawReading, RegionalAggregate, Retention,
@@ -28,7 +29,7 @@ use super::{
     WindowWidth, merge_duplicate_windows,
 };
 use crate::bus::Topic;
-use crate::messages::{AlertStatus, KeyedMessage};
+use crate::messages::KeyedMessage;
 use crate::time::{format_rfc3339_ms, now_ms, parse_rfc3339_ms};
 
 /// Bound parameters per statement in the bundled SQLite
@@ -353,44 +354,7 @@ fn tariff_row(row: &SqliteRow) -> Result<TariffRow, StoreError> {
     })
 }
 
-/// `TRF-{PREFIX}-…` prefix of a region: upper-cased, every character that
-/// is not an ASCII letter or digit replaced by '-'.
-fn tariff_prefix(region: &str) -> String {
-    region
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '-'
-            }
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------- alert changes
-
-#[derive(Clone, Copy)]
-enum AlertChange<'a> {
-    Acknowledge { by: &'a str },
-    Resolve,
-}
-
-impl AlertChange<'_> {
-    fn target(self) -> AlertStatus {
-        match self {
-            AlertChange::Acknowledge { .. } => AlertStatus::Acknowledged,
-            AlertChange::Resolve => AlertStatus::Resolved,
-        }
-    }
-
-    fn allowed_from(self) -> &'static [AlertStatus] {
-        match self {
-            AlertChange::Acknowledge { .. } => &[AlertStatus::Active],
-            AlertChange::Resolve => &[AlertStatus::Active, AlertStatus::Acknowledged],
-        }
-    }
-}
 
 impl SqliteStore {
     async fn change_alert(
@@ -416,13 +380,8 @@ impl SqliteStore {
             return Ok(Transition::NotFound);
         };
         let current = alert_row(&current)?;
-        if current.status == change.target() {
-            return Ok(Transition::Unchanged(current));
-        }
-        if !change.allowed_from().contains(&current.status) {
-            return Ok(Transition::Refused {
-                status: current.status,
-            });
+        if let Some(done) = change.check(&current) {
+            return Ok(done);
         }
 
         let updated = match change {
@@ -463,23 +422,14 @@ impl SqliteStore {
         };
         let row = alert_row(&updated)?;
 
-        let actor = match change {
-            AlertChange::Acknowledge { by } => Some(by),
-            AlertChange::Resolve => None,
-        };
-        let details = serde_json::json!({
-            "from": current.status,
-            "to": change.target(),
-            "at": at,
-        });
         sqlx::query(
             "INSERT INTO audit_logs (action, entity, entity_id, actor, details, created_at) \
              VALUES (?, 'alert', ?, ?, ?, ?)",
         )
-        .bind(format!("alert.{}", change.target()))
+        .bind(change.audit_action())
         .bind(&id_text)
-        .bind(actor)
-        .bind(details.to_string())
+        .bind(change.actor())
+        .bind(change.audit_details(current.status, at_ms).to_string())
         .bind(&now)
         .execute(&mut *tx)
         .await?;
@@ -566,16 +516,7 @@ async fn upsert_regional_aggregates(
         return Ok(());
     }
     // The last entry for a key wins, as it would in the table.
-    let mut last: HashMap<(&str, i64), usize> = HashMap::with_capacity(aggs.len());
-    for (i, a) in aggs.iter().enumerate() {
-        last.insert((a.region.as_str(), a.window_start_ms), i);
-    }
-    let unique: Vec<&RegionalAggregate> = aggs
-        .iter()
-        .enumerate()
-        .filter(|(i, a)| last.get(&(a.region.as_str(), a.window_start_ms)) == Some(i))
-        .map(|(_, a)| a)
-        .collect();
+    let unique = last_entry_wins(aggs, regional_key);
 
     let head = format!("INSERT INTO aggregates_1m_regional ({REGIONAL_COLUMNS}, created_at)");
     let now = format_rfc3339_ms(now_ms());
@@ -670,7 +611,7 @@ async fn insert_tariff(
          RETURNING {TARIFF_COLUMNS}"
     );
     let row = sqlx::query(&insert)
-        .bind(format!("TRF-{prefix}-{n:06}"))
+        .bind(tariff_id(&prefix, n))
         .bind(&tariff.region)
         .bind(tariff.price_per_kwh)
         .bind(&from)
@@ -1164,13 +1105,6 @@ mod tests {
             sql,
             "INSERT INTO t (a, b) VALUES (?,?),(?,?),(?,?) RETURNING a"
         );
-    }
-
-    #[test]
-    fn tariff_prefixes() {
-        assert_eq!(tariff_prefix("Mumbai-North"), "MUMBAI-NORTH");
-        assert_eq!(tariff_prefix("Delhi South"), "DELHI-SOUTH");
-        assert_eq!(tariff_prefix("São_Paulo.2"), "S-O-PAULO-2");
     }
 
     #[test]
