@@ -42,6 +42,11 @@ struct RunArgs {
     /// Serve only: do not start the built-in simulator.
     #[arg(long)]
     no_simulator: bool,
+    /// What this process runs: all, ingest (HTTP ingest and the read API)
+    /// or process (the stages and the read API). Overrides `role` in the
+    /// config and SEGS_ROLE.
+    #[arg(long)]
+    role: Option<segs::config::Role>,
     #[command(flatten)]
     sim: SimArgs,
     /// Simulated seconds per real second for the built-in simulator
@@ -162,6 +167,9 @@ fn main() -> Result<()> {
 async fn run(args: RunArgs) -> Result<()> {
     let mut config = PipelineConfig::load(&args.config)?;
     config.apply_env()?;
+    if let Some(role) = args.role {
+        config.role = role;
+    }
     let store_url = segs::store::redact_url(&config.store.url);
     let app = App::start(config, args.listen)
         .await
