@@ -655,3 +655,57 @@ async fn a_restart_keeps_an_overload_incident_in_progress() {
     app.shutdown().await; // the second consecutive window, after a restart
     assert_eq!(overloads(store).await, 1, "the count survived the restart");
 }
+
+/// On Kafka, ingest and processing run in separate processes (here two
+/// apps): readings posted to the `ingest` one are windowed and stored by the
+/// `process` one; neither serves what the other runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_and_processing_run_in_separate_roles_on_kafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut base = config(dir.path());
+    on_kafka(&mut base);
+    let mut ingest_cfg = base.clone();
+    ingest_cfg.role = segs::config::Role::Ingest;
+    let mut process_cfg = base;
+    process_cfg.role = segs::config::Role::Process;
+    let processing = start(process_cfg).await;
+    let ingest = start(ingest_cfg).await;
+    assert!(
+        ingest.plugins.is_empty(),
+        "an ingest process loads no plugins"
+    );
+    let client = reqwest::Client::new();
+
+    let body = serde_json::to_vec(&(0..10).map(good).collect::<Vec<_>>()).unwrap();
+    let (status, json) = post(
+        &client,
+        &format!("http://{}/telemetry/batch", ingest.addr),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(
+        (status, &json),
+        (200, &json!({"accepted": 10, "duplicates": 0}))
+    );
+    let (status, _) = post(
+        &client,
+        &format!("http://{}/telemetry/batch", processing.addr),
+        body,
+    )
+    .await;
+    assert_eq!(status, 404, "a process-role segs takes no telemetry");
+
+    // Stopping the processing side closes and stores the open windows.
+    let store = processing.ctx.store.clone();
+    let metrics = processing.ctx.metrics.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metrics.readings_processed.load(Ordering::Relaxed) < 10
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ingest.shutdown().await;
+    processing.shutdown().await;
+    assert_eq!(store.count_readings_1m().await.unwrap(), 10);
+    assert_eq!(store.count_raw_readings().await.unwrap(), 10);
+}

@@ -484,7 +484,7 @@ impl StreamStage {
     }
 
     fn finish_regions(&mut self, window: &ClosedWindow) {
-        let sums = Windows::regional(window);
+        let sums = self.windows.regional(window);
         let inputs: Vec<aggregate::RegionWindow> = sums
             .iter()
             .map(|r| aggregate::RegionWindow {

@@ -128,7 +128,7 @@ pub struct RegionSums {
     pub total_kw: f64,
     pub max_kw: f64,
     pub min_kw: f64,
-    /// The meters that reported, in first-seen order.
+    /// The meters that reported, by meter id.
     pub meters: Vec<MeterIdx>,
 }
 
@@ -518,10 +518,15 @@ impl Windows {
     }
 
     /// The regional sums of a closed on-time 1-minute window, one entry per
-    /// region that reported, in region-index order.
-    pub fn regional(window: &ClosedWindow) -> Vec<RegionSums> {
+    /// region that reported, in region-index order. Meters are added in
+    /// the order of their ids, not the order they reported in, so the
+    /// floating-point totals are the same whatever order the partitions
+    /// were read in (a replay, another process).
+    pub fn regional(&self, window: &ClosedWindow) -> Vec<RegionSums> {
+        let mut order: Vec<&MeterSums> = window.meters.iter().collect();
+        order.sort_unstable_by(|a, b| self.meter_name(a.meter).cmp(self.meter_name(b.meter)));
         let mut by_region: BTreeMap<RegionIdx, RegionSums> = BTreeMap::new();
-        for m in &window.meters {
+        for m in order {
             let avg = m.sums.avg_power();
             let r = by_region.entry(m.region).or_insert_with(|| RegionSums {
                 region: m.region,
@@ -704,7 +709,7 @@ mod tests {
         w.add("C", "South", T0, 1.0, None, None);
         let mut out = Vec::new();
         w.close_all(&mut out);
-        let regional = Windows::regional(&out[0]);
+        let regional = w.regional(&out[0]);
         assert_eq!(regional.len(), 2);
         let north = &regional[0];
         assert_eq!(w.region_name(north.region), "North");
