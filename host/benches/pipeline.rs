@@ -3,7 +3,7 @@
 //! Each benchmark runs several rounds and prints the best and the median, so
 //! a noisy neighbour on this 2-core machine shows as spread, not as a wrong
 //! figure. Filter by name: `cargo xtask bench anomaly` (names: `anomaly`,
-//! `hotpath`, `stream`, `http`).
+//! `hotpath`, `stream`, `http`, `sustained`).
 //!
 //! - `anomaly`: the anomaly rule, native Rust vs the Wasm component.
 //! - `hotpath`: the stream stage's per-reading work on one core, no bus and
@@ -17,6 +17,11 @@
 //! - `http`: `POST /telemetry/batch` over loopback into the embedded app,
 //!   with a pre-serialized load generator in the same process, plus the same
 //!   generator against a trivial endpoint as a ceiling.
+//! - `sustained`: the same HTTP load on the shipped configuration (bounded
+//!   lag, raw archive on), measured for several seconds after a warm-up
+//!   while every stage consumes, once per bus: the volatile `memory` bus
+//!   and the durable `embedded` one with fsync on and off. Readings/s
+//!   accepted and the share of requests refused with 503.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -65,8 +70,23 @@ fn main() {
             stream_stage(&data);
         }
     }
-    if wanted("http") {
-        http_ingest();
+    let (http, sustained) = (wanted("http"), wanted("sustained"));
+    if (http || sustained) && plugin_path("anomaly").exists() {
+        let pool = HttpPool::generate();
+        let generator = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("loadgen")
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        if http {
+            http_ingest(&pool, &generator);
+        }
+        if sustained {
+            sustained_ingest(&pool, &generator);
+        }
+    } else if http || sustained {
+        println!("HTTP ingest: skipped (run `cargo xtask build-plugins`)");
     }
 }
 
@@ -723,6 +743,8 @@ const CONNECTIONS: usize = 16;
 const SEND_TIME: Duration = Duration::from_secs(4);
 
 struct Load {
+    /// The pool ran out before the send time was up.
+    exhausted: bool,
     requests: u64,
     non_2xx: u64,
     errors: u64,
@@ -754,21 +776,41 @@ impl Load {
     }
 }
 
-/// Posts the bodies of `pool` (each once, or round and round if `cycle`)
-/// from CONNECTIONS tasks with one keep-alive connection each, for at most
-/// SEND_TIME, on the generator's own runtime (threads named `loadgen`).
+/// How a sender treats the pool.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    /// Each body once, refused or not.
+    Once,
+    /// Round and round.
+    Cycle,
+    /// Each body until it is accepted: a refused (503) body is sent again
+    /// after `RETRY_PAUSE`, as a client that honours the 503 would.
+    UntilAccepted,
+}
+
+/// Pause of a [`Sending::UntilAccepted`] sender after a 503 (shorter than
+/// `Retry-After`, to keep the pressure on).
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Posts the bodies of `pool` as `sending` says from CONNECTIONS tasks with
+/// one keep-alive connection each, for at most `send_time` or until `stop`
+/// is set, on the generator's own runtime (threads named `loadgen`).
 fn send_load(
     generator: &tokio::runtime::Runtime,
     url: &str,
     pool: &Arc<Vec<Bytes>>,
-    cycle: bool,
+    sending: Sending,
+    send_time: Duration,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
 ) -> Load {
+    let cycle = sending == Sending::Cycle;
     let next = Arc::new(AtomicUsize::new(0));
     let cpu0 = thread_cpu();
     let start = Instant::now();
     let tasks: Vec<_> = (0..CONNECTIONS)
         .map(|_| {
             let (url, pool, next) = (url.to_owned(), pool.clone(), next.clone());
+            let stop = stop.clone();
             generator.spawn(async move {
                 let client = reqwest::Client::builder()
                     .pool_max_idle_per_host(1)
@@ -776,8 +818,12 @@ fn send_load(
                     .expect("reqwest client");
                 let (mut ok, mut non_2xx, mut errors) = (0u64, 0u64, 0u64);
                 let mut latency = Vec::with_capacity(4096);
-                while start.elapsed() < SEND_TIME {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
+                let mut retry: Option<usize> = None;
+                while start.elapsed() < send_time && !stop.load(Ordering::Relaxed) {
+                    let i = match retry.take() {
+                        Some(i) => i,
+                        None => next.fetch_add(1, Ordering::Relaxed),
+                    };
                     if !cycle && i >= pool.len() {
                         break;
                     }
@@ -798,6 +844,12 @@ fn send_load(
                                 ok += 1;
                             } else {
                                 non_2xx += 1;
+                                if sending == Sending::UntilAccepted
+                                    && status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                                {
+                                    retry = Some(i);
+                                    tokio::time::sleep(RETRY_PAUSE).await;
+                                }
                             }
                         }
                         Err(_) => errors += 1,
@@ -808,6 +860,7 @@ fn send_load(
         })
         .collect();
     let mut load = Load {
+        exhausted: false,
         requests: 0,
         non_2xx: 0,
         errors: 0,
@@ -830,40 +883,49 @@ fn send_load(
         }
     });
     load.elapsed = start.elapsed();
+    load.exhausted = !cycle && next.load(Ordering::Relaxed) >= pool.len();
     load.cpu = cpu_since(&cpu0);
     load.latency_us.sort_unstable();
     load
 }
 
-fn http_ingest() {
-    if !plugin_path("anomaly").exists() {
-        println!("HTTP ingest: skipped (run `cargo xtask build-plugins`)");
-        return;
+/// Pre-serialized request bodies of 1,000 readings each.
+struct HttpPool {
+    bodies: Arc<Vec<Bytes>>,
+    readings: usize,
+    body_kib: usize,
+}
+
+impl HttpPool {
+    /// 100,000 meters x 15 ticks: 1,500 distinct bodies of 1,000 readings;
+    /// every (meterId, timestamp) is new, so dedupe drops nothing.
+    fn generate() -> HttpPool {
+        let (meters, ticks) = (100_000u32, 15u64);
+        let mut sim = Simulator::new(SimConfig {
+            meters,
+            interval_s: 10,
+            seed: 11,
+            start_ms: START_MS,
+            ..SimConfig::default()
+        })
+        .expect("simulator config");
+        let pool: Vec<Bytes> = (0..ticks)
+            .flat_map(|_| sim.next_batches(BATCH))
+            .map(|b| Bytes::from(b.body))
+            .collect();
+        let readings = pool.len() * BATCH;
+        let body_kib = pool.iter().map(Bytes::len).sum::<usize>() / pool.len() / 1024;
+        HttpPool {
+            bodies: Arc::new(pool),
+            readings,
+            body_kib,
+        }
     }
-    // 100,000 meters x 15 ticks: 1,500 distinct bodies of 1,000 readings;
-    // every (meterId, timestamp) is new, so dedupe drops nothing.
-    let (meters, ticks) = (100_000u32, 15u64);
-    let mut sim = Simulator::new(SimConfig {
-        meters,
-        interval_s: 10,
-        seed: 11,
-        start_ms: START_MS,
-        ..SimConfig::default()
-    })
-    .expect("simulator config");
-    let pool: Vec<Bytes> = (0..ticks)
-        .flat_map(|_| sim.next_batches(BATCH))
-        .map(|b| Bytes::from(b.body))
-        .collect();
-    let pool = Arc::new(pool);
-    let pool_readings = pool.len() * BATCH;
-    let body_kib = pool.iter().map(Bytes::len).sum::<usize>() / pool.len() / 1024;
-    let generator = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("loadgen")
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+}
+
+fn http_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
+    let (pool_readings, body_kib) = (pool.readings, pool.body_kib);
+    let pool = &pool.bodies;
     println!(
         "HTTP ingest over loopback: POST /telemetry/batch, 1,000 readings (~{body_kib} KiB) per request, \
          {CONNECTIONS} keep-alive connections (reqwest, 1 generator thread), pre-serialized pool of {} \
@@ -897,10 +959,12 @@ fn http_ingest() {
             let _ = axum::serve(listener, router).await;
         });
         let load = send_load(
-            &generator,
+            generator,
             &format!("http://{addr}/telemetry/batch"),
-            &pool,
-            true,
+            pool,
+            Sending::Cycle,
+            SEND_TIME,
+            &Default::default(),
         );
         println!(
             "  ceiling, trivial axum endpoint (reads body, 200) {:>11} readings/s  {}",
@@ -919,10 +983,12 @@ fn http_ingest() {
             .expect("App::start");
         let metrics = app.ctx.metrics.clone();
         let load = send_load(
-            &generator,
+            generator,
             &format!("http://{}/telemetry/batch", app.addr),
-            &pool,
-            false,
+            pool,
+            Sending::Once,
+            SEND_TIME,
+            &Default::default(),
         );
         let secs = load.elapsed.as_secs_f64();
         let accepted = metrics.accepted.load(Ordering::Relaxed);
@@ -981,4 +1047,126 @@ fn http_ingest() {
     println!(
         "  target: 1,000,000 readings/s over HTTP on this 2-core machine (seed's Express + Zod: ~175,000/s)"
     );
+}
+
+// --------------------------------------------------------------- sustained --
+
+/// The longest warm-up: sending until the bus first refuses (its lag bound
+/// reached, so what follows is the rate the slowest stage sustains).
+const SUSTAIN_WARMUP_MAX: Duration = Duration::from_secs(40);
+/// The sustained measurement, after the warm-up.
+const SUSTAIN_TIME: Duration = Duration::from_secs(6);
+
+/// What the app's counters say at one moment.
+#[derive(Clone, Copy)]
+struct Counters {
+    accepted: u64,
+    refused: u64,
+    processed: u64,
+    archived: u64,
+}
+
+fn counters(m: &segs::pipeline::Metrics) -> Counters {
+    Counters {
+        accepted: m.accepted.load(Ordering::Relaxed),
+        refused: m.refused_busy.load(Ordering::Relaxed),
+        processed: m.readings_processed.load(Ordering::Relaxed),
+        archived: m.raw_archived.load(Ordering::Relaxed),
+    }
+}
+
+fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
+    use segs::config::BusKind;
+    use std::sync::atomic::AtomicBool;
+    println!(
+        "sustained HTTP ingest on the shipped configuration (max_lag_per_partition 200,000, \
+         archive_raw_readings = true; every stage consuming), per bus: the same generator as above, \
+         each refused (503) body re-sent after {} ms; it sends until the bus first refuses (lag \
+         bound reached; at most {} s: \"filling\", readings/s accepted meanwhile), then {} s \
+         measured (\"sustained\"):",
+        RETRY_PAUSE.as_millis(),
+        SUSTAIN_WARMUP_MAX.as_secs(),
+        SUSTAIN_TIME.as_secs()
+    );
+    let scenarios = [
+        ("memory (volatile)      ", BusKind::Memory, true),
+        ("embedded, fsync = true ", BusKind::Embedded, true),
+        ("embedded, fsync = false", BusKind::Embedded, false),
+    ];
+    for (label, kind, fsync) in scenarios {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rt = app_runtime();
+        let shipped = PipelineConfig::load(&root().join("pipeline.toml")).expect("pipeline.toml");
+        let mut cfg = pipeline_config(
+            dir.path(),
+            shipped.store.archive_raw_readings,
+            shipped.bus.max_lag_per_partition,
+        );
+        cfg.bus.kind = kind;
+        cfg.bus.fsync = fsync;
+        let app = rt
+            .block_on(App::start(cfg, "127.0.0.1:0".parse().expect("addr")))
+            .expect("App::start");
+        let metrics = app.ctx.metrics.clone();
+        let url = format!("http://{}/telemetry/batch", app.addr);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (load, window) = std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                let start = Instant::now();
+                let filled = wait_for(SUSTAIN_WARMUP_MAX, || {
+                    metrics.refused_busy.load(Ordering::Relaxed) > 0
+                });
+                let fill = (start.elapsed(), counters(&metrics));
+                let (t0, c0) = (Instant::now(), counters(&metrics));
+                std::thread::sleep(SUSTAIN_TIME);
+                let c1 = counters(&metrics);
+                let wall = t0.elapsed();
+                stop.store(true, Ordering::Relaxed);
+                (filled.is_some(), fill, wall, c0, c1)
+            });
+            let load = send_load(
+                generator,
+                &url,
+                &pool.bodies,
+                Sending::UntilAccepted,
+                SUSTAIN_WARMUP_MAX + SUSTAIN_TIME * 2,
+                &stop,
+            );
+            (load, watcher.join().expect("watcher"))
+        });
+        let (filled, (fill_time, fill_counters), wall, c0, c1) = window;
+        let secs = wall.as_secs_f64();
+        let accepted = c1.accepted - c0.accepted;
+        let refused = c1.refused - c0.refused;
+        let ok_requests = accepted / BATCH as u64;
+        let refused_pct = 100.0 * refused as f64 / (refused + ok_requests).max(1) as f64;
+        let per_s = |n: u64, s: f64| thousands((n as f64 / s) as u64);
+        println!(
+            "  {label}  filling {:>8}/s for {:4.1} s{} | sustained {:>8} readings/s accepted, \
+             {:5.1} % of requests refused (503); stream {}/s, archive {}/s{}",
+            per_s(fill_counters.accepted, fill_time.as_secs_f64()),
+            fill_time.as_secs_f64(),
+            if filled { "" } else { " (never full)" },
+            per_s(accepted, secs),
+            refused_pct,
+            per_s(c1.processed - c0.processed, secs),
+            per_s(c1.archived - c0.archived, secs),
+            if load.exhausted {
+                " (POOL RAN OUT before the end: figures are low)"
+            } else {
+                ""
+            },
+        );
+        let total = counters(&metrics).accepted;
+        let caught_up = wait_for(Duration::from_secs(90), || {
+            let c = counters(&metrics);
+            c.processed >= total && c.archived >= total
+        });
+        if caught_up.is_some() {
+            rt.block_on(app.shutdown());
+        } else {
+            drop(app);
+        }
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
 }

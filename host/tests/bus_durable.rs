@@ -528,3 +528,32 @@ async fn a_retried_request_after_a_restart_is_told_duplicates() {
     assert_eq!(post(app.addr, second).await, (50, 0));
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_failed_journal_write_fails_this_and_every_later_produce() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = journal(&dir);
+    let bus = open(&path, 1);
+    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+    bus.produce(T, records(0, 5, 1)).await.expect("produce");
+    // Break the file under the bus: its next write fails.
+    rusqlite::Connection::open(&path)
+        .and_then(|conn| conn.execute_batch("DROP TABLE batches"))
+        .expect("drop the table");
+    let err = bus
+        .produce(T, records(5, 10, 1))
+        .await
+        .expect_err("the write fails");
+    let msg = err.to_string();
+    assert!(matches!(err, BusError::Journal(_)), "{err:?}");
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    assert!(msg.contains("refuses every further write"), "{msg}");
+    let again = bus
+        .produce(T, records(10, 11, 1))
+        .await
+        .expect_err("the bus stays failed");
+    assert!(matches!(again, BusError::Journal(_)), "{again:?}");
+    assert!(matches!(c.commit().await, Err(BusError::Journal(_))));
+    // Only what was journaled was ever visible.
+    assert_eq!(values(&drain(&mut *c).await), (0..5).collect::<Vec<_>>());
+}
