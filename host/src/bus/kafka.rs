@@ -586,6 +586,50 @@ impl Consumer for KafkaConsumer {
         self.commit_list(tpl).await
     }
 
+    /// Every assigned partition read up to its high watermark (a partition
+    /// never read counts through the group's committed offset). Nothing
+    /// assigned yet: not caught up.
+    async fn caught_up(&mut self) -> bool {
+        let consumer = self.consumer.clone();
+        let positions: HashMap<(String, i32), i64> = self
+            .positions
+            .iter()
+            .map(|(&(t, p), &o)| ((format!("{}{}", self.namespace, t.name()), p as i32), o as i64))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(5);
+            let Ok(assigned) = consumer.assignment() else {
+                return false;
+            };
+            if assigned.count() == 0 {
+                return false;
+            }
+            let committed = consumer.committed_offsets(assigned.clone(), timeout).ok();
+            assigned.elements().iter().all(|e| {
+                let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)
+                else {
+                    return false;
+                };
+                let at = positions
+                    .get(&(e.topic().to_owned(), e.partition()))
+                    .copied()
+                    .or_else(|| {
+                        committed
+                            .as_ref()?
+                            .find_partition(e.topic(), e.partition())
+                            .and_then(|c| match c.offset() {
+                                Offset::Offset(o) => Some(o),
+                                _ => None,
+                            })
+                    })
+                    .unwrap_or(0);
+                at >= high
+            })
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     fn assignment(&self) -> Vec<(Topic, u32)> {
         let Ok(tpl) = self.consumer.assignment() else {
             return Vec::new();

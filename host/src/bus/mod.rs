@@ -234,6 +234,13 @@ pub trait Consumer: Send {
     /// listed keep their committed offsets.
     async fn commit_positions(&mut self, positions: &[(Topic, u32, u64)]) -> Result<(), BusError>;
 
+    /// Whether this member has read everything its partitions held when
+    /// asked (a stage stopping drains its topics first). The in-process bus
+    /// has nothing in flight: an empty poll means caught up, the default.
+    async fn caught_up(&mut self) -> bool {
+        true
+    }
+
     /// Partitions currently assigned to this member.
     fn assignment(&self) -> Vec<(Topic, u32)>;
 }

@@ -282,6 +282,7 @@ async fn drive<S: Stage>(
     mut consumer: Box<dyn Consumer>,
     stop: watch::Receiver<bool>,
 ) {
+    let mut stopping: Option<tokio::time::Instant> = None;
     loop {
         let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
             Ok(r) => r,
@@ -298,7 +299,13 @@ async fn drive<S: Stage>(
         };
         if records.is_empty() {
             if *stop.borrow() {
-                break;
+                // Drained only once the bus has nothing in flight for us
+                // (Kafka: every partition read to its high watermark), or
+                // after DRAIN_LIMIT.
+                let since = *stopping.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= DRAIN_LIMIT || consumer.caught_up().await {
+                    break;
+                }
             }
             stage.idle().await;
         } else {
@@ -345,6 +352,9 @@ fn rounds_by_region<T>(items: &[T], region: impl Fn(&T) -> &str) -> Vec<&[T]> {
     }
     out
 }
+
+/// How long a stopping stage keeps draining its topics at most.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// How long a stage waits on an empty poll before checking its timers.
 const POLL_WAIT: Duration = Duration::from_millis(200);
