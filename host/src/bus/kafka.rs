@@ -594,7 +594,12 @@ impl Consumer for KafkaConsumer {
         let positions: HashMap<(String, i32), i64> = self
             .positions
             .iter()
-            .map(|(&(t, p), &o)| ((format!("{}{}", self.namespace, t.name()), p as i32), o as i64))
+            .map(|(&(t, p), &o)| {
+                (
+                    (format!("{}{}", self.namespace, t.name()), p as i32),
+                    o as i64,
+                )
+            })
             .collect();
         tokio::task::spawn_blocking(move || {
             let timeout = Duration::from_secs(5);
