@@ -43,7 +43,7 @@ fn sim_config() -> SimConfig {
     // A quarter hour picked at random among the last day's, so that two
     // runs close together do not share dedupe keys (meterId, timestamp) in
     // Redis.
-    let quarters_back = 8 + u128::from(uuid::Uuid::new_v4().as_u128() % 88) as i64;
+    let quarters_back = 8 + (uuid::Uuid::new_v4().as_u128() % 88) as i64;
     let start_ms = segs::time::window_start(
         segs::time::now_ms() - quarters_back * segs::windows::FIFTEEN_MINUTES_MS,
         segs::windows::FIFTEEN_MINUTES_MS,
