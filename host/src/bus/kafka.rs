@@ -381,6 +381,7 @@ impl Bus for KafkaBus {
             group: group.to_owned(),
             namespace: ns.clone(),
             positions: HashMap::new(),
+            last_records: std::time::Instant::now(),
         }))
     }
 
@@ -468,6 +469,10 @@ impl Bus for KafkaBus {
     }
 }
 
+/// How long a draining consumer must have fetched nothing before it counts
+/// as caught up.
+const QUIET: Duration = Duration::from_secs(2);
+
 /// One member of a consumer group on Kafka.
 struct KafkaConsumer {
     consumer: Arc<StreamConsumer>,
@@ -475,6 +480,8 @@ struct KafkaConsumer {
     namespace: String,
     /// Per partition, the offset after the last record poll returned.
     positions: HashMap<(Topic, u32), u64>,
+    /// When poll last returned records.
+    last_records: std::time::Instant,
 }
 
 impl KafkaConsumer {
@@ -549,6 +556,7 @@ impl Consumer for KafkaConsumer {
             Ok(Ok(m)) => self.delivered(&m),
         };
         out.extend(first);
+        self.last_records = std::time::Instant::now();
         // Then what is already buffered, without waiting.
         while out.len() < max {
             match consumer.recv().now_or_never() {
@@ -587,9 +595,13 @@ impl Consumer for KafkaConsumer {
     }
 
     /// Every assigned partition read up to its high watermark (a partition
-    /// never read counts through the group's committed offset). Nothing
-    /// assigned yet: not caught up.
+    /// never read counts through the group's committed offset), and nothing
+    /// fetched for [`QUIET`] (a broker's watermark can lag what it serves).
+    /// Nothing assigned yet: not caught up.
     async fn caught_up(&mut self) -> bool {
+        if self.last_records.elapsed() < QUIET {
+            return false;
+        }
         let consumer = self.consumer.clone();
         let positions: HashMap<(String, i32), i64> = self
             .positions

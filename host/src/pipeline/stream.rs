@@ -36,10 +36,29 @@ use crate::messages::{
 use crate::plugins::{AggregateRule, AnomalyRule, aggregate, anomaly};
 use crate::reading::Reading;
 use crate::store::{self, Applied, Checkpoint, Effects, WindowWidth};
-use crate::windows::{ClosedWindow, MeterIdx, RegionIdx, Snapshot, Width, Windows, WindowsParams};
+use crate::windows::{
+    ClosedWindow, MeterIdx, RegionIdx, Snapshot, SnapshotError, Width, Windows, WindowsParams,
+};
 
 /// The stage's name in the outbox and in crash points.
 const STAGE: &str = "stream";
+
+/// What a checkpoint holds of the stage: its windows and the newest event
+/// time of each partition (the watermark's inputs).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StageState {
+    windows: Snapshot,
+    partition_event_ms: Vec<(String, u32, i64)>,
+}
+
+impl StageState {
+    fn decode(bytes: &[u8]) -> Result<StageState, SnapshotError> {
+        let s: StageState =
+            postcard::from_bytes(bytes).map_err(|e| SnapshotError(e.to_string()))?;
+        s.windows.check()?;
+        Ok(s)
+    }
+}
 
 /// The longest the stage goes without a checkpoint while records arrive.
 /// Bus offsets are committed only at checkpoints, so this bounds the replay
@@ -60,6 +79,12 @@ pub struct StreamStage {
     pending: Pending,
     /// Per partition, the offset of the next record not yet folded in.
     positions: BTreeMap<(Topic, u32), u64>,
+    /// Per partition, the newest event time folded in and when it last
+    /// delivered. The watermark is the slowest active partition's: on Kafka
+    /// one partition may be fetched ahead of the others, and its readings
+    /// must not make theirs late. A partition silent for the 1-minute flush
+    /// interval stops holding the watermark back.
+    partition_event_ms: BTreeMap<(Topic, u32), (i64, Instant)>,
     /// Per partition, the position of the checkpoint restored at start:
     /// records below it are already in the restored state and are skipped.
     replay_until: BTreeMap<(Topic, u32), u64>,
@@ -109,7 +134,9 @@ impl Stage for StreamStage {
         self.last_record = Instant::now();
         self.fold(records);
         self.detect();
-        self.windows.advance(&mut self.closed);
+        if let Some(event_ms) = self.watermark_event_ms() {
+            self.windows.advance_to(event_ms, &mut self.closed);
+        }
         self.handle_closed();
         if !self.pending.is_empty() || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
             self.checkpoint().await;
@@ -171,9 +198,16 @@ impl StreamStage {
             baseline_window: w.baseline_window,
         };
         let mut positions = BTreeMap::new();
+        let mut partition_event_ms = BTreeMap::new();
         let windows = match ctx.store.load_checkpoint(STREAM_GROUP).await? {
             Some(cp) => {
-                let snapshot = Snapshot::decode(&cp.state)?;
+                let state = StageState::decode(&cp.state)?;
+                let snapshot = state.windows;
+                for (topic, partition, ms) in state.partition_event_ms {
+                    if let Some(topic) = Topic::from_name(&topic) {
+                        partition_event_ms.insert((topic, partition), (ms, Instant::now()));
+                    }
+                }
                 if cp.bus_id == ctx.bus.log_id() {
                     for (topic, partition, offset) in cp.positions {
                         if let Some(topic) = Topic::from_name(&topic) {
@@ -223,6 +257,7 @@ impl StreamStage {
             replaying: !positions.is_empty(),
             replay_until: positions.clone(),
             positions,
+            partition_event_ms,
             last_record: Instant::now(),
             last_checkpoint: Instant::now(),
             writer_tx: Some(writer_tx),
@@ -260,6 +295,11 @@ impl StreamStage {
                 self.bad_record(d, "timestamp is not RFC 3339");
                 continue;
             };
+            let seen = self
+                .partition_event_ms
+                .entry(tp)
+                .or_insert((i64::MIN, Instant::now()));
+            *seen = (seen.0.max(ts), Instant::now());
             let obs = self.windows.add(
                 &reading.meter_id,
                 &reading.region,
@@ -284,6 +324,17 @@ impl StreamStage {
             self.windows.stats().late_readings - late_before,
             Ordering::Relaxed,
         );
+    }
+
+    /// The event time windows may close up to: the newest event time of the
+    /// slowest partition that delivered within the 1-minute flush interval.
+    fn watermark_event_ms(&self) -> Option<i64> {
+        let idle = Duration::from_secs(self.ctx.config.windows.flush_interval_1m_s);
+        self.partition_event_ms
+            .values()
+            .filter(|(_, at)| at.elapsed() < idle)
+            .map(|(ms, _)| *ms)
+            .min()
     }
 
     /// Whether records were folded since the last checkpoint was sent.
@@ -323,7 +374,15 @@ impl StreamStage {
                     .iter()
                     .map(|(t, p, o)| (t.name().to_owned(), *p, *o))
                     .collect(),
-                state: self.windows.snapshot().encode(),
+                state: postcard::to_stdvec(&StageState {
+                    windows: self.windows.snapshot(),
+                    partition_event_ms: self
+                        .partition_event_ms
+                        .iter()
+                        .map(|(&(t, p), &(ms, _))| (t.name().to_owned(), p, ms))
+                        .collect(),
+                })
+                .expect("stage state serializes"),
             }),
             ..Effects::default()
         };

@@ -257,7 +257,7 @@ struct OpenSnapshot {
 /// A snapshot that cannot be read back.
 #[derive(Debug, thiserror::Error)]
 #[error("window snapshot unreadable: {0}")]
-pub struct SnapshotError(String);
+pub struct SnapshotError(pub String);
 
 impl Snapshot {
     /// A compact binary encoding (postcard).
@@ -267,6 +267,13 @@ impl Snapshot {
 
     pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         let s: Snapshot = postcard::from_bytes(bytes).map_err(|e| SnapshotError(e.to_string()))?;
+        s.check()?;
+        Ok(s)
+    }
+
+    /// Refuses a snapshot whose windows name meters or regions it lacks.
+    pub fn check(&self) -> Result<(), SnapshotError> {
+        let s = self;
         let meters = s.meter_names.len();
         let regions = s.region_names.len();
         let valid = s.baselines.len() == meters
@@ -281,7 +288,7 @@ impl Snapshot {
                 "a window refers to a meter or region it does not name".into(),
             ));
         }
-        Ok(s)
+        Ok(())
     }
 }
 
@@ -479,7 +486,15 @@ impl Windows {
         if self.max_event_ms == i64::MIN {
             return;
         }
-        let watermark = self.max_event_ms - self.params.allowed_lateness_ms;
+        self.advance_to(self.max_event_ms, out);
+    }
+
+    /// Closes every window whose end `event_ms` minus the allowed lateness
+    /// has reached: the caller's event time, e.g. the slowest of several
+    /// partitions (a fast partition must not make a slow one's readings
+    /// late).
+    pub fn advance_to(&mut self, event_ms: i64, out: &mut Vec<ClosedWindow>) {
+        let watermark = event_ms.saturating_sub(self.params.allowed_lateness_ms);
         self.close_through(watermark, out);
     }
 
