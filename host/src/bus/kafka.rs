@@ -393,6 +393,15 @@ impl Bus for KafkaBus {
         &self.inner.log_id
     }
 
+    fn saturated(&self, topic: Topic, room: usize) -> bool {
+        topic == Topic::TelemetryReadings
+            && self
+                .inner
+                .lag
+                .iter()
+                .any(|l| l.load(Ordering::Relaxed) + room as u64 > self.inner.max_lag)
+    }
+
     /// Reads the topic from the first offset stamped at or after `since_ms`
     /// (Kafka's offsets-for-times) to the high watermark of each partition,
     /// with a throwaway assigned consumer that commits nothing.

@@ -636,6 +636,15 @@ impl Bus for MemoryBus {
         &self.inner.log_id
     }
 
+    fn saturated(&self, topic: Topic, room: usize) -> bool {
+        self.inner.topics[topic.index()].iter().any(|part| {
+            let log = part.log.lock();
+            log.floor.is_some_and(|floor| {
+                log.end().saturating_sub(floor) as usize + room > self.inner.max_lag
+            })
+        })
+    }
+
     async fn recent_records(&self, topic: Topic, since_ms: i64) -> Result<Vec<Record>, BusError> {
         let bus = self.clone();
         tokio::task::spawn_blocking(move || bus.recent(topic, since_ms))
@@ -973,6 +982,28 @@ mod tests {
             }
             all.extend(got);
         }
+    }
+
+    #[tokio::test]
+    async fn saturated_says_when_a_batch_would_no_longer_fit() {
+        let bus = MemoryBus::new(1, 1000);
+        let _c = bus
+            .subscribe("g", &[Topic::TelemetryReadings])
+            .await
+            .unwrap();
+        assert!(!bus.saturated(Topic::TelemetryReadings, 100));
+        let records: Vec<Record> = (0..950)
+            .map(|i| Record::new(vec![1u8], vec![i as u8], 0))
+            .collect();
+        bus.produce(Topic::TelemetryReadings, records)
+            .await
+            .unwrap();
+        assert!(!bus.saturated(Topic::TelemetryReadings, 50));
+        assert!(bus.saturated(Topic::TelemetryReadings, 51));
+        assert!(
+            !bus.saturated(Topic::Alerts, 51),
+            "no group holds alerts back"
+        );
     }
 
     #[tokio::test]

@@ -198,6 +198,14 @@ pub trait Bus: Send + Sync {
     /// Partitions of every topic.
     fn partitions(&self) -> u32;
 
+    /// Whether some partition of `topic` has less than `room` records left
+    /// under its lag bound, so a produce of that many would likely be
+    /// refused. A cheap look for callers that can refuse before doing work
+    /// (ingest answers 503 before parsing a body it could not publish).
+    fn saturated(&self, _topic: Topic, _room: usize) -> bool {
+        false
+    }
+
     /// Names the log the offsets belong to: the same for as long as offsets
     /// keep their meaning (a durable log reopened after a restart), a new
     /// one when they start over (a volatile bus in a new process). State

@@ -68,6 +68,11 @@ pub async fn post_batch(
         Ok(b) => b,
         Err(e) => return body_rejected(&s, e),
     };
+    // Saturated: refuse before parsing a body that could not be published,
+    // so the stages behind get the CPU to catch up.
+    if s.bus.saturated(Topic::TelemetryReadings, s.max_batch) {
+        return saturated(&s);
+    }
     let validated = validate::validate_batch(&body, s.max_batch, s.time_bounds());
     accept(&s, validated).await
 }
@@ -81,6 +86,9 @@ pub async fn post_one(
         Ok(b) => b,
         Err(e) => return body_rejected(&s, e),
     };
+    if s.bus.saturated(Topic::TelemetryReadings, 1) {
+        return saturated(&s);
+    }
     let validated = validate::validate_one(&body, s.time_bounds());
     accept(&s, validated).await
 }
@@ -110,6 +118,13 @@ fn invalid(s: &IngestState, e: ValidationError) -> Response {
         Json(json!({ "error": "validation_failed", "message": e.message, "details": e.details })),
     )
         .into_response()
+}
+
+fn saturated(s: &IngestState) -> Response {
+    unavailable(
+        s,
+        "the pipeline is saturated; retry after the indicated delay".to_owned(),
+    )
 }
 
 fn unavailable(s: &IngestState, message: String) -> Response {
