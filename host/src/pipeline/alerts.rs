@@ -19,7 +19,8 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use super::{
-    Context, PipelineError, Stage, apply, flush_outbox, keyed, plugin_failed, rounds_by_region,
+    AppliedWindows, Context, PipelineError, Stage, apply, flush_outbox, keyed, plugin_failed,
+    rounds_by_region,
 };
 use crate::bus::{Delivered, Topic};
 use crate::messages::{
@@ -41,7 +42,7 @@ pub struct AlertStage {
     ctx: Context,
     overload: OverloadRule,
     consecutive: HashMap<String, u32>,
-    last_window: HashMap<String, i64>,
+    applied: AppliedWindows,
 }
 
 impl Stage for AlertStage {
@@ -65,15 +66,7 @@ impl Stage for AlertStage {
                 },
                 Topic::Aggregates1mRegional => match decode::<RegionalWindow>(&d.record.value) {
                     Ok(w) => {
-                        // A window at or before the last one applied for its
-                        // region was applied already: a replay.
-                        if self.last_window.get(&w.region) < Some(&w.timestamp_ms) {
-                            self.last_window.insert(w.region.clone(), w.timestamp_ms);
-                            effects.rule_state.push(RuleState {
-                                rule: LAST_WINDOW.to_owned(),
-                                key: w.region.clone(),
-                                value: w.timestamp_ms,
-                            });
+                        if self.applied.accept(&w, &mut effects) {
                             regional.push(w);
                         }
                     }
@@ -118,17 +111,12 @@ impl AlertStage {
             .into_iter()
             .map(|(region, n)| (region, u32::try_from(n).unwrap_or(0)))
             .collect();
-        let last_window = ctx
-            .store
-            .load_rule_state(LAST_WINDOW)
-            .await?
-            .into_iter()
-            .collect();
+        let applied = AppliedWindows::load(&*ctx.store, LAST_WINDOW).await?;
         Ok(AlertStage {
             ctx,
             overload,
             consecutive,
-            last_window,
+            applied,
         })
     }
 

@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use crate::bus::{Bus, Consumer, Delivered, Record, Topic};
 use crate::config::PipelineConfig;
 use crate::dedupe::Dedupe;
-use crate::messages::KeyedMessage;
+use crate::messages::{KeyedMessage, RegionalWindow};
 use crate::plugins::{
     AggregateRule, AnomalyRule, OverloadRule, PluginError, Runtime, TariffRule, config_from_toml,
 };
@@ -328,6 +328,35 @@ async fn commit<S: Stage>(stage: &mut S, consumer: &mut Box<dyn Consumer>) {
         // The records will be delivered again (at-least-once).
         ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
         tracing::error!(stage = S::NAME, error = %e, "commit failed");
+    }
+}
+
+/// The start of the last regional window a stage applied, per region, kept
+/// in `rule_state` under `rule`: a window at or before it is a replay.
+struct AppliedWindows {
+    rule: &'static str,
+    last: std::collections::HashMap<String, i64>,
+}
+
+impl AppliedWindows {
+    async fn load(store: &dyn Store, rule: &'static str) -> Result<AppliedWindows, PipelineError> {
+        let last = store.load_rule_state(rule).await?.into_iter().collect();
+        Ok(AppliedWindows { rule, last })
+    }
+
+    /// Whether `w` is new for its region; if so it becomes the last one,
+    /// and the change joins `effects` (stored with what the stage derives).
+    fn accept(&mut self, w: &RegionalWindow, effects: &mut Effects) -> bool {
+        if self.last.get(&w.region) >= Some(&w.timestamp_ms) {
+            return false;
+        }
+        self.last.insert(w.region.clone(), w.timestamp_ms);
+        effects.rule_state.push(crate::store::RuleState {
+            rule: self.rule.to_owned(),
+            key: w.region.clone(),
+            value: w.timestamp_ms,
+        });
+        true
     }
 }
 

@@ -270,51 +270,35 @@ impl StreamStage {
     /// Folds a poll's records into the windows and the anomaly batch.
     fn fold(&mut self, records: &[Delivered]) {
         let late_before = self.windows.stats().late_readings;
+        let now = Instant::now();
         let mut n = 0u64;
-        for d in records {
-            if self.replaying {
-                crate::crash::point("stream.replay");
-            }
-            let tp = (d.topic, d.partition);
-            if let Some(&until) = self.replay_until.get(&tp) {
-                if d.offset < until {
-                    // Already folded into the restored checkpoint.
-                    continue;
-                }
-            }
-            let next = self.positions.entry(tp).or_insert(0);
-            *next = (*next).max(d.offset + 1);
-            let reading: Reading<'_> = match serde_json::from_slice(&d.record.value) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.bad_record(d, &e.to_string());
-                    continue;
-                }
-            };
-            let Some(ts) = reading.event_time_ms() else {
-                self.bad_record(d, "timestamp is not RFC 3339");
+        // Partition bookkeeping once per run of one partition's records (a
+        // poll hands them over in offset order), not once per reading.
+        for run in records.chunk_by(|a, b| (a.topic, a.partition) == (b.topic, b.partition)) {
+            let tp = (run[0].topic, run[0].partition);
+            // Records below the restored checkpoint are already folded in.
+            let skip = self
+                .replay_until
+                .get(&tp)
+                .map_or(0, |&until| run.partition_point(|d| d.offset < until));
+            let Some(last) = run.last().filter(|_| skip < run.len()) else {
                 continue;
             };
-            let seen = self
-                .partition_event_ms
-                .entry(tp)
-                .or_insert((i64::MIN, Instant::now()));
-            *seen = (seen.0.max(ts), Instant::now());
-            let obs = self.windows.add(
-                &reading.meter_id,
-                &reading.region,
-                ts,
-                reading.power_kw,
-                reading.energy_kwh,
-                reading.voltage,
-            );
-            self.batch.power_kw.push(reading.power_kw);
-            self.batch.baseline_kw.push(obs.baseline_kw);
-            self.batch.sample_count.push(obs.sample_count);
-            self.refs.push((obs.meter, obs.region, ts));
-            n += 1;
-            if self.refs.len() >= self.ctx.config.windows.anomaly_batch {
-                self.detect();
+            let next = self.positions.entry(tp).or_insert(0);
+            *next = (*next).max(last.offset + 1);
+            let mut newest = i64::MIN;
+            for d in &run[skip..] {
+                if self.replaying {
+                    crate::crash::point("stream.replay");
+                }
+                if let Some(ts) = self.fold_one(d) {
+                    newest = newest.max(ts);
+                    n += 1;
+                }
+            }
+            if newest != i64::MIN {
+                let seen = self.partition_event_ms.entry(tp).or_insert((newest, now));
+                *seen = (seen.0.max(newest), now);
             }
         }
         self.replaying = false;
@@ -324,6 +308,38 @@ impl StreamStage {
             self.windows.stats().late_readings - late_before,
             Ordering::Relaxed,
         );
+    }
+
+    /// Folds one record into the windows and the anomaly batch; its event
+    /// time, or `None` for a record that is not a reading.
+    fn fold_one(&mut self, d: &Delivered) -> Option<i64> {
+        let reading: Reading<'_> = match serde_json::from_slice(&d.record.value) {
+            Ok(r) => r,
+            Err(e) => {
+                self.bad_record(d, &e.to_string());
+                return None;
+            }
+        };
+        let Some(ts) = reading.event_time_ms() else {
+            self.bad_record(d, "timestamp is not RFC 3339");
+            return None;
+        };
+        let obs = self.windows.add(
+            &reading.meter_id,
+            &reading.region,
+            ts,
+            reading.power_kw,
+            reading.energy_kwh,
+            reading.voltage,
+        );
+        self.batch.power_kw.push(reading.power_kw);
+        self.batch.baseline_kw.push(obs.baseline_kw);
+        self.batch.sample_count.push(obs.sample_count);
+        self.refs.push((obs.meter, obs.region, ts));
+        if self.refs.len() >= self.ctx.config.windows.anomaly_batch {
+            self.detect();
+        }
+        Some(ts)
     }
 
     /// The event time windows may close up to: the newest event time of the

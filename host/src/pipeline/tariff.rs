@@ -15,12 +15,13 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use super::{
-    Context, PipelineError, Stage, apply, flush_outbox, keyed, plugin_failed, rounds_by_region,
+    AppliedWindows, Context, PipelineError, Stage, apply, flush_outbox, keyed, plugin_failed,
+    rounds_by_region,
 };
 use crate::bus::Delivered;
 use crate::messages::{RegionalWindow, TariffReason, TariffUpdate, decode};
 use crate::plugins::{TariffRule, tariff};
-use crate::store::{Applied, Effects, NewTariff, RuleState};
+use crate::store::{Applied, Effects, NewTariff};
 
 /// `rule_state.rule` of the start of the last regional window priced, per
 /// region.
@@ -33,7 +34,7 @@ pub struct TariffStage {
     tariff: TariffRule,
     /// `tariff:{region}:current`: the last published price per region.
     current: HashMap<String, f64>,
-    last_window: HashMap<String, i64>,
+    applied: AppliedWindows,
 }
 
 impl Stage for TariffStage {
@@ -49,13 +50,7 @@ impl Stage for TariffStage {
         for d in records {
             match decode::<RegionalWindow>(&d.record.value) {
                 Ok(w) => {
-                    if self.last_window.get(&w.region) < Some(&w.timestamp_ms) {
-                        self.last_window.insert(w.region.clone(), w.timestamp_ms);
-                        effects.rule_state.push(RuleState {
-                            rule: LAST_WINDOW.to_owned(),
-                            key: w.region.clone(),
-                            value: w.timestamp_ms,
-                        });
+                    if self.applied.accept(&w, &mut effects) {
                         loads.push(w);
                     }
                 }
@@ -110,17 +105,12 @@ impl TariffStage {
             .into_iter()
             .map(|t| (t.region, t.price_per_kwh))
             .collect();
-        let last_window = ctx
-            .store
-            .load_rule_state(LAST_WINDOW)
-            .await?
-            .into_iter()
-            .collect();
+        let applied = AppliedWindows::load(&*ctx.store, LAST_WINDOW).await?;
         Ok(TariffStage {
             ctx,
             tariff,
             current,
-            last_window,
+            applied,
         })
     }
 
