@@ -378,6 +378,63 @@ impl Message for RegionalWindow {
     }
 }
 
+/// `aggregates_1m_regional_partials`: what one partition of
+/// `telemetry-readings` contributes to the regional 1-minute windows it
+/// closed, and how far it has closed. The regional stage combines the
+/// reports of every partition into [`RegionalWindow`]s, so the regional
+/// figures do not depend on how many processes share the stream stage.
+/// Key `regional`: one partition holds them all, in order per source
+/// partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionalPartial {
+    /// The `telemetry-readings` partition reporting.
+    pub partition: u32,
+    /// How many partitions `telemetry-readings` has (whose reports make a
+    /// window complete).
+    pub partitions: u32,
+    /// Every on-time 1-minute window of this partition that starts before
+    /// this has been closed (and reported, here or earlier).
+    #[serde(with = "rfc3339_ms")]
+    pub closed_until: i64,
+    /// The windows closed since the last report, oldest first.
+    pub windows: Vec<PartialWindow>,
+}
+
+/// One partition's share of one regional 1-minute window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialWindow {
+    /// The window start.
+    #[serde(rename = "timestamp", with = "rfc3339_ms")]
+    pub timestamp_ms: i64,
+    pub regions: Vec<PartialRegion>,
+}
+
+/// One region's sums over the meters of one partition in one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialRegion {
+    pub region: String,
+    pub meter_count: u32,
+    /// Sum over the meters of their average power in the window, kW.
+    pub total_kw: f64,
+    pub max_kw: f64,
+    pub min_kw: f64,
+    pub active_meters: Vec<String>,
+}
+
+/// The key every partial report goes under (so one partition, one
+/// combiner, holds them all).
+pub const REGIONAL_PARTIAL_KEY: &str = "regional";
+
+impl Message for RegionalPartial {
+    const TOPIC: Topic = Topic::RegionalPartials;
+    fn key(&self) -> String {
+        REGIONAL_PARTIAL_KEY.to_owned()
+    }
+    fn headers(&self) -> Vec<(String, String)> {
+        headers([("type", "regional_1m_partial")])
+    }
+}
+
 // ----------------------------------------------------------------- tariffs
 
 /// `tariff_updates`: a region's price changed; key region.

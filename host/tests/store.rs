@@ -175,6 +175,67 @@ on_both_backends! {
     fifty_thousand_readings_in_one_call: file,
     retention_deletes_only_old_rows: file,
     apply_stores_everything_or_nothing_with_its_outbox: file,
+    a_claimed_checkpoint_fences_off_its_previous_writer: memory,
+}
+
+/// Two processes and one partition's checkpoint: whoever claims it last
+/// writes it; the other's checkpoint (and everything stored with it) is
+/// refused as fenced.
+async fn a_claimed_checkpoint_fences_off_its_previous_writer(db: &Db) {
+    use segs::store::{Applied, Checkpoint, Effects, StoreError};
+    let store = db.open().await;
+    let group = "stream-processor-group/1";
+    let (first, none) = store.claim_checkpoint(group).await.unwrap();
+    assert_eq!(none, None, "a claim alone is not a checkpoint");
+    assert_eq!(store.load_checkpoint(group).await.unwrap(), None);
+    let checkpoint = |epoch: i64, offset: u64, meter: &str| Effects {
+        meter_windows: vec![(
+            WindowWidth::OneMinute,
+            vec![window(meter, "2025-11-12T06:30:00Z", &[1.0], &[])],
+        )],
+        checkpoint: Some(Checkpoint {
+            group: group.into(),
+            epoch,
+            bus_id: "bus-1".into(),
+            positions: vec![("telemetry-readings".into(), 1, offset)],
+            state: vec![offset as u8],
+        }),
+        ..Effects::default()
+    };
+    let none = |_: &Applied| Vec::new();
+    store
+        .apply("stream/1", &checkpoint(first, 10, "MTR-A"), &none)
+        .await
+        .unwrap();
+    // Another process takes the partition over.
+    let (second, cp) = store.claim_checkpoint(group).await.unwrap();
+    assert_eq!(second, first + 1);
+    let cp = cp.expect("the first writer's checkpoint");
+    assert_eq!(cp.positions, vec![("telemetry-readings".to_owned(), 1, 10)]);
+    assert_eq!(cp.epoch, second);
+    // The first writer's next checkpoint is refused, whole.
+    let fenced = store
+        .apply("stream/1", &checkpoint(first, 20, "MTR-B"), &none)
+        .await;
+    assert!(
+        matches!(fenced, Err(StoreError::Fenced { ref group, epoch }) if group == "stream-processor-group/1" && epoch == first),
+        "{fenced:?}"
+    );
+    store
+        .apply("stream/1", &checkpoint(second, 30, "MTR-C"), &none)
+        .await
+        .unwrap();
+    let cp = store.load_checkpoint(group).await.unwrap().unwrap();
+    assert_eq!(cp.state, vec![30]);
+    let meters: Vec<String> = store
+        .meter_aggregates(WindowWidth::OneMinute, &AggregateQuery::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.meter_id)
+        .collect();
+    assert_eq!(meters.len(), 2, "{meters:?}");
+    assert!(!meters.contains(&"MTR-B".to_owned()), "{meters:?}");
 }
 
 // -------------------------------------------------------------- helpers
@@ -837,6 +898,7 @@ async fn apply_stores_everything_or_nothing_with_its_outbox(db: &Db) {
         }],
         checkpoint: Some(Checkpoint {
             group: "stream-processor-group".into(),
+            epoch: 0,
             bus_id: "bus-1".into(),
             positions: vec![("telemetry-readings".into(), 0, 42)],
             state: vec![1, 2, 3],
@@ -1475,7 +1537,7 @@ async fn postgres_migrates_once_and_checks_both_modes() {
             .fetch_one(again.pool())
             .await
             .unwrap();
-        assert_eq!(migrations, 1);
+        assert_eq!(migrations, 2);
     })
     .await;
 }

@@ -25,7 +25,10 @@ use bytes::Bytes;
 pub use journal::JournalOptions;
 pub use memory::{MemoryBus, TopicStats};
 
-/// The topics of SPEC §5. The set is closed: stages cannot invent topics.
+/// The topics of SPEC §5, plus the one segs adds so that several processes
+/// can share the stream stage (`aggregates_1m_regional_partials`: each
+/// partition's share of the regional windows, combined by the regional
+/// stage). The set is closed: stages cannot invent topics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Topic {
     TelemetryReadings,
@@ -36,11 +39,12 @@ pub enum Topic {
     AlertsProcessed,
     AlertStatusUpdates,
     TariffUpdates,
+    RegionalPartials,
 }
 
 impl Topic {
     /// Every topic, in declaration order.
-    pub const ALL: [Topic; 8] = [
+    pub const ALL: [Topic; 9] = [
         Topic::TelemetryReadings,
         Topic::Alerts,
         Topic::Aggregates1m,
@@ -49,6 +53,7 @@ impl Topic {
         Topic::AlertsProcessed,
         Topic::AlertStatusUpdates,
         Topic::TariffUpdates,
+        Topic::RegionalPartials,
     ];
 
     /// The Kafka topic name (the seed's names, mixed `-` and `_` included).
@@ -62,6 +67,7 @@ impl Topic {
             Topic::AlertsProcessed => "alerts_processed",
             Topic::AlertStatusUpdates => "alert_status_updates",
             Topic::TariffUpdates => "tariff_updates",
+            Topic::RegionalPartials => "aggregates_1m_regional_partials",
         }
     }
 

@@ -24,6 +24,7 @@ mod alerts;
 
 pub use alerts::{processed, status_update};
 mod archive;
+mod regional;
 mod stream;
 mod tariff;
 
@@ -48,6 +49,9 @@ pub const STREAM_GROUP: &str = "stream-processor-group";
 pub const ALERT_GROUP: &str = "alert-group";
 pub const TARIFF_GROUP: &str = "tariff-group";
 pub const ARCHIVE_GROUP: &str = "raw-archive-group";
+/// The group of the regional stage, which combines every partition's share
+/// of the regional windows (a segs addition; see [`Topic::RegionalPartials`]).
+pub const REGIONAL_GROUP: &str = "regional-group";
 
 /// Counters every stage adds to; read by the status line and `/healthz`.
 #[derive(Debug, Default)]
@@ -169,22 +173,22 @@ pub struct Context {
 /// The running stages. Dropping it does not stop them; call
 /// [`Running::shutdown`].
 pub struct Running {
-    stop_stream: watch::Sender<bool>,
-    stream: JoinHandle<()>,
-    stop_downstream: watch::Sender<bool>,
-    downstream: Vec<JoinHandle<()>>,
+    /// Stage tasks in data-flow tiers: stream; regional; alerts, tariff
+    /// and archive.
+    tiers: Vec<(watch::Sender<bool>, Vec<JoinHandle<()>>)>,
 }
 
 impl Running {
     /// Stops the stages in data-flow order: the stream stage first (it
-    /// closes, stores and publishes its open windows), then the stages that
-    /// consume what it produced, once they have drained their topics.
+    /// closes, stores and publishes its open windows), then the regional
+    /// stage once it has combined what that produced, then the stages that
+    /// consume the regional windows, once they have drained their topics.
     pub async fn shutdown(self) {
-        let _ = self.stop_stream.send(true);
-        let _ = self.stream.await;
-        let _ = self.stop_downstream.send(true);
-        for t in self.downstream {
-            let _ = t.await;
+        for (stop, tasks) in self.tiers {
+            let _ = stop.send(true);
+            for t in tasks {
+                let _ = t.await;
+            }
         }
     }
 }
@@ -193,6 +197,7 @@ impl Running {
 /// record produced afterwards is missed.
 pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineError> {
     let (stop_stream, stream_rx) = watch::channel(false);
+    let (stop_regional, regional_rx) = watch::channel(false);
     let (stop_downstream, stop_rx) = watch::channel(false);
     let Plugins {
         anomaly,
@@ -206,8 +211,16 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
         .bus
         .subscribe(STREAM_GROUP, &[Topic::TelemetryReadings])
         .await?;
+    let regional_aggregate = aggregate.another()?;
     let stage = stream::StreamStage::new(ctx.clone(), anomaly, aggregate).await?;
     let stream = tokio::spawn(drive(stage, consumer, stream_rx));
+
+    let consumer = ctx
+        .bus
+        .subscribe(REGIONAL_GROUP, &[Topic::RegionalPartials])
+        .await?;
+    let stage = regional::RegionalStage::new(ctx.clone(), regional_aggregate).await?;
+    let regional = tokio::spawn(drive(stage, consumer, regional_rx));
 
     let consumer = ctx
         .bus
@@ -232,10 +245,11 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
         tasks.push(tokio::spawn(drive(stage, consumer, stop_rx.clone())));
     }
     Ok(Running {
-        stop_stream,
-        stream,
-        stop_downstream,
-        downstream: tasks,
+        tiers: vec![
+            (stop_stream, vec![stream]),
+            (stop_regional, vec![regional]),
+            (stop_downstream, tasks),
+        ],
     })
 }
 
@@ -261,6 +275,13 @@ trait Stage: Send + 'static {
     fn commit_point(&mut self) -> CommitPoint {
         CommitPoint::Polled
     }
+    /// Called when the partitions assigned to the stage's consumer changed
+    /// (a rebalance: another process joined or left the group), with the
+    /// new assignment, before the records of the next poll are processed.
+    /// A stage keeping state per partition drops what it no longer owns.
+    fn assigned(&mut self, _partitions: &[(Topic, u32)]) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// What a stage's consumer may commit.
@@ -283,8 +304,16 @@ async fn drive<S: Stage>(
     stop: watch::Receiver<bool>,
 ) {
     let mut stopping: Option<tokio::time::Instant> = None;
+    let mut assignment: Vec<(Topic, u32)> = Vec::new();
     loop {
-        let records = match consumer.poll(POLL_MAX, POLL_WAIT).await {
+        let polled = consumer.poll(POLL_MAX, POLL_WAIT).await;
+        let now_assigned = consumer.assignment();
+        if now_assigned != assignment {
+            tracing::info!(stage = S::NAME, partitions = ?now_assigned, "partitions assigned");
+            stage.assigned(&now_assigned).await;
+            assignment = now_assigned;
+        }
+        let records = match polled {
             Ok(r) => r,
             Err(e) => {
                 stage
@@ -419,7 +448,7 @@ async fn publish(ctx: &Context, topic: Topic, records: Vec<Record>) {
 /// Returns what was stored.
 async fn apply(
     ctx: &Context,
-    stage: &'static str,
+    stage: &str,
     effects: &Effects,
     outbox: &OutboxBuilder<'_>,
 ) -> Applied {
@@ -428,16 +457,59 @@ async fn apply(
         store.apply(stage, effects, outbox)
     })
     .await;
-    crate::crash::point(&format!("{stage}.after_apply"));
+    crate::crash::point(&format!("{}.after_apply", crash_name(stage)));
     publish_outbox(ctx, stage, records).await;
     applied
+}
+
+/// As [`apply`], for effects holding a claimed checkpoint: `None` (nothing
+/// stored or published) when the checkpoint has been claimed by another
+/// writer since — the stage lost that partition.
+async fn apply_fenced(
+    ctx: &Context,
+    stage: &str,
+    effects: &Effects,
+    outbox: &OutboxBuilder<'_>,
+) -> Option<Applied> {
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0u32;
+    let (applied, records) = loop {
+        attempt += 1;
+        match ctx.store.apply(stage, effects, outbox).await {
+            Ok(done) => break done,
+            Err(crate::store::StoreError::Fenced { group, epoch }) => {
+                tracing::info!(
+                    stage,
+                    group,
+                    epoch,
+                    "another process owns this checkpoint now; its state here is dropped"
+                );
+                return None;
+            }
+            Err(e) => {
+                ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%e, attempt, stage, "storing a checkpoint failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    crate::crash::point(&format!("{}.after_apply", crash_name(stage)));
+    publish_outbox(ctx, stage, records).await;
+    Some(applied)
+}
+
+/// The name of a stage in crash points: its outbox name without the
+/// partition (`stream/2` → `stream`).
+fn crash_name(stage: &str) -> &str {
+    stage.split('/').next().unwrap_or(stage)
 }
 
 /// Publishes outbox records in seq order (one produce per run of records of
 /// the same topic), then deletes them from the outbox. A crash between the
 /// two publishes them again after the restart: consumers recognise them by
 /// their ids (alert id, region and window, tariff id).
-async fn publish_outbox(ctx: &Context, stage: &'static str, records: Vec<OutboxRecord>) {
+async fn publish_outbox(ctx: &Context, stage: &str, records: Vec<OutboxRecord>) {
     let Some(last) = records.last().map(|r| r.seq) else {
         return;
     };
@@ -456,13 +528,13 @@ async fn publish_outbox(ctx: &Context, stage: &'static str, records: Vec<OutboxR
     if let Some(topic) = run_topic {
         publish(ctx, topic, run).await;
     }
-    crate::crash::point(&format!("{stage}.after_publish"));
+    crate::crash::point(&format!("{}.after_publish", crash_name(stage)));
     let store = ctx.store.clone();
     with_retry(ctx, "clear the outbox", || store.delete_outbox(stage, last)).await;
 }
 
 /// Publishes what a stage left in the outbox before it stopped (or crashed).
-async fn flush_outbox(ctx: &Context, stage: &'static str) -> Result<(), PipelineError> {
+async fn flush_outbox(ctx: &Context, stage: &str) -> Result<(), PipelineError> {
     let pending = ctx.store.pending_outbox(stage).await?;
     if !pending.is_empty() {
         tracing::info!(

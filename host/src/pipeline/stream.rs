@@ -2,20 +2,33 @@
 //! readings into windows, the anomaly rule per batch, and closed windows
 //! through the aggregate rule into the store and onto the aggregate topics.
 //!
-//! The per-reading work is a JSON parse and [`Windows::add`]; the anomaly
-//! rule is called once per batch of up to `windows.anomaly_batch` readings,
-//! the aggregate rule once per closed window (all meters at once).
+//! Each partition of `telemetry-readings` is its own unit of work
+//! ([`Partition`]): its meters' windows and baselines, its watermark, its
+//! checkpoint and its share of the regional windows. So several processes
+//! in the consumer group can share the partitions, and a partition moves
+//! from one process to another (a rebalance, a process killed) with its
+//! state: the new owner claims the partition's checkpoint (which fences the
+//! old owner's writes off) and resumes from it. The regional windows are
+//! the sum over all partitions: each partition reports its share of every
+//! 1-minute window it closes on `aggregates_1m_regional_partials`, and the
+//! regional stage ([`super::regional`]) combines the reports.
 //!
-//! Exactly once: what the stage derives (closed windows, regional windows,
-//! anomaly alerts) is held until the next *checkpoint* — at least every
-//! [`CHECKPOINT_INTERVAL`], and whenever windows close. A checkpoint is one
-//! store transaction holding those rows, the messages to publish (outbox),
-//! the open windows and baselines ([`crate::windows::Snapshot`]) and the bus
-//! positions they cover. Bus offsets are committed only up to the last
-//! stored checkpoint. After a crash the stage restores the checkpoint and
-//! skips the redelivered records below its positions, so a reading is
-//! folded into exactly one stored state. Checkpoints are written by a writer
-//! task beside the folding, in order; when it falls behind, the stage waits.
+//! The per-reading work is a JSON parse and [`Windows::add`]; the anomaly
+//! rule is called once per batch of up to `windows.anomaly_batch` readings
+//! of a partition, the aggregate rule once per closed window (all meters at
+//! once).
+//!
+//! Exactly once: what a partition derives (closed windows, its regional
+//! report, anomaly alerts) is held until its next *checkpoint* — at least
+//! every [`CHECKPOINT_INTERVAL`] while records arrive, and soon after
+//! windows close. A checkpoint is one store transaction holding those rows,
+//! the messages to publish (outbox), the open windows and baselines
+//! ([`crate::windows::Snapshot`]) and the partition's bus position. Bus
+//! offsets are committed only up to the last stored checkpoint. A record
+//! below a partition's position is already folded in and is skipped, so a
+//! reading is folded into exactly one stored state whatever is redelivered.
+//! Checkpoints are written by a writer task beside the folding, in order;
+//! when it falls behind, the stage waits.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -25,13 +38,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::{
-    CommitPoint, Context, PipelineError, STREAM_GROUP, Stage, apply, flush_outbox, keyed,
-    plugin_failed,
+    CommitPoint, Context, PipelineError, STREAM_GROUP, Stage, apply_fenced, flush_outbox, keyed,
+    plugin_failed, with_retry,
 };
 use crate::bus::{Delivered, Topic};
 use crate::messages::{
     Alert, AlertMetadata, AlertType, AnomalyKind, AnomalyMetadata, KeyedMessage, MeterWindow,
-    RegionalWindow,
+    PartialRegion, PartialWindow, RegionalPartial,
 };
 use crate::plugins::{AggregateRule, AnomalyRule, aggregate, anomaly};
 use crate::reading::Reading;
@@ -40,35 +53,70 @@ use crate::windows::{
     ClosedWindow, MeterIdx, RegionIdx, Snapshot, SnapshotError, Width, Windows, WindowsParams,
 };
 
-/// The stage's name in the outbox and in crash points.
+/// The stage's name in crash points; a partition's outbox is `stream/{p}`.
 const STAGE: &str = "stream";
 
-/// What a checkpoint holds of the stage: its windows and the newest event
-/// time of each partition (the watermark's inputs).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StageState {
-    windows: Snapshot,
-    partition_event_ms: Vec<(String, u32, i64)>,
+/// The checkpoint of partition `p` (`stream-processor-group/{p}`).
+fn checkpoint_group(p: u32) -> String {
+    format!("{STREAM_GROUP}/{p}")
 }
 
-impl StageState {
-    fn decode(bytes: &[u8]) -> Result<StageState, SnapshotError> {
-        let s: StageState =
+/// The outbox of partition `p`.
+fn outbox_stage(p: u32) -> String {
+    format!("{STAGE}/{p}")
+}
+
+/// What a partition's checkpoint holds besides its position: its windows,
+/// its newest event time (its watermark's input) and how far it has
+/// reported its regional windows closed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PartitionState {
+    windows: Snapshot,
+    newest_event_ms: Option<i64>,
+    reported_until: i64,
+}
+
+impl PartitionState {
+    fn decode(bytes: &[u8]) -> Result<PartitionState, SnapshotError> {
+        let s: PartitionState =
             postcard::from_bytes(bytes).map_err(|e| SnapshotError(e.to_string()))?;
         s.windows.check()?;
         Ok(s)
     }
 }
 
-/// The longest the stage goes without a checkpoint while records arrive.
+/// The longest a partition goes without a checkpoint while records arrive.
 /// Bus offsets are committed only at checkpoints, so this bounds the replay
 /// after a crash and, with the bus's lag bound, the rate ingest can sustain.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1000);
+
+/// The shortest time between two checkpoints of a partition when windows
+/// closed (the latency of aggregates and alerts; it bounds the store's
+/// transactions under an accelerated replay where windows close often).
+const CHECKPOINT_SPACING: Duration = Duration::from_millis(100);
 
 pub struct StreamStage {
     ctx: Context,
     anomaly: AnomalyRule,
     aggregate: AggregateRule,
+    params: WindowsParams,
+    /// The partitions this process owns and has seen records of.
+    parts: BTreeMap<u32, Partition>,
+    /// To the checkpoint writer; `None` once finished.
+    writer_tx: Option<mpsc::Sender<Job>>,
+    writer: Option<JoinHandle<()>>,
+    /// Per partition, the (epoch, position) of the last checkpoint the
+    /// writer stored.
+    durable: watch::Receiver<BTreeMap<u32, (i64, u64)>>,
+    /// What the bus was last told to commit.
+    committed: Vec<(Topic, u32, u64)>,
+}
+
+/// One partition of `telemetry-readings`, as this process owns it.
+struct Partition {
+    id: u32,
+    /// The epoch of this process's claim on the partition's checkpoint.
+    epoch: i64,
     windows: Windows,
     /// The anomaly batch being filled, as columns.
     batch: anomaly::ReadingBatch,
@@ -77,40 +125,31 @@ pub struct StreamStage {
     closed: Vec<ClosedWindow>,
     /// Derived since the last checkpoint.
     pending: Pending,
-    /// Per partition, the offset of the next record not yet folded in.
-    positions: BTreeMap<(Topic, u32), u64>,
-    /// Per partition, the newest event time folded in and when it last
-    /// delivered. The watermark is the slowest active partition's: on Kafka
-    /// one partition may be fetched ahead of the others, and its readings
-    /// must not make theirs late. A partition silent for the 1-minute flush
-    /// interval stops holding the watermark back.
-    partition_event_ms: BTreeMap<(Topic, u32), (i64, Instant)>,
-    /// Per partition, the position of the checkpoint restored at start:
-    /// records below it are already in the restored state and are skipped.
-    replay_until: BTreeMap<(Topic, u32), u64>,
-    /// Until the first poll after a restart is folded: that poll holds what
-    /// the bus redelivers (crash point `stream.replay`).
+    /// The offset of the next record not yet folded in: anything below is
+    /// in the windows already (redelivered after a restart or rebalance).
+    next: u64,
+    /// `next` as of the last checkpoint.
+    checkpointed: u64,
+    /// Newest event time folded in: the partition's watermark input.
+    newest_event_ms: Option<i64>,
+    /// `closed_until` of the 1-minute windows, as last reported.
+    reported_until: i64,
+    /// Until the first records after a restored checkpoint are folded
+    /// (crash point `stream.replay`).
     replaying: bool,
     last_record: Instant,
     last_checkpoint: Instant,
-    /// To the checkpoint writer; `None` once finished.
-    writer_tx: Option<mpsc::Sender<Job>>,
-    writer: Option<JoinHandle<()>>,
-    /// Positions of the last checkpoint the writer stored.
-    durable: watch::Receiver<Vec<(Topic, u32, u64)>>,
-    /// What the bus was last told to commit.
-    committed: Vec<(Topic, u32, u64)>,
 }
 
-/// What the stage derived since its last checkpoint.
+/// What a partition derived since its last checkpoint.
 #[derive(Default)]
 struct Pending {
     meters_1m: Vec<store::MeterAggregate>,
     meters_15m: Vec<store::MeterAggregate>,
     /// (meter, window start) the aggregate rule held back from publishing.
     held_back: HashSet<(String, i64)>,
-    regional: Vec<store::RegionalAggregate>,
-    capacities: Vec<f64>,
+    /// Its share of the regional windows closed.
+    regional: Vec<PartialWindow>,
     alerts: Vec<Alert>,
 }
 
@@ -131,42 +170,53 @@ impl Stage for StreamStage {
     }
 
     async fn process(&mut self, records: &[Delivered]) {
-        self.last_record = Instant::now();
-        self.fold(records);
-        self.detect();
-        if let Some(event_ms) = self.watermark_event_ms() {
-            self.windows.advance_to(event_ms, &mut self.closed);
+        // A poll hands a partition's records over in offset order; the
+        // bookkeeping is once per run of one partition, not per reading.
+        for run in records.chunk_by(|a, b| (a.topic, a.partition) == (b.topic, b.partition)) {
+            let p = run[0].partition;
+            if !self.parts.contains_key(&p) {
+                let part = self.open_partition(p).await;
+                self.parts.insert(p, part);
+            }
+            let Some(part) = self.parts.get_mut(&p) else {
+                continue;
+            };
+            part.fold(&self.ctx, &mut self.anomaly, run);
         }
-        self.handle_closed();
-        if !self.pending.is_empty() || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
-            self.checkpoint().await;
-        }
+        self.tick(false).await;
     }
 
     /// Closes what has waited a whole flush interval without new readings,
     /// and checkpoints what is pending.
     async fn idle(&mut self) {
-        let idle = self.last_record.elapsed();
-        let w = &self.ctx.config.windows;
-        if idle >= Duration::from_secs(w.flush_interval_1m_s) {
-            self.windows.close_width(Width::OneMinute, &mut self.closed);
-        }
-        if idle >= Duration::from_secs(w.flush_interval_15m_s) {
-            self.windows
-                .close_width(Width::FifteenMinutes, &mut self.closed);
-        }
-        self.handle_closed();
-        if !self.pending.is_empty() || self.positions_moved() {
-            self.checkpoint().await;
-        }
+        self.tick(true).await;
     }
 
     /// Shutdown: everything open is closed and checkpointed (stored and
     /// published) before the stage returns.
     async fn finish(&mut self) {
-        self.windows.close_all(&mut self.closed);
-        self.handle_closed();
-        self.checkpoint().await;
+        let mut jobs = Vec::new();
+        for part in self.parts.values_mut() {
+            part.detect(&self.ctx, &mut self.anomaly);
+            part.windows.close_all(&mut part.closed);
+        }
+        // Every partition closed up to the same minute, as one set of
+        // windows would be: the regional stage then has every share of the
+        // last minutes (a partition without readings in them has nothing to
+        // add), and a reading for them after a restart is late everywhere.
+        let until = self
+            .parts
+            .values()
+            .map(|p| p.windows.closed_until(Width::OneMinute))
+            .max();
+        for part in self.parts.values_mut() {
+            if let Some(until) = until {
+                part.windows.close_through(until, &mut part.closed);
+            }
+            part.handle_closed(&self.ctx, &mut self.aggregate);
+            jobs.push(part.checkpoint(&self.ctx));
+        }
+        self.send(jobs).await;
         self.writer_tx = None;
         if let Some(writer) = self.writer.take() {
             let _ = writer.await;
@@ -175,134 +225,249 @@ impl Stage for StreamStage {
 
     fn commit_point(&mut self) -> CommitPoint {
         let durable = self.durable.borrow_and_update();
-        if *durable == self.committed {
+        // Only positions stored under this process's current claim.
+        let now: Vec<(Topic, u32, u64)> = self
+            .parts
+            .values()
+            .filter_map(|part| {
+                let &(epoch, next) = durable.get(&part.id)?;
+                (epoch == part.epoch).then_some((Topic::TelemetryReadings, part.id, next))
+            })
+            .collect();
+        if now == self.committed {
             return CommitPoint::Nothing;
         }
-        self.committed = durable.clone();
-        CommitPoint::Positions(self.committed.clone())
+        self.committed = now.clone();
+        CommitPoint::Positions(now)
+    }
+
+    async fn assigned(&mut self, partitions: &[(Topic, u32)]) {
+        let before: Vec<u32> = self.parts.keys().copied().collect();
+        self.parts
+            .retain(|p, _| partitions.contains(&(Topic::TelemetryReadings, *p)));
+        for p in before {
+            if !self.parts.contains_key(&p) {
+                tracing::info!(
+                    partition = p,
+                    "stream stage: partition revoked; its new owner resumes from its checkpoint"
+                );
+            }
+        }
+        self.committed
+            .retain(|(t, p, _)| partitions.contains(&(*t, *p)));
+        // Take the new partitions over now, not at their first record: their
+        // restored windows must close and report even if nothing new comes.
+        for &(topic, p) in partitions {
+            if topic == Topic::TelemetryReadings && !self.parts.contains_key(&p) {
+                let part = self.open_partition(p).await;
+                self.parts.insert(p, part);
+            }
+        }
     }
 }
 
 impl StreamStage {
-    /// Publishes what the outbox still holds, and restores the last
-    /// checkpoint (open windows, baselines, positions) if there is one.
+    /// Checks that every partition's checkpoint can be read back (a bad one
+    /// stops the start, as any refusal does); partitions are claimed and
+    /// restored when their first records arrive.
     pub async fn new(
         ctx: Context,
         anomaly: AnomalyRule,
         aggregate: AggregateRule,
     ) -> Result<StreamStage, PipelineError> {
-        flush_outbox(&ctx, STAGE).await?;
+        for p in 0..ctx.bus.partitions() {
+            if let Some(cp) = ctx.store.load_checkpoint(&checkpoint_group(p)).await? {
+                PartitionState::decode(&cp.state)?;
+            }
+        }
         let w = &ctx.config.windows;
         let params = WindowsParams {
             allowed_lateness_ms: w.allowed_lateness_s as i64 * 1000,
             baseline_window: w.baseline_window,
         };
-        let mut positions = BTreeMap::new();
-        let mut partition_event_ms = BTreeMap::new();
-        let windows = match ctx.store.load_checkpoint(STREAM_GROUP).await? {
-            Some(cp) => {
-                let state = StageState::decode(&cp.state)?;
-                let snapshot = state.windows;
-                for (topic, partition, ms) in state.partition_event_ms {
-                    if let Some(topic) = Topic::from_name(&topic) {
-                        partition_event_ms.insert((topic, partition), (ms, Instant::now()));
-                    }
-                }
-                if cp.bus_id == ctx.bus.log_id() {
-                    for (topic, partition, offset) in cp.positions {
-                        if let Some(topic) = Topic::from_name(&topic) {
-                            positions.insert((topic, partition), offset);
-                        }
-                    }
-                } else {
-                    // A volatile bus started over: its records are all new
-                    // to the restored windows.
-                    tracing::info!(
-                        checkpoint_bus = cp.bus_id,
-                        bus = ctx.bus.log_id(),
-                        "stream stage: the bus log is new; its records are all folded in"
-                    );
-                }
-                let windows = Windows::restore(params, snapshot);
-                let stats = windows.stats();
-                tracing::info!(
-                    meters = stats.meters,
-                    open_windows = stats.open_windows,
-                    ?positions,
-                    "stream stage: resuming from its checkpoint"
-                );
-                windows
-            }
-            None => Windows::new(params),
-        };
-        let cap = w.anomaly_batch;
         let (writer_tx, rx) = mpsc::channel(WRITER_QUEUE);
-        let start: Vec<(Topic, u32, u64)> =
-            positions.iter().map(|(&(t, p), &o)| (t, p, o)).collect();
-        let (durable_tx, durable) = watch::channel(start.clone());
+        let (durable_tx, durable) = watch::channel(BTreeMap::new());
         let writer = tokio::spawn(write_checkpoints(ctx.clone(), rx, durable_tx));
         Ok(StreamStage {
             ctx,
             anomaly,
             aggregate,
-            windows,
-            batch: anomaly::ReadingBatch {
-                power_kw: Vec::with_capacity(cap),
-                baseline_kw: Vec::with_capacity(cap),
-                sample_count: Vec::with_capacity(cap),
-            },
-            refs: Vec::with_capacity(cap),
-            closed: Vec::new(),
-            pending: Pending::default(),
-            replaying: !positions.is_empty(),
-            replay_until: positions.clone(),
-            positions,
-            partition_event_ms,
-            last_record: Instant::now(),
-            last_checkpoint: Instant::now(),
+            params,
+            parts: BTreeMap::new(),
             writer_tx: Some(writer_tx),
             writer: Some(writer),
             durable,
-            committed: start,
+            committed: Vec::new(),
         })
     }
 
-    /// Folds a poll's records into the windows and the anomaly batch.
-    fn fold(&mut self, records: &[Delivered]) {
-        let late_before = self.windows.stats().late_readings;
-        let now = Instant::now();
-        let mut n = 0u64;
-        // Partition bookkeeping once per run of one partition's records (a
-        // poll hands them over in offset order), not once per reading.
-        for run in records.chunk_by(|a, b| (a.topic, a.partition) == (b.topic, b.partition)) {
-            let tp = (run[0].topic, run[0].partition);
-            // Records below the restored checkpoint are already folded in.
-            let skip = self
-                .replay_until
-                .get(&tp)
-                .map_or(0, |&until| run.partition_point(|d| d.offset < until));
-            let Some(last) = run.last().filter(|_| skip < run.len()) else {
-                continue;
-            };
-            let next = self.positions.entry(tp).or_insert(0);
-            *next = (*next).max(last.offset + 1);
-            let mut newest = i64::MIN;
-            for d in &run[skip..] {
-                if self.replaying {
-                    crate::crash::point("stream.replay");
-                }
-                if let Some(ts) = self.fold_one(d) {
-                    newest = newest.max(ts);
-                    n += 1;
-                }
+    /// Takes partition `p` over: claims its checkpoint (fencing off any
+    /// earlier owner), publishes what its outbox still holds, and restores
+    /// its windows and position.
+    async fn open_partition(&mut self, p: u32) -> Partition {
+        let group = checkpoint_group(p);
+        let store = self.ctx.store.clone();
+        let (epoch, cp) = with_retry(&self.ctx, "claim a partition's checkpoint", || {
+            store.claim_checkpoint(&group)
+        })
+        .await;
+        let outbox = outbox_stage(p);
+        while let Err(e) = flush_outbox(&self.ctx, &outbox).await {
+            tracing::error!(partition = p, error = %e, "reading the outbox failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut part = Partition::new(p, epoch, Windows::new(self.params), self.ctx.config.windows.anomaly_batch);
+        let Some(cp) = cp else {
+            return part;
+        };
+        let state = match PartitionState::decode(&cp.state) {
+            Ok(s) => s,
+            Err(e) => {
+                // Checked at start; only a checkpoint written since by a
+                // different build gets here. Its records are replayed from
+                // the committed offsets into fresh windows.
+                tracing::error!(partition = p, error = %e, "unreadable checkpoint; starting the partition afresh");
+                return part;
             }
-            if newest != i64::MIN {
-                let seen = self.partition_event_ms.entry(tp).or_insert((newest, now));
-                *seen = (seen.0.max(newest), now);
+        };
+        part.windows = Windows::restore(self.params, state.windows);
+        part.newest_event_ms = state.newest_event_ms;
+        part.reported_until = state.reported_until;
+        if cp.bus_id == self.ctx.bus.log_id() {
+            let next = cp
+                .positions
+                .iter()
+                .find(|(t, q, _)| t == Topic::TelemetryReadings.name() && *q == p)
+                .map_or(0, |(_, _, o)| *o);
+            part.next = next;
+            part.checkpointed = next;
+            part.replaying = next > 0;
+        } else {
+            // A volatile bus started over: its records are all new to the
+            // restored windows.
+            tracing::info!(
+                partition = p,
+                checkpoint_bus = cp.bus_id,
+                bus = self.ctx.bus.log_id(),
+                "stream stage: the bus log is new; its records are all folded in"
+            );
+        }
+        let stats = part.windows.stats();
+        tracing::info!(
+            partition = p,
+            epoch,
+            meters = stats.meters,
+            open_windows = stats.open_windows,
+            position = part.next,
+            "stream stage: partition resumed from its checkpoint"
+        );
+        part
+    }
+
+    /// Per partition: the anomaly rule on what is batched, windows closed by
+    /// the watermark or by a flush interval without readings, closed
+    /// windows finished, and a checkpoint when one is due (`idle`: the bus
+    /// had nothing, so whatever moved is checkpointed now).
+    async fn tick(&mut self, idle: bool) {
+        let w = &self.ctx.config.windows;
+        let flush_1m = Duration::from_secs(w.flush_interval_1m_s);
+        let flush_15m = Duration::from_secs(w.flush_interval_15m_s);
+        let mut jobs = Vec::new();
+        for part in self.parts.values_mut() {
+            part.detect(&self.ctx, &mut self.anomaly);
+            if let Some(ms) = part.newest_event_ms {
+                part.windows.advance_to(ms, &mut part.closed);
+            }
+            let quiet = part.last_record.elapsed();
+            if quiet >= flush_1m {
+                part.windows.close_width(Width::OneMinute, &mut part.closed);
+            }
+            if quiet >= flush_15m {
+                part.windows
+                    .close_width(Width::FifteenMinutes, &mut part.closed);
+            }
+            part.handle_closed(&self.ctx, &mut self.aggregate);
+            let since = part.last_checkpoint.elapsed();
+            let moved = part.next != part.checkpointed
+                || part.windows.closed_until(Width::OneMinute) != part.reported_until;
+            let due = (!part.pending.is_empty() && (idle || since >= CHECKPOINT_SPACING))
+                || (moved && (idle || since >= CHECKPOINT_INTERVAL));
+            if due {
+                jobs.push(part.checkpoint(&self.ctx));
+            }
+        }
+        self.send(jobs).await;
+    }
+
+    /// Hands checkpoints to the writer (waits when it is behind: that is
+    /// the stage's backpressure).
+    async fn send(&mut self, jobs: Vec<Job>) {
+        let Some(tx) = &self.writer_tx else {
+            return;
+        };
+        for job in jobs {
+            if tx.send(job).await.is_err() {
+                self.ctx
+                    .metrics
+                    .stage_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!("stream stage: the checkpoint writer is gone");
+                return;
+            }
+        }
+    }
+}
+
+impl Partition {
+    fn new(id: u32, epoch: i64, windows: Windows, batch: usize) -> Partition {
+        Partition {
+            id,
+            epoch,
+            windows,
+            batch: anomaly::ReadingBatch {
+                power_kw: Vec::with_capacity(batch),
+                baseline_kw: Vec::with_capacity(batch),
+                sample_count: Vec::with_capacity(batch),
+            },
+            refs: Vec::with_capacity(batch),
+            closed: Vec::new(),
+            pending: Pending::default(),
+            next: 0,
+            checkpointed: 0,
+            newest_event_ms: None,
+            reported_until: 0,
+            replaying: false,
+            last_record: Instant::now(),
+            last_checkpoint: Instant::now(),
+        }
+    }
+
+    /// Folds a run of this partition's records (in offset order) into the
+    /// windows and the anomaly batch, skipping those folded in already.
+    fn fold(&mut self, ctx: &Context, anomaly: &mut AnomalyRule, run: &[Delivered]) {
+        let late_before = self.windows.stats().late_readings;
+        let skip = run.partition_point(|d| d.offset < self.next);
+        let Some(last) = run.last().filter(|_| skip < run.len()) else {
+            return;
+        };
+        self.next = last.offset + 1;
+        self.last_record = Instant::now();
+        let mut newest = i64::MIN;
+        let mut n = 0u64;
+        for d in &run[skip..] {
+            if self.replaying {
+                crate::crash::point("stream.replay");
+            }
+            if let Some(ts) = self.fold_one(ctx, anomaly, d) {
+                newest = newest.max(ts);
+                n += 1;
             }
         }
         self.replaying = false;
-        let m = &self.ctx.metrics;
+        if newest != i64::MIN {
+            self.newest_event_ms = Some(self.newest_event_ms.map_or(newest, |m| m.max(newest)));
+        }
+        let m = &ctx.metrics;
         m.readings_processed.fetch_add(n, Ordering::Relaxed);
         m.late_readings.fetch_add(
             self.windows.stats().late_readings - late_before,
@@ -312,16 +477,16 @@ impl StreamStage {
 
     /// Folds one record into the windows and the anomaly batch; its event
     /// time, or `None` for a record that is not a reading.
-    fn fold_one(&mut self, d: &Delivered) -> Option<i64> {
+    fn fold_one(&mut self, ctx: &Context, anomaly: &mut AnomalyRule, d: &Delivered) -> Option<i64> {
         let reading: Reading<'_> = match serde_json::from_slice(&d.record.value) {
             Ok(r) => r,
             Err(e) => {
-                self.bad_record(d, &e.to_string());
+                bad_record(ctx, d, &e.to_string());
                 return None;
             }
         };
         let Some(ts) = reading.event_time_ms() else {
-            self.bad_record(d, "timestamp is not RFC 3339");
+            bad_record(ctx, d, "timestamp is not RFC 3339");
             return None;
         };
         let obs = self.windows.add(
@@ -336,43 +501,27 @@ impl StreamStage {
         self.batch.baseline_kw.push(obs.baseline_kw);
         self.batch.sample_count.push(obs.sample_count);
         self.refs.push((obs.meter, obs.region, ts));
-        if self.refs.len() >= self.ctx.config.windows.anomaly_batch {
-            self.detect();
+        if self.refs.len() >= ctx.config.windows.anomaly_batch {
+            self.detect(ctx, anomaly);
         }
         Some(ts)
     }
 
-    /// The event time windows may close up to: the newest event time of the
-    /// slowest partition that delivered within the 1-minute flush interval.
-    fn watermark_event_ms(&self) -> Option<i64> {
-        let idle = Duration::from_secs(self.ctx.config.windows.flush_interval_1m_s);
-        self.partition_event_ms
-            .values()
-            .filter(|(_, at)| at.elapsed() < idle)
-            .map(|(ms, _)| *ms)
-            .min()
-    }
-
-    /// Whether records were folded since the last checkpoint was sent.
-    fn positions_moved(&self) -> bool {
-        self.positions.len() != self.committed.len()
-            || self
-                .committed
-                .iter()
-                .any(|(t, p, o)| self.positions.get(&(*t, *p)) != Some(o))
-    }
-
-    /// Sends what is pending, the windows' state and the positions they
-    /// cover to the writer (waits when it is behind: that is the stage's
-    /// backpressure).
-    async fn checkpoint(&mut self) {
+    /// What is pending, the windows' state and the position they cover, as
+    /// a checkpoint for the writer.
+    fn checkpoint(&mut self, ctx: &Context) -> Job {
         self.last_checkpoint = Instant::now();
-        let positions: Vec<(Topic, u32, u64)> = self
-            .positions
-            .iter()
-            .map(|(&(t, p), &o)| (t, p, o))
-            .collect();
+        self.checkpointed = self.next;
         let pending = std::mem::take(&mut self.pending);
+        let closed_until = self.windows.closed_until(Width::OneMinute);
+        let report = (!pending.regional.is_empty() || closed_until != self.reported_until)
+            .then(|| RegionalPartial {
+                partition: self.id,
+                partitions: ctx.bus.partitions(),
+                closed_until,
+                windows: pending.regional,
+            });
+        self.reported_until = closed_until;
         let mut meter_windows = Vec::new();
         if !pending.meters_1m.is_empty() {
             meter_windows.push((WindowWidth::OneMinute, pending.meters_1m));
@@ -380,69 +529,46 @@ impl StreamStage {
         if !pending.meters_15m.is_empty() {
             meter_windows.push((WindowWidth::FifteenMinutes, pending.meters_15m));
         }
+        let state = PartitionState {
+            windows: self.windows.snapshot(),
+            newest_event_ms: self.newest_event_ms,
+            reported_until: self.reported_until,
+        };
         let effects = Effects {
             meter_windows,
-            regional_windows: pending.regional,
             checkpoint: Some(Checkpoint {
-                group: STREAM_GROUP.to_owned(),
-                bus_id: self.ctx.bus.log_id().to_owned(),
-                positions: positions
-                    .iter()
-                    .map(|(t, p, o)| (t.name().to_owned(), *p, *o))
-                    .collect(),
-                state: postcard::to_stdvec(&StageState {
-                    windows: self.windows.snapshot(),
-                    partition_event_ms: self
-                        .partition_event_ms
-                        .iter()
-                        .map(|(&(t, p), &(ms, _))| (t.name().to_owned(), p, ms))
-                        .collect(),
-                })
-                .expect("stage state serializes"),
+                group: checkpoint_group(self.id),
+                epoch: self.epoch,
+                bus_id: ctx.bus.log_id().to_owned(),
+                positions: vec![(
+                    Topic::TelemetryReadings.name().to_owned(),
+                    self.id,
+                    self.next,
+                )],
+                state: postcard::to_stdvec(&state).expect("partition state serializes"),
             }),
             ..Effects::default()
         };
-        let job = Job {
+        Job {
+            partition: self.id,
+            epoch: self.epoch,
             effects,
             held_back: pending.held_back,
-            capacities: pending.capacities,
             alerts: pending.alerts,
-            positions,
-        };
-        let Some(tx) = &self.writer_tx else {
-            return;
-        };
-        if tx.send(job).await.is_err() {
-            self.ctx
-                .metrics
-                .stage_errors
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::error!("stream stage: the checkpoint writer is gone");
+            report,
+            position: self.next,
         }
-    }
-
-    fn bad_record(&self, d: &Delivered, why: &str) {
-        // Ingest validated it, so this is a foreign producer or a bug: count,
-        // log, skip (a poison record must not stop the stream).
-        self.ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            partition = d.partition,
-            offset = d.offset,
-            why,
-            "skipping a record that is not a reading"
-        );
     }
 
     /// Runs the anomaly rule on the filled batch; findings become alerts,
     /// held until the next checkpoint stores and publishes them.
-    fn detect(&mut self) {
+    fn detect(&mut self, ctx: &Context, anomaly: &mut AnomalyRule) {
         if self.refs.is_empty() {
             return;
         }
-        match self.anomaly.detect(&self.batch) {
+        match anomaly.detect(&self.batch) {
             Ok(findings) => {
-                self.ctx
-                    .metrics
+                ctx.metrics
                     .anomalies
                     .fetch_add(findings.len() as u64, Ordering::Relaxed);
                 for f in findings {
@@ -452,7 +578,7 @@ impl StreamStage {
             }
             Err(e) => {
                 // The windows have the readings regardless.
-                plugin_failed(&self.ctx, &e, "this anomaly batch raises no alerts");
+                plugin_failed(ctx, &e, "this anomaly batch raises no alerts");
             }
         }
         self.batch.power_kw.clear();
@@ -487,24 +613,22 @@ impl StreamStage {
         }
     }
 
-    /// Closed windows: through the aggregate rule into what is pending.
-    fn handle_closed(&mut self) {
+    /// Closed windows: through the aggregate rule into what is pending, and
+    /// on-time 1-minute ones into this partition's regional report.
+    fn handle_closed(&mut self, ctx: &Context, aggregate: &mut AggregateRule) {
         let closed = std::mem::take(&mut self.closed);
         for window in &closed {
-            self.ctx
-                .metrics
-                .windows_closed
-                .fetch_add(1, Ordering::Relaxed);
-            self.finish_meters(window);
+            ctx.metrics.windows_closed.fetch_add(1, Ordering::Relaxed);
+            self.finish_meters(ctx, aggregate, window);
             if window.width == Width::OneMinute && !window.late {
-                self.finish_regions(window);
+                self.report_regions(window);
             }
         }
         self.closed = closed;
         self.closed.clear();
     }
 
-    fn finish_meters(&mut self, window: &ClosedWindow) {
+    fn finish_meters(&mut self, ctx: &Context, aggregate: &mut AggregateRule, window: &ClosedWindow) {
         let inputs: Vec<aggregate::MeterWindow> = window
             .meters
             .iter()
@@ -518,10 +642,10 @@ impl StreamStage {
                 voltage_count: m.sums.voltage_count,
             })
             .collect();
-        let finished = match self.aggregate.finish_meters(&inputs) {
+        let finished = match aggregate.finish_meters(&inputs) {
             Ok(f) => f,
             Err(e) => {
-                plugin_failed(&self.ctx, &e, "plain averages for this window");
+                plugin_failed(ctx, &e, "plain averages for this window");
                 inputs.iter().map(plain_meter_aggregate).collect()
             }
         };
@@ -558,41 +682,19 @@ impl StreamStage {
         }
     }
 
-    fn finish_regions(&mut self, window: &ClosedWindow) {
-        let sums = self.windows.regional(window);
-        let inputs: Vec<aggregate::RegionWindow> = sums
-            .iter()
-            .map(|r| aggregate::RegionWindow {
+    /// This partition's share of the regional sums of an on-time 1-minute
+    /// window (the regional stage adds up every partition's).
+    fn report_regions(&mut self, window: &ClosedWindow) {
+        let regions = self
+            .windows
+            .regional(window)
+            .into_iter()
+            .map(|r| PartialRegion {
+                region: self.windows.region_name(r.region).to_owned(),
                 meter_count: r.meter_count,
                 total_kw: r.total_kw,
                 max_kw: r.max_kw,
                 min_kw: r.min_kw,
-                capacity_kw: self
-                    .ctx
-                    .config
-                    .region(self.windows.region_name(r.region))
-                    .capacity_kw,
-            })
-            .collect();
-        let finished = match self.aggregate.finish_regions(&inputs) {
-            Ok(f) => f,
-            Err(e) => {
-                plugin_failed(&self.ctx, &e, "plain regional figures for this window");
-                inputs.iter().map(plain_regional_aggregate).collect()
-            }
-        };
-        let rows: Vec<store::RegionalAggregate> = sums
-            .iter()
-            .zip(&finished)
-            .map(|(r, f)| store::RegionalAggregate {
-                region: self.windows.region_name(r.region).to_owned(),
-                window_start_ms: window.start_ms,
-                meter_count: r.meter_count,
-                total_consumption: f.total_consumption,
-                avg_consumption: f.avg_consumption,
-                max_consumption: f.max_consumption,
-                min_consumption: f.min_consumption,
-                load_percentage: f.load_percentage,
                 active_meters: r
                     .meters
                     .iter()
@@ -600,45 +702,67 @@ impl StreamStage {
                     .collect(),
             })
             .collect();
-        self.pending
-            .capacities
-            .extend(inputs.iter().map(|i| i.capacity_kw));
-        self.pending.regional.extend(rows);
+        self.pending.regional.push(PartialWindow {
+            timestamp_ms: window.start_ms,
+            regions,
+        });
     }
 }
 
-/// A checkpoint on its way to the store.
+fn bad_record(ctx: &Context, d: &Delivered, why: &str) {
+    // Ingest validated it, so this is a foreign producer or a bug: count,
+    // log, skip (a poison record must not stop the stream).
+    ctx.metrics.bad_records.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        partition = d.partition,
+        offset = d.offset,
+        why,
+        "skipping a record that is not a reading"
+    );
+}
+
+/// A partition's checkpoint on its way to the store.
 struct Job {
+    partition: u32,
+    epoch: i64,
     effects: Effects,
     held_back: HashSet<(String, i64)>,
-    /// Per regional window, its region's capacity (for the message).
-    capacities: Vec<f64>,
     alerts: Vec<Alert>,
-    positions: Vec<(Topic, u32, u64)>,
+    report: Option<RegionalPartial>,
+    position: u64,
 }
 
 /// Checkpoints waiting for the writer, at most.
-const WRITER_QUEUE: usize = 4;
+const WRITER_QUEUE: usize = 8;
 
 /// The checkpoint writer: stores each checkpoint with its outbox, publishes
-/// the outbox, and then makes its positions committable — in the order the
+/// the outbox, and then makes its position committable — in the order the
 /// checkpoints were taken, in its own task so the stream stage goes on
-/// folding readings while SQL runs.
+/// folding readings while SQL runs. A checkpoint fenced off (another
+/// process claimed the partition since) is dropped with what it held: the
+/// new owner replays those records.
 async fn write_checkpoints(
     ctx: Context,
     mut rx: mpsc::Receiver<Job>,
-    durable: watch::Sender<Vec<(Topic, u32, u64)>>,
+    durable: watch::Sender<BTreeMap<u32, (i64, u64)>>,
 ) {
     while let Some(job) = rx.recv().await {
         crate::crash::point("stream.before_checkpoint");
         let outbox = |applied: &Applied| messages(&job, applied);
-        apply(&ctx, STAGE, &job.effects, &outbox).await;
-        let _ = durable.send(job.positions);
+        let stage = outbox_stage(job.partition);
+        if apply_fenced(&ctx, &stage, &job.effects, &outbox)
+            .await
+            .is_some()
+        {
+            durable.send_modify(|d| {
+                d.insert(job.partition, (job.epoch, job.position));
+            });
+        }
     }
 }
 
 /// What a checkpoint publishes: its anomaly alerts, its meter windows as
-/// stored (merged, for a late window), its regional windows.
+/// stored (merged, for a late window), its regional report.
 fn messages(job: &Job, applied: &Applied) -> Vec<KeyedMessage> {
     let mut out = keyed(&job.alerts);
     for ((width, _), rows) in job.effects.meter_windows.iter().zip(&applied.meter_windows) {
@@ -665,25 +789,9 @@ fn messages(job: &Job, applied: &Applied) -> Vec<KeyedMessage> {
                 }),
         );
     }
-    let regional: Vec<RegionalWindow> = job
-        .effects
-        .regional_windows
-        .iter()
-        .zip(&job.capacities)
-        .map(|(row, capacity_kw)| RegionalWindow {
-            region: row.region.clone(),
-            timestamp_ms: row.window_start_ms,
-            meter_count: row.meter_count,
-            total_consumption: row.total_consumption,
-            avg_consumption: row.avg_consumption,
-            max_consumption: row.max_consumption,
-            min_consumption: row.min_consumption,
-            load_percentage: row.load_percentage,
-            capacity_kw: *capacity_kw,
-            active_meters: row.active_meters.clone(),
-        })
-        .collect();
-    out.extend(keyed(&regional));
+    if let Some(report) = &job.report {
+        out.push(KeyedMessage::of(report));
+    }
     out
 }
 
@@ -706,23 +814,5 @@ fn plain_meter_aggregate(w: &aggregate::MeterWindow) -> aggregate::MeterAggregat
         voltage_avg: (w.voltage_count > 0).then(|| w.voltage_sum / f64::from(w.voltage_count)),
         count: w.count,
         publish: true,
-    }
-}
-
-fn plain_regional_aggregate(r: &aggregate::RegionWindow) -> aggregate::RegionalAggregate {
-    aggregate::RegionalAggregate {
-        total_consumption: r.total_kw,
-        avg_consumption: if r.meter_count == 0 {
-            0.0
-        } else {
-            r.total_kw / f64::from(r.meter_count)
-        },
-        max_consumption: r.max_kw,
-        min_consumption: r.min_kw,
-        load_percentage: if r.capacity_kw > 0.0 {
-            r.total_kw / r.capacity_kw * 100.0
-        } else {
-            0.0
-        },
     }
 }

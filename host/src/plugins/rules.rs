@@ -137,6 +137,25 @@ impl<W: World> Plugin<W> {
         &self.version
     }
 
+    /// A second instance of the same compiled component and config, for
+    /// another stage that calls the same rule (no recompilation).
+    pub fn another(&self) -> Result<Self, PluginError>
+    where
+        W::Pre: Clone,
+    {
+        let mut plugin = Plugin {
+            runtime: self.runtime.clone(),
+            pre: self.pre.clone(),
+            store: self.runtime.new_store(),
+            instance: None,
+            config: self.config.clone(),
+            version: self.version.clone(),
+            failures: 0,
+        };
+        plugin.instantiate()?;
+        Ok(plugin)
+    }
+
     /// Calls that failed (trapped, timed out, broke the contract) so far.
     pub fn failures(&self) -> u64 {
         self.failures

@@ -69,6 +69,10 @@ pub enum StoreError {
     /// Encoding a JSON column failed.
     #[error("encoding JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// A checkpoint was saved with an epoch that is no longer the group's:
+    /// another writer has claimed it since. Nothing of the call was stored.
+    #[error("checkpoint {group} was claimed by another writer (epoch {epoch} is stale)")]
+    Fenced { group: String, epoch: i64 },
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -451,9 +455,16 @@ pub struct RuleState {
 /// Where a consumer group's stage state was taken: per (topic name,
 /// partition), the offset of the next record it had not folded in, and the
 /// state itself as the stage encoded it (opaque to the store).
+///
+/// `epoch` fences writers: a process that takes the checkpoint over claims
+/// it ([`Store::claim_checkpoint`], epoch + 1), and a checkpoint saved with
+/// any other epoch than the stored one is refused with
+/// [`StoreError::Fenced`] (its writer lost the partition). Epoch 0 saves
+/// unconditionally (a checkpoint nobody claims).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     pub group: String,
+    pub epoch: i64,
     /// The bus log the positions refer to ([`crate::bus::Bus::log_id`]).
     pub bus_id: String,
     pub positions: Vec<(String, u32, u64)>,
@@ -632,6 +643,14 @@ pub trait Store: Send + Sync {
 
     /// The group's last checkpoint, if it has one.
     async fn load_checkpoint(&self, group: &str) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// Takes the group's checkpoint over: its epoch goes up by one, so a
+    /// writer still holding the old epoch is fenced off. Returns the new
+    /// epoch and the checkpoint as last saved (`None` if there is none yet).
+    async fn claim_checkpoint(
+        &self,
+        group: &str,
+    ) -> Result<(i64, Option<Checkpoint>), StoreError>;
 }
 
 // ------------------------------------------------------------------ open

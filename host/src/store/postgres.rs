@@ -719,20 +719,71 @@ async fn save_rule_state(tx: &mut PgConnection, state: &[RuleState]) -> Result<(
 }
 
 async fn save_checkpoint(tx: &mut PgConnection, cp: &Checkpoint) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO stream_checkpoints (consumer_group, bus_id, positions, state, updated_at) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer_group) DO UPDATE SET \
-         bus_id = excluded.bus_id, positions = excluded.positions, \
-         state = excluded.state, updated_at = excluded.updated_at",
-    )
-    .bind(&cp.group)
-    .bind(&cp.bus_id)
-    .bind(serde_json::to_value(&cp.positions)?)
-    .bind(cp.state.as_slice())
-    .bind(at(now_ms())?)
-    .execute(&mut *tx)
-    .await?;
+    let positions = serde_json::to_value(&cp.positions)?;
+    let updated_at = at(now_ms())?;
+    let done = if cp.epoch == 0 {
+        sqlx::query(
+            "INSERT INTO stream_checkpoints (consumer_group, bus_id, positions, state, updated_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer_group) DO UPDATE SET \
+             bus_id = excluded.bus_id, positions = excluded.positions, \
+             state = excluded.state, updated_at = excluded.updated_at",
+        )
+        .bind(&cp.group)
+        .bind(&cp.bus_id)
+        .bind(positions)
+        .bind(cp.state.as_slice())
+        .bind(updated_at)
+        .execute(&mut *tx)
+        .await?
+    } else {
+        sqlx::query(
+            "UPDATE stream_checkpoints SET bus_id = $1, positions = $2, state = $3, \
+             updated_at = $4 WHERE consumer_group = $5 AND epoch = $6",
+        )
+        .bind(&cp.bus_id)
+        .bind(positions)
+        .bind(cp.state.as_slice())
+        .bind(updated_at)
+        .bind(&cp.group)
+        .bind(cp.epoch)
+        .execute(&mut *tx)
+        .await?
+    };
+    if done.rows_affected() == 0 {
+        return Err(StoreError::Fenced {
+            group: cp.group.clone(),
+            epoch: cp.epoch,
+        });
+    }
     Ok(())
+}
+
+/// The group's checkpoint; `None` when there is none, or only a claim.
+async fn load_checkpoint(
+    conn: &mut PgConnection,
+    group: &str,
+) -> Result<Option<Checkpoint>, StoreError> {
+    let row = sqlx::query(
+        "SELECT bus_id, positions, state, epoch FROM stream_checkpoints \
+         WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let state: Vec<u8> = row.try_get("state")?;
+    if state.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Checkpoint {
+        group: group.to_owned(),
+        epoch: row.try_get("epoch")?,
+        bus_id: row.try_get("bus_id")?,
+        positions: json_col(&row, "stream_checkpoints", "positions")?,
+        state,
+    }))
 }
 
 /// Writes `messages` to the stage's outbox; their seqs increase in order.
@@ -1228,21 +1279,28 @@ impl Store for PostgresStore {
     }
 
     async fn load_checkpoint(&self, group: &str) -> Result<Option<Checkpoint>, StoreError> {
-        let row = sqlx::query(
-            "SELECT bus_id, positions, state FROM stream_checkpoints WHERE consumer_group = $1",
+        let mut conn = self.pool.acquire().await?;
+        load_checkpoint(&mut conn, group).await
+    }
+
+    async fn claim_checkpoint(
+        &self,
+        group: &str,
+    ) -> Result<(i64, Option<Checkpoint>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let epoch: i64 = sqlx::query_scalar(
+            "INSERT INTO stream_checkpoints (consumer_group, bus_id, positions, state, \
+             updated_at, epoch) VALUES ($1, '', '[]'::jsonb, ''::bytea, $2, 1) \
+             ON CONFLICT (consumer_group) \
+             DO UPDATE SET epoch = stream_checkpoints.epoch + 1 RETURNING epoch",
         )
         .bind(group)
-        .fetch_optional(&self.pool)
+        .bind(at(now_ms())?)
+        .fetch_one(&mut *tx)
         .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        Ok(Some(Checkpoint {
-            group: group.to_owned(),
-            bus_id: row.try_get("bus_id")?,
-            positions: json_col(&row, "stream_checkpoints", "positions")?,
-            state: row.try_get("state")?,
-        }))
+        let cp = load_checkpoint(&mut tx, group).await?;
+        tx.commit().await?;
+        Ok((epoch, cp))
     }
 }
 

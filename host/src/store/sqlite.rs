@@ -832,19 +832,7 @@ impl Store for SqliteStore {
         }
         save_rule_state(&mut tx, &effects.rule_state).await?;
         if let Some(cp) = &effects.checkpoint {
-            sqlx::query(
-                "INSERT INTO stream_checkpoints (consumer_group, bus_id, positions, state, \
-                 updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer_group) DO UPDATE SET \
-                 bus_id = excluded.bus_id, positions = excluded.positions, \
-                 state = excluded.state, updated_at = excluded.updated_at",
-            )
-            .bind(&cp.group)
-            .bind(&cp.bus_id)
-            .bind(serde_json::to_string(&cp.positions)?)
-            .bind(cp.state.as_slice())
-            .bind(format_rfc3339_ms(now_ms()))
-            .execute(&mut *tx)
-            .await?;
+            save_checkpoint(&mut tx, cp).await?;
         }
         let messages = outbox(&applied);
         let mut records = Vec::with_capacity(messages.len());
@@ -906,26 +894,27 @@ impl Store for SqliteStore {
     }
 
     async fn load_checkpoint(&self, group: &str) -> Result<Option<Checkpoint>, StoreError> {
-        let row = sqlx::query(
-            "SELECT bus_id, positions, state FROM stream_checkpoints WHERE consumer_group = ?",
+        let mut conn = self.pool.acquire().await?;
+        load_checkpoint(&mut conn, group).await
+    }
+
+    async fn claim_checkpoint(
+        &self,
+        group: &str,
+    ) -> Result<(i64, Option<Checkpoint>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let epoch: i64 = sqlx::query_scalar(
+            "INSERT INTO stream_checkpoints (consumer_group, bus_id, positions, state, \
+             updated_at, epoch) VALUES (?, '', '[]', x'', ?, 1) ON CONFLICT (consumer_group) \
+             DO UPDATE SET epoch = epoch + 1 RETURNING epoch",
         )
         .bind(group)
-        .fetch_optional(&self.pool)
+        .bind(format_rfc3339_ms(now_ms()))
+        .fetch_one(&mut *tx)
         .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let positions: &str = row.try_get("positions")?;
-        Ok(Some(Checkpoint {
-            group: group.to_owned(),
-            bus_id: row.try_get("bus_id")?,
-            positions: serde_json::from_str(positions).map_err(|_| StoreError::Corrupt {
-                table: "stream_checkpoints",
-                column: "positions",
-                value: positions.to_owned(),
-            })?,
-            state: row.try_get("state")?,
-        }))
+        let cp = load_checkpoint(&mut tx, group).await?;
+        tx.commit().await?;
+        Ok((epoch, cp))
     }
 
     async fn current_tariffs(&self) -> Result<Vec<TariffRow>, StoreError> {
@@ -1075,6 +1064,80 @@ fn push_window_filters<'a>(qb: &mut QueryBuilder<'a, Sqlite>, query: &'a Aggrega
         qb.push(" AND window_start < ");
         qb.push_bind(format_rfc3339_ms(to));
     }
+}
+
+/// Saves a checkpoint, fenced by its epoch (see [`Checkpoint`]).
+async fn save_checkpoint(tx: &mut SqliteConnection, cp: &Checkpoint) -> Result<(), StoreError> {
+    let positions = serde_json::to_string(&cp.positions)?;
+    let updated_at = format_rfc3339_ms(now_ms());
+    let done = if cp.epoch == 0 {
+        sqlx::query(
+            "INSERT INTO stream_checkpoints (consumer_group, bus_id, positions, state, \
+             updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (consumer_group) DO UPDATE SET \
+             bus_id = excluded.bus_id, positions = excluded.positions, \
+             state = excluded.state, updated_at = excluded.updated_at",
+        )
+        .bind(&cp.group)
+        .bind(&cp.bus_id)
+        .bind(&positions)
+        .bind(cp.state.as_slice())
+        .bind(&updated_at)
+        .execute(&mut *tx)
+        .await?
+    } else {
+        sqlx::query(
+            "UPDATE stream_checkpoints SET bus_id = ?, positions = ?, state = ?, \
+             updated_at = ? WHERE consumer_group = ? AND epoch = ?",
+        )
+        .bind(&cp.bus_id)
+        .bind(&positions)
+        .bind(cp.state.as_slice())
+        .bind(&updated_at)
+        .bind(&cp.group)
+        .bind(cp.epoch)
+        .execute(&mut *tx)
+        .await?
+    };
+    if done.rows_affected() == 0 {
+        return Err(StoreError::Fenced {
+            group: cp.group.clone(),
+            epoch: cp.epoch,
+        });
+    }
+    Ok(())
+}
+
+/// The group's checkpoint; `None` when there is none, or only a claim.
+async fn load_checkpoint(
+    conn: &mut SqliteConnection,
+    group: &str,
+) -> Result<Option<Checkpoint>, StoreError> {
+    let row = sqlx::query(
+        "SELECT bus_id, positions, state, epoch FROM stream_checkpoints \
+         WHERE consumer_group = ?",
+    )
+    .bind(group)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let state: Vec<u8> = row.try_get("state")?;
+    if state.is_empty() {
+        return Ok(None);
+    }
+    let positions: &str = row.try_get("positions")?;
+    Ok(Some(Checkpoint {
+        group: group.to_owned(),
+        epoch: row.try_get("epoch")?,
+        bus_id: row.try_get("bus_id")?,
+        positions: serde_json::from_str(positions).map_err(|_| StoreError::Corrupt {
+            table: "stream_checkpoints",
+            column: "positions",
+            value: positions.to_owned(),
+        })?,
+        state,
+    }))
 }
 
 #[cfg(test)]

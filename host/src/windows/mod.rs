@@ -518,6 +518,15 @@ impl Windows {
         }
     }
 
+    /// Every window of `width` ending at or before this has been closed
+    /// (a later reading for one of them opens a late window).
+    pub fn closed_until(&self, width: Width) -> i64 {
+        match width {
+            Width::OneMinute => self.one_minute.closed_until,
+            Width::FifteenMinutes => self.fifteen_minutes.closed_until,
+        }
+    }
+
     /// Open windows of one width.
     pub fn open_count(&self, width: Width) -> usize {
         match width {
@@ -526,7 +535,11 @@ impl Windows {
         }
     }
 
-    fn close_through(&mut self, until: i64, out: &mut Vec<ClosedWindow>) {
+    /// Closes every window ending at or before `until` (epoch ms), and
+    /// counts both widths as closed up to it: a later reading for such a
+    /// window is late. The stream stage brings all its partitions to the
+    /// same point at shutdown, as one set of windows would be.
+    pub fn close_through(&mut self, until: i64, out: &mut Vec<ClosedWindow>) {
         self.one_minute.close_through(Width::OneMinute, until, out);
         self.fifteen_minutes
             .close_through(Width::FifteenMinutes, until, out);
