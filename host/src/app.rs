@@ -174,7 +174,12 @@ impl App {
             bus,
             metrics,
         };
-        let router = api::router(config.role.ingests().then_some(ingest), api);
+        let router = api::router(
+            config.role.ingests().then_some(ingest),
+            api,
+            &config.http,
+            config.ingest.retry_after_s,
+        );
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| AppError::Listen {
@@ -186,13 +191,12 @@ impl App {
             source,
         })?;
         let (stop_server, stopped) = oneshot::channel::<()>();
+        let limits = config.http.clone();
         let server = tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async {
+            api::serve::serve(listener, router, &limits, async {
                 let _ = stopped.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server stopped");
-            }
+            })
+            .await;
         });
         Ok(App {
             addr,

@@ -82,6 +82,8 @@ pub struct PipelineConfig {
     #[serde(default)]
     pub role: Role,
     #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
     pub ingest: IngestConfig,
     #[serde(default)]
     pub bus: BusConfig,
@@ -110,6 +112,47 @@ pub struct PipelineConfig {
     #[serde(skip)]
     pub base_dir: PathBuf,
 }
+
+/// `[http]`: what one client may hold of the server. Every connection and
+/// every request is bounded in time and in number, so that stalled or slow
+/// clients cannot hold file descriptors or memory for ever.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Seconds a client has to send a request's head (request line and
+    /// headers), counted from the connection's accept or, on a kept-alive
+    /// connection, from the end of the previous response; so it is also the
+    /// idle keep-alive timeout. Past it the connection is closed.
+    pub header_read_timeout_s: u64,
+    /// Longest pause, seconds, while a request body is read; past it the
+    /// request is answered 408 and the connection closed.
+    pub body_read_timeout_s: u64,
+    /// Keep connections open between requests (HTTP/1.1 keep-alive).
+    pub keep_alive: bool,
+    /// Connections served at once; more wait in the listen backlog until one
+    /// closes.
+    pub max_connections: usize,
+    /// Requests handled at once (`/healthz` excepted); more are answered 503
+    /// with `Retry-After` (`ingest.retry_after_s`).
+    pub max_in_flight_requests: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            header_read_timeout_s: 10,
+            body_read_timeout_s: 10,
+            keep_alive: true,
+            max_connections: 4096,
+            max_in_flight_requests: 256,
+        }
+    }
+}
+
+/// Largest `http.*_timeout_s`.
+pub const MAX_HTTP_TIMEOUT_S: u64 = 3600;
+/// Largest `http.max_connections`.
+pub const MAX_HTTP_CONNECTIONS: usize = 1_000_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -401,6 +444,35 @@ impl PipelineConfig {
             }
         };
         need(
+            (1..=MAX_HTTP_TIMEOUT_S).contains(&self.http.header_read_timeout_s),
+            format!(
+                "http.header_read_timeout_s = {}: must be 1..={MAX_HTTP_TIMEOUT_S}",
+                self.http.header_read_timeout_s
+            ),
+        );
+        need(
+            (1..=MAX_HTTP_TIMEOUT_S).contains(&self.http.body_read_timeout_s),
+            format!(
+                "http.body_read_timeout_s = {}: must be 1..={MAX_HTTP_TIMEOUT_S}",
+                self.http.body_read_timeout_s
+            ),
+        );
+        need(
+            (1..=MAX_HTTP_CONNECTIONS).contains(&self.http.max_connections),
+            format!(
+                "http.max_connections = {}: must be 1..={MAX_HTTP_CONNECTIONS}",
+                self.http.max_connections
+            ),
+        );
+        need(
+            (1..=self.http.max_connections.max(1)).contains(&self.http.max_in_flight_requests),
+            format!(
+                "http.max_in_flight_requests = {}: must be 1..=http.max_connections ({}); \
+                 an HTTP/1.1 connection carries one request at a time",
+                self.http.max_in_flight_requests, self.http.max_connections
+            ),
+        );
+        need(
             (1..=100_000).contains(&self.ingest.max_batch),
             format!(
                 "ingest.max_batch = {}: must be 1..=100000",
@@ -628,6 +700,11 @@ component = "g.wasm"
     fn minimal_config_gets_defaults() {
         let cfg = parse(MINIMAL).unwrap();
         assert_eq!(cfg.ingest.max_batch, 1000);
+        assert_eq!(cfg.http.header_read_timeout_s, 10);
+        assert_eq!(cfg.http.body_read_timeout_s, 10);
+        assert!(cfg.http.keep_alive);
+        assert_eq!(cfg.http.max_connections, 4096);
+        assert_eq!(cfg.http.max_in_flight_requests, 256);
         assert_eq!(cfg.ingest.max_clock_skew_s, 300);
         assert_eq!(cfg.ingest.max_reading_age_s, 604_800);
         assert_eq!(cfg.dedupe.reading_ttl_s, 60);
@@ -663,6 +740,38 @@ component = "g.wasm"
             .unwrap_err()
             .to_string();
         assert!(err.contains("embedded"), "{err}");
+    }
+
+    #[test]
+    fn http_keys_are_read_and_checked() {
+        let cfg = parse(&format!(
+            "{MINIMAL}\n[http]\nheader_read_timeout_s = 2\nbody_read_timeout_s = 3\nkeep_alive = false\nmax_connections = 8\nmax_in_flight_requests = 4\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.http.header_read_timeout_s, 2);
+        assert_eq!(cfg.http.body_read_timeout_s, 3);
+        assert!(!cfg.http.keep_alive);
+        assert_eq!(cfg.http.max_connections, 8);
+        assert_eq!(cfg.http.max_in_flight_requests, 4);
+        let err = parse(&format!("{MINIMAL}\n[http]\nread_timeout_s = 2\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("read_timeout_s"), "{err}");
+        assert!(err.contains("line 12"), "{err}");
+        let text = format!(
+            "{MINIMAL}\n[http]\nheader_read_timeout_s = 0\nbody_read_timeout_s = 3601\nmax_connections = 4\nmax_in_flight_requests = 5\n"
+        );
+        let ConfigError::Invalid { problems, .. } = parse(&text).unwrap_err() else {
+            panic!("expected Invalid");
+        };
+        let all = problems.join("\n");
+        assert!(all.contains("http.header_read_timeout_s = 0"), "{all}");
+        assert!(all.contains("http.body_read_timeout_s = 3601"), "{all}");
+        assert!(all.contains("http.max_in_flight_requests = 5"), "{all}");
+        let err = parse(&format!("{MINIMAL}\n[http]\nmax_connections = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http.max_connections = 0"), "{err}");
     }
 
     #[test]

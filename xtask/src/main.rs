@@ -5,8 +5,10 @@
 //!   `target/plugins/<name>.wasm`, where `pipeline.toml` looks for them.
 //! - `cargo xtask test` starts the services the tests need (PostgreSQL,
 //!   Redis, the Tansu Kafka broker; Tansu is installed from crates.io when
-//!   missing), builds the plugins, and runs every test of the workspace.
+//!   missing), validates docker-compose.yml when docker-compose is
+//!   installed, builds the plugins, and runs every test of the workspace.
 //! - `cargo xtask bench` builds in release and runs the benchmarks.
+//! - `cargo xtask check-compose` validates docker-compose.yml alone.
 //!
 //! It depends on nothing but `anyhow` so that it builds in seconds.
 
@@ -24,6 +26,7 @@ fn main() -> ExitCode {
         Some("build-plugins") => build_plugins().map(|_| ()),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("check-compose") => check_compose(),
         Some("services") => match args.get(1).map(String::as_str) {
             Some("start") => ensure_services(),
             _ => check_services(),
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
                  build-plugins   build the rule plugins to target/plugins/*.wasm\n  \
                  test [ARGS]     check services, build plugins, run every test (ARGS go to the test runner)\n  \
                  bench [FILTER]  run the benchmarks in release mode\n  \
+                 check-compose   validate docker-compose.yml (docker-compose config -q; part of test)\n  \
                  services [start] check (or start) the services the tests need"
             );
             return ExitCode::from(2);
@@ -290,6 +294,7 @@ fn check_services() -> Result<()> {
 
 fn test(extra: &[String]) -> Result<()> {
     ensure_services()?;
+    check_compose()?;
     build_plugins()?;
     let nextest = Command::new("cargo")
         .args(["nextest", "--version"])
@@ -310,6 +315,38 @@ fn test(extra: &[String]) -> Result<()> {
         doc.args(["test", "--workspace", "--doc"]);
         run(doc)?;
     }
+    Ok(())
+}
+
+/// Validates docker-compose.yml with `docker-compose config -q` (or
+/// `docker compose config -q`): syntax, schema and interpolation, no engine
+/// needed. Skipped, and said so, when neither is installed. The Dockerfile
+/// is checked against a local build by `host/tests/container.rs`.
+fn check_compose() -> Result<()> {
+    let compose = root().join("docker-compose.yml");
+    let v1 = installed("docker-compose");
+    let v2 = !v1
+        && Command::new("docker")
+            .args(["compose", "version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+    let mut cmd = if v1 {
+        Command::new("docker-compose")
+    } else if v2 {
+        let mut c = Command::new("docker");
+        c.arg("compose");
+        c
+    } else {
+        eprintln!(
+            "xtask: SKIPPED validating docker-compose.yml: neither docker-compose nor `docker compose` is installed (Debian: apt-get install docker-compose)"
+        );
+        return Ok(());
+    };
+    cmd.arg("-f").arg(&compose).args(["config", "-q"]);
+    cmd.current_dir(root());
+    run(cmd).context("docker-compose.yml is not a valid compose file")?;
+    eprintln!("xtask: docker-compose.yml is valid");
     Ok(())
 }
 

@@ -5,20 +5,35 @@
 //! Every bad query parameter or body gets a 400 with a JSON body naming the
 //! field. Alert status changes are also published to `alert_status_updates`.
 //!
+//! Every route but `/healthz` shares one cap on requests in flight
+//! (`http.max_in_flight_requests`; over it: 503 with `Retry-After`, without
+//! waiting), and every request body has a read timeout
+//! (`http.body_read_timeout_s`; ingest answers 408). The connection limits
+//! are in [`serve`].
+//!
 //! Must not: compute aggregates or run rules.
 
-use std::sync::Arc;
+pub mod serve;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::bus::{Bus, Topic};
+use crate::config::HttpConfig;
 use crate::ingest::{self, IngestState};
 use crate::messages::KeyedMessage;
 use crate::pipeline::{Metrics, status_update};
@@ -32,9 +47,16 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
 }
 
-/// The whole HTTP surface of segs; without `ingest` (a `process`-role
-/// process), no telemetry routes.
-pub fn router(ingest: Option<IngestState>, api: ApiState) -> Router {
+/// The whole HTTP surface of segs with the per-request limits of `limits`;
+/// without `ingest` (a `process`-role process), no telemetry routes.
+/// `retry_after_s` is the `Retry-After` of a request refused for the
+/// in-flight cap.
+pub fn router(
+    ingest: Option<IngestState>,
+    api: ApiState,
+    limits: &HttpConfig,
+    retry_after_s: u32,
+) -> Router {
     let telemetry = match ingest {
         Some(ingest) => {
             let limit = ingest.max_body_bytes;
@@ -46,8 +68,10 @@ pub fn router(ingest: Option<IngestState>, api: ApiState) -> Router {
         }
         None => Router::new(),
     };
-    let read = Router::new()
+    let health = Router::new()
         .route("/healthz", get(healthz))
+        .with_state(api.clone());
+    let read = Router::new()
         .route("/alerts", get(list_alerts))
         .route("/alerts/{id}/acknowledge", post(acknowledge))
         .route("/alerts/{id}/resolve", post(resolve))
@@ -57,7 +81,48 @@ pub fn router(ingest: Option<IngestState>, api: ApiState) -> Router {
         .route("/aggregates/15m", get(aggregates_15m))
         .route("/aggregates/regional", get(aggregates_regional))
         .with_state(api);
-    telemetry.merge(read).fallback(not_found)
+    // One semaphore for every route (a plain `ConcurrencyLimitLayer` would
+    // get one per route); load shedding answers at once instead of queueing.
+    let in_flight = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(
+            move |e: tower::BoxError| async move { overloaded(e, retry_after_s) },
+        ))
+        .layer(LoadShedLayer::new())
+        .layer(GlobalConcurrencyLimitLayer::new(
+            limits.max_in_flight_requests,
+        ));
+    telemetry
+        .merge(read)
+        .layer(in_flight)
+        .merge(health)
+        .fallback(not_found)
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
+            limits.body_read_timeout_s,
+        )))
+}
+
+/// The answer to a request refused by the in-flight cap (load shedding).
+fn overloaded(e: tower::BoxError, retry_after_s: u32) -> Response {
+    let mut r = if e.is::<tower::load_shed::error::Overloaded>() {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests in progress (http.max_in_flight_requests); retry after the indicated delay"
+                .into(),
+            vec![],
+        )
+    } else {
+        tracing::error!(error = %e, "HTTP: a request limit failed");
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+            vec![],
+        )
+    };
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+    r
 }
 
 async fn not_found() -> Response {

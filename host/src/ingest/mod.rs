@@ -95,6 +95,20 @@ pub async fn post_one(
 
 fn body_rejected(s: &IngestState, e: axum::extract::rejection::BytesRejection) -> Response {
     s.metrics.rejected_requests.fetch_add(1, Ordering::Relaxed);
+    if body_timed_out(&e) {
+        // The client stalled inside its body (`http.body_read_timeout_s`);
+        // hyper closes the connection after this answer, as the rest of the
+        // body is never read.
+        return (
+            StatusCode::REQUEST_TIMEOUT,
+            Json(json!({
+                "error": "request_timeout",
+                "message": "the request body stalled (http.body_read_timeout_s)",
+                "details": []
+            })),
+        )
+            .into_response();
+    }
     let status = e.status();
     let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
         format!(
@@ -109,6 +123,19 @@ fn body_rejected(s: &IngestState, e: axum::extract::rejection::BytesRejection) -
         Json(json!({ "error": "bad_request", "message": message, "details": [] })),
     )
         .into_response()
+}
+
+/// Whether reading the body failed on the body read timeout (tower-http's
+/// `TimeoutError`, somewhere down the rejection's source chain).
+fn body_timed_out(e: &axum::extract::rejection::BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn invalid(s: &IngestState, e: ValidationError) -> Response {
