@@ -585,6 +585,10 @@ impl Consumer for KafkaConsumer {
     }
 
     async fn commit(&mut self) -> Result<(), BusError> {
+        // Only partitions this member still owns: a position kept from
+        // before a rebalance would move the new owner's offset back.
+        let owned = self.assignment();
+        self.positions.retain(|tp, _| owned.contains(tp));
         let positions: Vec<(Topic, u32, u64)> = self
             .positions
             .iter()

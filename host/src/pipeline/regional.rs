@@ -84,7 +84,9 @@ impl Stage for RegionalStage {
 
     async fn process(&mut self, records: &[Delivered]) {
         if self.epoch.is_none() {
-            self.claim().await;
+            // Records without an assignment were fetched just before a
+            // rebalance took the partition away: its new owner reads them.
+            return;
         }
         let now = Instant::now();
         for d in records {
@@ -384,7 +386,10 @@ fn decode_state(bytes: &[u8]) -> Result<CombinerState, SnapshotError> {
 }
 
 /// The regional windows as published on `aggregates_1m_regional`.
-fn messages(rows: &[store::RegionalAggregate], capacities: &[f64]) -> Vec<crate::messages::KeyedMessage> {
+fn messages(
+    rows: &[store::RegionalAggregate],
+    capacities: &[f64],
+) -> Vec<crate::messages::KeyedMessage> {
     let regional: Vec<RegionalWindow> = rows
         .iter()
         .zip(capacities)

@@ -100,8 +100,10 @@ pub struct StreamStage {
     anomaly: AnomalyRule,
     aggregate: AggregateRule,
     params: WindowsParams,
-    /// The partitions this process owns and has seen records of.
+    /// The partitions this process owns, each taken over (claimed).
     parts: BTreeMap<u32, Partition>,
+    /// The partitions of `telemetry-readings` the consumer has now.
+    assignment: Vec<u32>,
     /// To the checkpoint writer; `None` once finished.
     writer_tx: Option<mpsc::Sender<Job>>,
     writer: Option<JoinHandle<()>>,
@@ -174,6 +176,11 @@ impl Stage for StreamStage {
         // bookkeeping is once per run of one partition, not per reading.
         for run in records.chunk_by(|a, b| (a.topic, a.partition) == (b.topic, b.partition)) {
             let p = run[0].partition;
+            if !self.assignment.contains(&p) {
+                // Fetched just before a rebalance took the partition away:
+                // its new owner reads these records again.
+                continue;
+            }
             if !self.parts.contains_key(&p) {
                 let part = self.open_partition(p).await;
                 self.parts.insert(p, part);
@@ -242,6 +249,11 @@ impl Stage for StreamStage {
     }
 
     async fn assigned(&mut self, partitions: &[(Topic, u32)]) {
+        self.assignment = partitions
+            .iter()
+            .filter(|(t, _)| *t == Topic::TelemetryReadings)
+            .map(|(_, p)| *p)
+            .collect();
         let before: Vec<u32> = self.parts.keys().copied().collect();
         self.parts
             .retain(|p, _| partitions.contains(&(Topic::TelemetryReadings, *p)));
@@ -294,6 +306,7 @@ impl StreamStage {
             aggregate,
             params,
             parts: BTreeMap::new(),
+            assignment: Vec::new(),
             writer_tx: Some(writer_tx),
             writer: Some(writer),
             durable,
@@ -316,7 +329,12 @@ impl StreamStage {
             tracing::error!(partition = p, error = %e, "reading the outbox failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        let mut part = Partition::new(p, epoch, Windows::new(self.params), self.ctx.config.windows.anomaly_batch);
+        let mut part = Partition::new(
+            p,
+            epoch,
+            Windows::new(self.params),
+            self.ctx.config.windows.anomaly_batch,
+        );
         let Some(cp) = cp else {
             return part;
         };
@@ -514,12 +532,14 @@ impl Partition {
         self.checkpointed = self.next;
         let pending = std::mem::take(&mut self.pending);
         let closed_until = self.windows.closed_until(Width::OneMinute);
-        let report = (!pending.regional.is_empty() || closed_until != self.reported_until)
-            .then(|| RegionalPartial {
-                partition: self.id,
-                partitions: ctx.bus.partitions(),
-                closed_until,
-                windows: pending.regional,
+        let report =
+            (!pending.regional.is_empty() || closed_until != self.reported_until).then(|| {
+                RegionalPartial {
+                    partition: self.id,
+                    partitions: ctx.bus.partitions(),
+                    closed_until,
+                    windows: pending.regional,
+                }
             });
         self.reported_until = closed_until;
         let mut meter_windows = Vec::new();
@@ -628,7 +648,12 @@ impl Partition {
         self.closed.clear();
     }
 
-    fn finish_meters(&mut self, ctx: &Context, aggregate: &mut AggregateRule, window: &ClosedWindow) {
+    fn finish_meters(
+        &mut self,
+        ctx: &Context,
+        aggregate: &mut AggregateRule,
+        window: &ClosedWindow,
+    ) {
         let inputs: Vec<aggregate::MeterWindow> = window
             .meters
             .iter()

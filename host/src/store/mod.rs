@@ -647,10 +647,7 @@ pub trait Store: Send + Sync {
     /// Takes the group's checkpoint over: its epoch goes up by one, so a
     /// writer still holding the old epoch is fenced off. Returns the new
     /// epoch and the checkpoint as last saved (`None` if there is none yet).
-    async fn claim_checkpoint(
-        &self,
-        group: &str,
-    ) -> Result<(i64, Option<Checkpoint>), StoreError>;
+    async fn claim_checkpoint(&self, group: &str) -> Result<(i64, Option<Checkpoint>), StoreError>;
 }
 
 // ------------------------------------------------------------------ open

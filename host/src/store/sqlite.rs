@@ -898,10 +898,7 @@ impl Store for SqliteStore {
         load_checkpoint(&mut conn, group).await
     }
 
-    async fn claim_checkpoint(
-        &self,
-        group: &str,
-    ) -> Result<(i64, Option<Checkpoint>), StoreError> {
+    async fn claim_checkpoint(&self, group: &str) -> Result<(i64, Option<Checkpoint>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let epoch: i64 = sqlx::query_scalar(
             "INSERT INTO stream_checkpoints (consumer_group, bus_id, positions, state, \
