@@ -207,18 +207,23 @@ async fn send(sim: &mut Simulator, url: &str, ticks: u64, mut after_tick: impl F
     }
 }
 
+/// (meter, window start, count, avg, max, min, energy).
+type MeterRow = (String, i64, u32, String, String, String, String);
+/// (region, window start, meter count, total, load %, active meters).
+type RegionalRow = (String, i64, u32, String, String, Vec<String>);
+/// (type, severity, meter, region, timestamp).
+type AlertKey = (String, String, Option<String>, Option<String>, i64);
+/// (region, price, reason, effective from, active).
+type TariffRow = (String, String, String, i64, bool);
+
 /// Everything a run decided, in a form two runs can be compared by.
 #[derive(Debug, PartialEq)]
 struct Results {
-    /// (meter, window start, count, avg, max, min, energy) per width.
-    meters_1m: Vec<(String, i64, u32, String, String, String, String)>,
-    meters_15m: Vec<(String, i64, u32, String, String, String, String)>,
-    /// (region, window start, meter count, total, load %, active meters).
-    regional: Vec<(String, i64, u32, String, String, Vec<String>)>,
-    /// (type, severity, meter, region, timestamp).
-    alerts: Vec<(String, String, Option<String>, Option<String>, i64)>,
-    /// (region, price, reason, effective from, active).
-    tariffs: Vec<(String, String, String, i64, bool)>,
+    meters_1m: Vec<MeterRow>,
+    meters_15m: Vec<MeterRow>,
+    regional: Vec<RegionalRow>,
+    alerts: Vec<AlertKey>,
+    tariffs: Vec<TariffRow>,
 }
 
 /// A float as the store gives it back, to 9 decimals.

@@ -1,9 +1,11 @@
 //! The pipeline: the stages between the bus topics, wired as in the seed.
 //!
 //! ```text
-//! telemetry-readings ─▶ stream (windows + anomaly + aggregate) ─▶ alerts, aggregates_1m,
-//!                    │                                            aggregates_15m, aggregates_1m_regional
+//! telemetry-readings ─▶ stream, per partition (windows + anomaly + aggregate)
+//!                    │      ─▶ alerts, aggregates_1m, aggregates_15m,
+//!                    │         aggregates_1m_regional_partials
 //!                    └▶ archive (raw_readings)
+//! aggregates_1m_regional_partials ─▶ regional (every partition's share) ─▶ aggregates_1m_regional
 //! alerts, aggregates_1m_regional ─▶ alert stage (overload, dedupe, store) ─▶ alerts_processed
 //! aggregates_1m_regional ─▶ tariff stage (tariff rule, store) ─▶ tariff_updates
 //! ```
