@@ -165,6 +165,7 @@ impl App {
             max_batch: config.ingest.max_batch,
             max_body_bytes: config.ingest.max_body_bytes,
             reading_ttl: Duration::from_secs(config.dedupe.reading_ttl_s),
+            hold: Duration::from_secs(config.dedupe.hold_s),
             retry_after_s: config.ingest.retry_after_s,
             max_clock_skew_s: config.ingest.max_clock_skew_s,
             max_reading_age_s: config.ingest.max_reading_age_s,
@@ -254,12 +255,10 @@ pub async fn remark_recent_readings(
             continue;
         };
         let left_s = (left_ms as u64).div_ceil(1000);
-        by_ttl.entry(left_s).or_default().push_with(|k| {
-            k.push_str("reading:");
-            k.push_str(&reading.meter_id);
-            k.push(':');
-            crate::time::write_rfc3339_ms(k, ts);
-        });
+        by_ttl
+            .entry(left_s)
+            .or_default()
+            .push_with(|k| crate::ingest::write_key(k, &reading.meter_id, ts));
         marked += 1;
     }
     for (left_s, keys) in by_ttl {

@@ -249,6 +249,10 @@ pub struct KafkaConfig {
     pub linger_ms: u32,
     /// How long start-up waits for the cluster before failing.
     pub connect_timeout_s: u64,
+    /// How long a produce may take before it fails (the producer's
+    /// `message.timeout.ms`); must be below `dedupe.hold_s`, so a claim's
+    /// hold never runs out under a publish that may still succeed.
+    pub delivery_timeout_s: u64,
     /// Further librdkafka client properties, passed through as they are
     /// (e.g. `"security.protocol" = "SASL_SSL"`).
     pub client: BTreeMap<String, String>,
@@ -263,6 +267,7 @@ impl Default for KafkaConfig {
             retention_ms: 7 * 24 * 3_600_000,
             linger_ms: 0,
             connect_timeout_s: 10,
+            delivery_timeout_s: 20,
             client: BTreeMap::new(),
         }
     }
@@ -282,6 +287,10 @@ pub struct DedupeConfig {
     /// Seconds a `reading:{meterId}:{timestamp}` key is remembered
     /// (env `REDIS_DEDUPE_TTL`).
     pub reading_ttl_s: u64,
+    /// Seconds a request holds the keys it is publishing: a retry meeting
+    /// a live hold is answered 503; one meeting a hold that ran out (its
+    /// process died) looks on the bus for what the first attempt published.
+    pub hold_s: u64,
 }
 
 impl Default for DedupeConfig {
@@ -289,6 +298,7 @@ impl Default for DedupeConfig {
         DedupeConfig {
             kind: DedupeKind::Memory,
             reading_ttl_s: 60,
+            hold_s: 30,
         }
     }
 }
@@ -522,7 +532,27 @@ impl PipelineConfig {
                 self.kafka.connect_timeout_s >= 1,
                 "kafka.connect_timeout_s: must be at least 1".into(),
             );
+            need(
+                (1..self.dedupe.hold_s).contains(&self.kafka.delivery_timeout_s),
+                format!(
+                    "kafka.delivery_timeout_s = {}: must be at least 1 and below dedupe.hold_s ({})",
+                    self.kafka.delivery_timeout_s, self.dedupe.hold_s
+                ),
+            );
+            for key in ["message.timeout.ms", "delivery.timeout.ms"] {
+                need(
+                    !self.kafka.client.contains_key(key),
+                    format!("kafka.client.{key}: set kafka.delivery_timeout_s instead"),
+                );
+            }
         }
+        need(
+            (1..self.dedupe.reading_ttl_s.max(2)).contains(&self.dedupe.hold_s),
+            format!(
+                "dedupe.hold_s = {}: must be at least 1 and below dedupe.reading_ttl_s ({})",
+                self.dedupe.hold_s, self.dedupe.reading_ttl_s
+            ),
+        );
         need(
             self.windows.flush_interval_1m_s >= 1,
             "windows.flush_interval_1m_s: must be at least 1".into(),

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use segs::dedupe::{Dedupe, DedupeError, KeyBatch, ManualClock, MemoryDedupe, RedisDedupe};
+use segs::dedupe::{
+    Claim, Clock, Dedupe, DedupeError, KeyBatch, ManualClock, MemoryDedupe, RedisDedupe,
+};
 
 /// The Redis the tests use; `SEGS_TEST_REDIS_URL` overrides it.
 fn redis_url() -> String {
@@ -85,6 +87,79 @@ async fn check_set_nx_ex(d: &dyn Dedupe, prefix: &str, time: Time) {
     assert_eq!(mark(&["t"], short).await, [false]);
     time.pass(Duration::from_millis(1500)).await;
     assert_eq!(mark(&["t", "a"], ttl).await, [true, false]);
+}
+
+/// Two-phase marks: a claim holds new keys until confirmed (seen) or
+/// released (new again); another caller meanwhile finds them in flight;
+/// a hold that runs out is taken over and reported orphaned, with the time
+/// it was first claimed. `now_ms` is the clock the holds are on.
+async fn check_two_phase(d: &dyn Dedupe, prefix: &str, time: Time, now_ms: impl Fn() -> i64) {
+    use Claim::*;
+    let ttl = Duration::from_secs(60);
+    let hold = Duration::from_secs(30);
+    let claim = |names: &'static [&'static str], hold: Duration, token: u64| {
+        let b = keys(prefix, names);
+        async move { d.claim(&b, ttl, hold, token).await.expect("claim") }
+    };
+
+    assert_eq!(claim(&["a", "b"], hold, 1).await, [New, New]);
+    assert_eq!(claim(&["a", "c"], hold, 2).await, [InFlight, New]);
+    // Confirmed: a duplicate for everyone.
+    d.confirm(&keys(prefix, &["a", "b"]), &[0], ttl)
+        .await
+        .expect("confirm");
+    assert_eq!(claim(&["a"], hold, 3).await, [Duplicate]);
+    // Only the holder's release counts.
+    d.release(&keys(prefix, &["b"]), &[0], 2)
+        .await
+        .expect("release");
+    assert_eq!(claim(&["b"], hold, 3).await, [InFlight]);
+    d.release(&keys(prefix, &["b"]), &[0], 1)
+        .await
+        .expect("release");
+    assert_eq!(claim(&["b"], hold, 3).await, [New]);
+    // A key repeated within one claim is a duplicate the second time.
+    assert_eq!(
+        claim(&["r", "r", "s"], hold, 4).await,
+        [New, Duplicate, New]
+    );
+    // A hold that runs out (its holder died) is taken over, once.
+    let before = now_ms();
+    assert_eq!(claim(&["h"], Duration::from_secs(1), 5).await, [New]);
+    time.pass(Duration::from_millis(1500)).await;
+    let taken = claim(&["h"], hold, 6).await;
+    match taken[0] {
+        Orphaned { since_ms } => assert!(
+            (before - 1000..=before + 1000).contains(&since_ms),
+            "first claimed at {since_ms}, test clock {before}"
+        ),
+        other => panic!("expected the hold to be orphaned, got {other:?}"),
+    }
+    assert_eq!(claim(&["h"], hold, 7).await, [InFlight]);
+    d.confirm(&keys(prefix, &["h"]), &[0], ttl)
+        .await
+        .expect("confirm");
+    assert_eq!(claim(&["h"], hold, 7).await, [Duplicate]);
+    // check_and_mark (rebuilding marks at start) sees held keys as present.
+    assert_eq!(claim(&["m"], hold, 8).await, [New]);
+    assert_eq!(
+        d.check_and_mark(&keys(prefix, &["m"]), ttl).await.unwrap(),
+        [false]
+    );
+}
+
+#[tokio::test]
+async fn memory_holds_keys_in_two_phases() {
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000));
+    let d = MemoryDedupe::with_clock(clock.clone());
+    let c = clock.clone();
+    check_two_phase(&d, "reading:", Time::Manual(clock), move || c.now_ms()).await;
+}
+
+#[tokio::test]
+async fn redis_holds_keys_in_two_phases() {
+    let d = redis().await;
+    check_two_phase(&d, &run_prefix("two-phase"), Time::Real, segs::time::now_ms).await;
 }
 
 #[tokio::test]

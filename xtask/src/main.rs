@@ -162,6 +162,41 @@ const TANSU_START: &str = "nohup tansu broker \
     --storage-engine memory://tansu/ \
     > /tmp/segs-tansu.log 2>&1 &";
 
+/// Tansu with in-memory storage (the shared test broker) and SQLite storage
+/// (the broker-restart test runs its own, whose records must outlive it).
+const TANSU_INSTALL: &[&str] = &[
+    "install",
+    "tansu",
+    "--locked",
+    "--features",
+    "dynostore,libsql",
+];
+
+/// Whether the installed Tansu was built with every feature the tests use
+/// (cargo records the features of `cargo install` in `.crates2.json`).
+fn tansu_has_features() -> bool {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    let Some(text) = home.and_then(|h| std::fs::read_to_string(h.join(".crates2.json")).ok())
+    else {
+        return false;
+    };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    json["installs"].as_object().is_some_and(|installs| {
+        installs.iter().any(|(k, v)| {
+            k.starts_with("tansu ")
+                && ["dynostore", "libsql"].iter().all(|f| {
+                    v["features"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x == f))
+                })
+        })
+    })
+}
+
 const SERVICES: [Service; 3] = [
     Service {
         name: "PostgreSQL",
@@ -182,7 +217,7 @@ const SERVICES: [Service; 3] = [
         addr: "127.0.0.1:9092",
         program: "tansu",
         start: TANSU_START,
-        install: Some(&["install", "tansu", "--locked", "--features", "dynostore"]),
+        install: Some(TANSU_INSTALL),
     },
 ];
 
@@ -208,6 +243,16 @@ fn installed(program: &str) -> bool {
 /// and fails naming what is missing and how to get it.
 fn ensure_services() -> Result<()> {
     let mut missing = Vec::new();
+    if installed("tansu") && !tansu_has_features() {
+        eprintln!(
+            "xtask: the installed Tansu lacks the `libsql` feature (the broker-restart test \
+             needs its SQLite storage); reinstalling it (cargo {}; a few minutes, once)",
+            TANSU_INSTALL.join(" ")
+        );
+        let mut cmd = cargo();
+        cmd.args(TANSU_INSTALL);
+        run(cmd)?;
+    }
     for s in &SERVICES {
         if is_up(s.addr) {
             eprintln!("xtask: {} is up at {}", s.name, s.addr);

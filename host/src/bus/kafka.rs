@@ -151,6 +151,10 @@ impl KafkaBus {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", config.linger_ms.to_string())
+            .set(
+                "message.timeout.ms",
+                (config.delivery_timeout_s * 1000).to_string(),
+            )
             .create()
             .map_err(kafka)?;
         let bus = KafkaBus {

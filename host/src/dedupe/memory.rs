@@ -26,7 +26,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
-use super::{Dedupe, DedupeError, KeyBatch};
+use super::{Claim, Dedupe, DedupeError, KeyBatch};
 
 /// Number of shards (a power of two); a batch locks each shard at most once.
 const SHARDS: usize = 16;
@@ -97,7 +97,31 @@ impl Hasher for PassThrough {
     }
 }
 
-type Shard = HashMap<u128, i64, BuildHasherDefault<PassThrough>>;
+type Map<V> = HashMap<u128, V, BuildHasherDefault<PassThrough>>;
+
+/// One shard: confirmed keys with their expiry, and keys held by a claim
+/// (few: only those of requests being published).
+#[derive(Default)]
+struct Shard {
+    seen: Map<i64>,
+    held: Map<Hold>,
+}
+
+/// A key held by a claim until `until`, first claimed at `since`,
+/// remembered until `expires`.
+#[derive(Clone, Copy)]
+struct Hold {
+    until: i64,
+    since: i64,
+    expires: i64,
+    token: u64,
+}
+
+impl Shard {
+    fn len(&self) -> usize {
+        self.seen.len() + self.held.len()
+    }
+}
 
 /// In-process [`Dedupe`].
 pub struct MemoryDedupe {
@@ -141,7 +165,8 @@ impl MemoryDedupe {
         for shard in self.shards.iter() {
             let mut map = shard.lock();
             let before = map.len();
-            map.retain(|_, expiry| *expiry > now_ms);
+            map.seen.retain(|_, expiry| *expiry > now_ms);
+            map.held.retain(|_, hold| hold.expires > now_ms);
             removed += before - map.len();
         }
         removed
@@ -181,19 +206,12 @@ fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-#[async_trait::async_trait]
-impl Dedupe for MemoryDedupe {
-    async fn check_and_mark(
-        &self,
-        keys: &KeyBatch,
-        ttl: Duration,
-    ) -> Result<Vec<bool>, DedupeError> {
-        let now = self.clock.now_ms();
-        let expiry = now.saturating_add(duration_ms(ttl));
+impl MemoryDedupe {
+    /// Calls `f(index, shard)` for every key, locking each shard once, keys
+    /// in order within a shard (equal keys share a shard, so a repeat within
+    /// the batch sees the first one's effect).
+    fn each_key(&self, keys: &KeyBatch, mut f: impl FnMut(usize, u128, &mut Shard)) {
         let hashes: Vec<u128> = keys.iter().map(|k| self.hash(k)).collect();
-        let mut fresh = vec![false; hashes.len()];
-        // Keys in order within each shard; equal keys share a shard, so a
-        // repeat within the batch sees the first one's mark.
         for (s, shard) in self.shards.iter().enumerate() {
             let mut map = None;
             for (i, &h) in hashes.iter().enumerate() {
@@ -201,19 +219,129 @@ impl Dedupe for MemoryDedupe {
                     continue;
                 }
                 let map = map.get_or_insert_with(|| shard.lock());
-                fresh[i] = match map.entry(h) {
-                    Entry::Occupied(e) if *e.get() > now => false,
-                    Entry::Occupied(mut e) => {
-                        *e.get_mut() = expiry;
-                        true
-                    }
-                    Entry::Vacant(e) => {
-                        e.insert(expiry);
-                        true
-                    }
-                };
+                f(i, h, map);
             }
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Dedupe for MemoryDedupe {
+    async fn claim(
+        &self,
+        keys: &KeyBatch,
+        ttl: Duration,
+        hold: Duration,
+        token: u64,
+    ) -> Result<Vec<Claim>, DedupeError> {
+        let now = self.clock.now_ms();
+        let until = now.saturating_add(duration_ms(hold));
+        let expires = now.saturating_add(duration_ms(ttl));
+        let mut out = vec![Claim::Duplicate; keys.len()];
+        self.each_key(keys, |i, h, shard| {
+            if shard.seen.get(&h).is_some_and(|&e| e > now) {
+                out[i] = Claim::Duplicate;
+                return;
+            }
+            out[i] = match shard.held.entry(h) {
+                Entry::Occupied(mut e) => {
+                    let held = e.get_mut();
+                    if held.expires <= now {
+                        *held = Hold {
+                            until,
+                            since: now,
+                            expires,
+                            token,
+                        };
+                        Claim::New
+                    } else if held.token == token {
+                        Claim::Duplicate
+                    } else if held.until > now {
+                        Claim::InFlight
+                    } else {
+                        held.until = until;
+                        held.token = token;
+                        Claim::Orphaned {
+                            since_ms: held.since,
+                        }
+                    }
+                }
+                Entry::Vacant(e) => {
+                    e.insert(Hold {
+                        until,
+                        since: now,
+                        expires,
+                        token,
+                    });
+                    Claim::New
+                }
+            };
+        });
+        Ok(out)
+    }
+
+    async fn confirm(
+        &self,
+        keys: &KeyBatch,
+        which: &[usize],
+        ttl: Duration,
+    ) -> Result<(), DedupeError> {
+        let expiry = self.clock.now_ms().saturating_add(duration_ms(ttl));
+        for &i in which {
+            if i >= keys.len() {
+                continue;
+            }
+            let h = self.hash(keys.get(i));
+            let mut shard = self.shards[Self::shard_of(h)].lock();
+            shard.held.remove(&h);
+            shard.seen.insert(h, expiry);
+        }
+        Ok(())
+    }
+
+    async fn release(
+        &self,
+        keys: &KeyBatch,
+        which: &[usize],
+        token: u64,
+    ) -> Result<(), DedupeError> {
+        for &i in which {
+            if i >= keys.len() {
+                continue;
+            }
+            let h = self.hash(keys.get(i));
+            let mut shard = self.shards[Self::shard_of(h)].lock();
+            if shard.held.get(&h).is_some_and(|held| held.token == token) {
+                shard.held.remove(&h);
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_and_mark(
+        &self,
+        keys: &KeyBatch,
+        ttl: Duration,
+    ) -> Result<Vec<bool>, DedupeError> {
+        let now = self.clock.now_ms();
+        let expiry = now.saturating_add(duration_ms(ttl));
+        let mut fresh = vec![false; keys.len()];
+        self.each_key(keys, |i, h, shard| {
+            if shard.held.get(&h).is_some_and(|held| held.expires > now) {
+                return;
+            }
+            fresh[i] = match shard.seen.entry(h) {
+                Entry::Occupied(e) if *e.get() > now => false,
+                Entry::Occupied(mut e) => {
+                    *e.get_mut() = expiry;
+                    true
+                }
+                Entry::Vacant(e) => {
+                    e.insert(expiry);
+                    true
+                }
+            };
+        });
         Ok(fresh)
     }
 
@@ -223,7 +351,9 @@ impl Dedupe for MemoryDedupe {
                 continue;
             }
             let h = self.hash(keys.get(i));
-            self.shards[Self::shard_of(h)].lock().remove(&h);
+            let mut shard = self.shards[Self::shard_of(h)].lock();
+            shard.seen.remove(&h);
+            shard.held.remove(&h);
         }
         Ok(())
     }
@@ -281,7 +411,7 @@ mod tests {
             .await
             .expect("mark");
         assert!(first.iter().all(|&f| f));
-        let used = d.shards.iter().filter(|s| !s.lock().is_empty()).count();
+        let used = d.shards.iter().filter(|s| s.lock().len() > 0).count();
         assert_eq!(used, SHARDS);
         let second = d
             .check_and_mark(&b, Duration::from_secs(60))

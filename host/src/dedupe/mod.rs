@@ -111,9 +111,64 @@ pub enum DedupeError {
     },
 }
 
+/// What [`Dedupe::claim`] found for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Not seen: now *held* by the caller (until its hold runs out), who
+    /// publishes it and then [`Dedupe::confirm`]s or [`Dedupe::release`]s it.
+    New,
+    /// Seen and confirmed within its TTL, or repeated within the same call.
+    Duplicate,
+    /// Held by another caller whose hold has not run out: it may still be
+    /// publishing the key. Nobody can tell yet whether it is a duplicate.
+    InFlight,
+    /// Held by a caller whose hold ran out without a confirm or release
+    /// (its process died, or it was cut off): now held by this caller. The
+    /// earlier attempt may or may not have published the key, at or after
+    /// `since_ms` (the bus's record time): the caller looks there.
+    Orphaned { since_ms: i64 },
+}
+
 /// "Have we seen this key within its TTL?"
+///
+/// Ingest marks in two phases so that a mark never outlives a publish that
+/// did not happen: [`Dedupe::claim`] holds the new keys for a bounded time,
+/// the caller publishes them, then [`Dedupe::confirm`]s them (seen for the
+/// TTL) or, if the publish failed, [`Dedupe::release`]s them. A key whose
+/// holder died is found [`Claim::Orphaned`] by the next claim once the hold
+/// runs out.
 #[async_trait::async_trait]
 pub trait Dedupe: Send + Sync {
+    /// For each key in order, what it is (see [`Claim`]); new and orphaned
+    /// keys are now held by `token` for `hold`, and remembered for `ttl`.
+    /// A key repeated within one call is a duplicate the second time.
+    async fn claim(
+        &self,
+        keys: &KeyBatch,
+        ttl: Duration,
+        hold: Duration,
+        token: u64,
+    ) -> Result<Vec<Claim>, DedupeError>;
+
+    /// Marks `keys[i]` for each `i` in `which` as seen for `ttl` (they are
+    /// published). Indices out of range are ignored.
+    async fn confirm(
+        &self,
+        keys: &KeyBatch,
+        which: &[usize],
+        ttl: Duration,
+    ) -> Result<(), DedupeError>;
+
+    /// Forgets `keys[i]` for each `i` in `which` if `token` still holds it
+    /// (its publish failed: a retry must count them). A key another caller
+    /// has taken over, or confirmed, is left alone.
+    async fn release(
+        &self,
+        keys: &KeyBatch,
+        which: &[usize],
+        token: u64,
+    ) -> Result<(), DedupeError>;
+
     /// For each key in order: true if it was not present (and is now marked
     /// for `ttl`), false if present (a duplicate). A key repeated within one
     /// call is a duplicate the second time. (Redis: `SET key 1 NX EX ttl`.)

@@ -10,6 +10,14 @@
 //! bus refuses (backpressure) the dedupe marks are taken back and the client
 //! gets 503 with `Retry-After`, so a retry is not mistaken for duplicates.
 //!
+//! Dedupe marks are taken in two phases ([`Dedupe::claim`], then confirm or
+//! release), so a mark never outlives a publish that did not happen: a
+//! retry that meets a key another request still holds gets 503; one that
+//! meets a hold whose process died (`dedupe.hold_s` ran out) looks at what
+//! the bus received since that hold began, and publishes only the readings
+//! that are not there. A request runs to its end even if its client goes
+//! away, so a hold is always confirmed or released while the process lives.
+//!
 //! Must not: aggregate, call plugins, or touch the store.
 
 pub mod validate;
@@ -26,7 +34,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::bus::{Bus, BusError, Record, Topic};
-use crate::dedupe::{Dedupe, KeyBatch};
+use crate::dedupe::{Claim, Dedupe, KeyBatch};
 use crate::pipeline::Metrics;
 use validate::{TimeBounds, Validated, ValidationError};
 
@@ -39,6 +47,8 @@ pub struct IngestState {
     pub max_batch: usize,
     pub max_body_bytes: usize,
     pub reading_ttl: Duration,
+    /// `dedupe.hold_s`: how long a request holds the keys it publishes.
+    pub hold: Duration,
     pub retry_after_s: u32,
     /// `[ingest] max_clock_skew_s`: how far ahead of the server clock event
     /// time may be, seconds; 0 = no bound.
@@ -73,8 +83,34 @@ pub async fn post_batch(
     if s.bus.saturated(Topic::TelemetryReadings, s.max_batch) {
         return saturated(&s);
     }
-    let validated = validate::validate_batch(&body, s.max_batch, s.time_bounds());
-    accept(&s, validated).await
+    run_to_end(s, move |s| async move {
+        let validated = validate::validate_batch(&body, s.max_batch, s.time_bounds());
+        accept(&s, validated).await
+    })
+    .await
+}
+
+/// Runs a request's work in its own task, so that a client going away
+/// mid-publish does not cancel it between a dedupe claim and its confirm
+/// or release.
+async fn run_to_end<F, Fut>(s: IngestState, work: F) -> Response
+where
+    F: FnOnce(IngestState) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Response> + Send,
+{
+    let metrics = s.metrics.clone();
+    match tokio::spawn(async move { work(s).await }).await {
+        Ok(r) => r,
+        Err(e) => {
+            metrics.rejected_requests.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "ingest request task failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({ "error": "internal", "message": "the request failed; retry it" })),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// `POST /telemetry`: one reading object.
@@ -89,8 +125,11 @@ pub async fn post_one(
     if s.bus.saturated(Topic::TelemetryReadings, 1) {
         return saturated(&s);
     }
-    let validated = validate::validate_one(&body, s.time_bounds());
-    accept(&s, validated).await
+    run_to_end(s, move |s| async move {
+        let validated = validate::validate_one(&body, s.time_bounds());
+        accept(&s, validated).await
+    })
+    .await
 }
 
 fn body_rejected(s: &IngestState, e: axum::extract::rejection::BytesRejection) -> Response {
@@ -174,17 +213,66 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
 
     let mut keys = KeyBatch::default();
     for r in &readings {
-        keys.push_with(|k| {
-            k.push_str("reading:");
-            k.push_str(&r.meter_id);
-            k.push(':');
-            crate::time::write_rfc3339_ms(k, r.timestamp_ms);
-        });
+        keys.push_with(|k| write_key(k, &r.meter_id, r.timestamp_ms));
     }
-    let fresh = match s.dedupe.check_and_mark(&keys, s.reading_ttl).await {
-        Ok(f) => f,
+    let token = uuid::Uuid::new_v4().as_u64_pair().0;
+    let claims = match s.dedupe.claim(&keys, s.reading_ttl, s.hold, token).await {
+        Ok(c) => c,
         Err(e) => return unavailable(s, format!("dedupe store unavailable: {e}")),
     };
+    // The keys this request now holds, and what it publishes of them.
+    let mut held = Vec::new();
+    let mut orphaned = Vec::new();
+    let mut in_flight = 0;
+    for (i, c) in claims.iter().enumerate() {
+        match *c {
+            Claim::New => held.push(i),
+            Claim::Orphaned { since_ms } => {
+                held.push(i);
+                orphaned.push((i, since_ms));
+            }
+            Claim::InFlight => in_flight += 1,
+            Claim::Duplicate => {}
+        }
+    }
+    if in_flight > 0 {
+        release(s, &keys, &held, token).await;
+        return unavailable(
+            s,
+            format!(
+                "{in_flight} of these readings are being ingested by another request; \
+                 retry after the indicated delay"
+            ),
+        );
+    }
+    let mut fresh = vec![false; readings.len()];
+    for &i in &held {
+        fresh[i] = true;
+    }
+    if let Some(since) = orphaned.iter().map(|(_, since)| *since).min() {
+        // An earlier attempt held these keys and did not finish: whatever of
+        // it reached the bus is kept already.
+        // Less a margin: the hold's clock (Redis's) and the record times
+        // (the first attempt's process) may differ a little.
+        match on_bus_since(&*s.bus, since.saturating_sub(ORPHAN_MARGIN_MS)).await {
+            Ok(published) => {
+                for &(i, _) in &orphaned {
+                    if published.contains(keys.get(i)) {
+                        fresh[i] = false;
+                    }
+                }
+                tracing::info!(
+                    orphaned = orphaned.len(),
+                    already_published = orphaned.iter().filter(|(i, _)| !fresh[*i]).count(),
+                    "ingest: took over readings an earlier attempt held and did not finish"
+                );
+            }
+            Err(e) => {
+                release(s, &keys, &held, token).await;
+                return unavailable(s, format!("cannot read the bus back: {e}"));
+            }
+        }
+    }
 
     let now = crate::time::now_ms();
     let received_at = crate::time::format_rfc3339_ms(now);
@@ -214,9 +302,7 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
     if !records.is_empty() {
         if let Err(e) = s.bus.produce(Topic::TelemetryReadings, records).await {
             // Nothing was published: forget the marks so a retry counts.
-            if let Err(undo) = s.dedupe.unmark(&keys, &accepted).await {
-                tracing::error!(%undo, "could not take back dedupe marks after a refused publish");
-            }
+            release(s, &keys, &held, token).await;
             let message = match e {
                 BusError::Full { .. } => {
                     "the pipeline is saturated; retry after the indicated delay".to_owned()
@@ -228,6 +314,11 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
     }
     // The readings are on the bus; the client has not been told.
     crate::crash::point("ingest.after_publish");
+    if let Err(e) = s.dedupe.confirm(&keys, &held, s.reading_ttl).await {
+        // Published all the same: a retry meets the hold once it runs out
+        // and finds the readings on the bus.
+        tracing::warn!(error = %e, "could not confirm dedupe marks after publishing");
+    }
     s.metrics
         .accepted
         .fetch_add(accepted.len() as u64, Ordering::Relaxed);
@@ -239,4 +330,47 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
         Json(json!({ "accepted": accepted.len(), "duplicates": duplicates })),
     )
         .into_response()
+}
+
+/// How far before a dead hold's start ingest looks on the bus for what
+/// that attempt published.
+const ORPHAN_MARGIN_MS: i64 = 60_000;
+
+/// The dedupe key of a reading: `reading:{meterId}:{timestamp}`.
+pub(crate) fn write_key(k: &mut String, meter_id: &str, timestamp_ms: i64) {
+    k.push_str("reading:");
+    k.push_str(meter_id);
+    k.push(':');
+    crate::time::write_rfc3339_ms(k, timestamp_ms);
+}
+
+/// Takes back the holds of a request that publishes nothing.
+async fn release(s: &IngestState, keys: &KeyBatch, held: &[usize], token: u64) {
+    if let Err(e) = s.dedupe.release(keys, held, token).await {
+        // They run out after dedupe.hold_s; a retry then looks on the bus.
+        tracing::error!(error = %e, "could not take back dedupe holds");
+    }
+}
+
+/// The dedupe keys of the readings the bus received at or after `since_ms`.
+async fn on_bus_since(
+    bus: &dyn Bus,
+    since_ms: i64,
+) -> Result<std::collections::HashSet<String>, BusError> {
+    let records = bus
+        .recent_records(Topic::TelemetryReadings, since_ms)
+        .await?;
+    let mut out = std::collections::HashSet::with_capacity(records.len());
+    for r in &records {
+        let Ok(reading) = serde_json::from_slice::<crate::reading::Reading<'_>>(&r.value) else {
+            continue;
+        };
+        let Some(ts) = reading.event_time_ms() else {
+            continue;
+        };
+        let mut k = String::new();
+        write_key(&mut k, &reading.meter_id, ts);
+        out.insert(k);
+    }
+    Ok(out)
 }
