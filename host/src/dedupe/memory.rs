@@ -210,11 +210,25 @@ impl MemoryDedupe {
     /// Calls `f(index, shard)` for every key, locking each shard once, keys
     /// in order within a shard (equal keys share a shard, so a repeat within
     /// the batch sees the first one's effect).
-    fn each_key(&self, keys: &KeyBatch, mut f: impl FnMut(usize, u128, &mut Shard)) {
-        let hashes: Vec<u128> = keys.iter().map(|k| self.hash(k)).collect();
+    fn each_key(&self, keys: &KeyBatch, f: impl FnMut(usize, u128, &mut Shard)) {
+        let hashes: Vec<(usize, u128)> = keys.iter().map(|k| self.hash(k)).enumerate().collect();
+        self.each_hash(&hashes, f);
+    }
+
+    /// As [`MemoryDedupe::each_key`], for `keys[i]` with `i` in `which`.
+    fn each_of(&self, keys: &KeyBatch, which: &[usize], f: impl FnMut(usize, u128, &mut Shard)) {
+        let hashes: Vec<(usize, u128)> = which
+            .iter()
+            .filter(|&&i| i < keys.len())
+            .map(|&i| (i, self.hash(keys.get(i))))
+            .collect();
+        self.each_hash(&hashes, f);
+    }
+
+    fn each_hash(&self, hashes: &[(usize, u128)], mut f: impl FnMut(usize, u128, &mut Shard)) {
         for (s, shard) in self.shards.iter().enumerate() {
             let mut map = None;
-            for (i, &h) in hashes.iter().enumerate() {
+            for &(i, h) in hashes {
                 if Self::shard_of(h) != s {
                     continue;
                 }
@@ -287,15 +301,10 @@ impl Dedupe for MemoryDedupe {
         ttl: Duration,
     ) -> Result<(), DedupeError> {
         let expiry = self.clock.now_ms().saturating_add(duration_ms(ttl));
-        for &i in which {
-            if i >= keys.len() {
-                continue;
-            }
-            let h = self.hash(keys.get(i));
-            let mut shard = self.shards[Self::shard_of(h)].lock();
+        self.each_of(keys, which, |_, h, shard| {
             shard.held.remove(&h);
             shard.seen.insert(h, expiry);
-        }
+        });
         Ok(())
     }
 
@@ -305,16 +314,11 @@ impl Dedupe for MemoryDedupe {
         which: &[usize],
         token: u64,
     ) -> Result<(), DedupeError> {
-        for &i in which {
-            if i >= keys.len() {
-                continue;
-            }
-            let h = self.hash(keys.get(i));
-            let mut shard = self.shards[Self::shard_of(h)].lock();
+        self.each_of(keys, which, |_, h, shard| {
             if shard.held.get(&h).is_some_and(|held| held.token == token) {
                 shard.held.remove(&h);
             }
-        }
+        });
         Ok(())
     }
 
