@@ -160,7 +160,7 @@ impl App {
 
         let ingest = IngestState {
             bus: bus.clone(),
-            dedupe,
+            dedupe: dedupe.clone(),
             metrics: metrics.clone(),
             max_batch: config.ingest.max_batch,
             max_body_bytes: config.ingest.max_body_bytes,
@@ -173,6 +173,7 @@ impl App {
         let api = ApiState {
             store,
             bus,
+            dedupe,
             metrics,
         };
         let router = api::router(

@@ -8,6 +8,7 @@ pub mod bus;
 pub mod config;
 pub mod crash;
 pub mod dedupe;
+pub mod health;
 pub mod ingest;
 pub mod messages;
 pub mod pipeline;

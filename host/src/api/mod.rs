@@ -1,5 +1,6 @@
 //! The HTTP API: the router with ingest's endpoints and the read API over the
-//! store (alerts, tariffs, aggregates), plus `/healthz`.
+//! store (alerts, tariffs, aggregates), plus `/healthz` (alive) and `/readyz`
+//! (ready: dependencies and stages).
 //!
 //! Rows are returned as JSON with the seed's column names (snake_case).
 //! Every bad query parameter or body gets a 400 with a JSON body naming the
@@ -44,6 +45,7 @@ use crate::store::{AggregateQuery, AlertFilter, Store, Transition, WindowWidth};
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub bus: Arc<dyn Bus>,
+    pub dedupe: Arc<dyn crate::dedupe::Dedupe>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -70,6 +72,7 @@ pub fn router(
     };
     let health = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .with_state(api.clone());
     let read = Router::new()
         .route("/alerts", get(list_alerts))
@@ -209,8 +212,52 @@ fn instant(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
     }
 }
 
+/// Liveness: 200 while the process serves, with what each stage is doing
+/// (running, or retrying since …) and the counters.
 async fn healthz(State(s): State<ApiState>) -> Response {
-    Json(json!({ "status": "ok", "metrics": s.metrics.snapshot() })).into_response()
+    Json(json!({
+        "status": "ok",
+        "stages": s.metrics.health.snapshot(),
+        "metrics": s.metrics.snapshot(),
+    }))
+    .into_response()
+}
+
+/// How long one readiness check may take.
+const READY_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Readiness: the bus, the store and the dedupe store each answer within
+/// [`READY_CHECK`], and no stage is retrying; otherwise 503, naming what is
+/// wrong.
+async fn readyz(State(s): State<ApiState>) -> Response {
+    async fn check<E: std::fmt::Display>(
+        f: impl std::future::Future<Output = Result<(), E>>,
+    ) -> Value {
+        match tokio::time::timeout(READY_CHECK, f).await {
+            Ok(Ok(())) => json!({ "ok": true }),
+            Ok(Err(e)) => json!({ "ok": false, "error": e.to_string() }),
+            Err(_) => json!({ "ok": false, "error": format!("no answer within {READY_CHECK:?}") }),
+        }
+    }
+    let (bus, store, dedupe) = tokio::join!(
+        check(s.bus.check()),
+        check(s.store.ping()),
+        check(s.dedupe.ping())
+    );
+    let stages = s.metrics.health.snapshot();
+    let ready = [&bus, &store, &dedupe].iter().all(|c| c["ok"] == true)
+        && stages.values().all(|st| st.retrying.is_none());
+    let body = Json(json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": { "bus": bus, "store": store, "dedupe": dedupe },
+        "stages": stages,
+    }));
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body).into_response()
 }
 
 #[derive(Deserialize)]

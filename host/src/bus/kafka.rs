@@ -389,6 +389,21 @@ impl Bus for KafkaBus {
         }))
     }
 
+    async fn check(&self) -> Result<(), BusError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer as _;
+            inner
+                .producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .map(|_| ())
+                .map_err(kafka)
+        })
+        .await
+        .map_err(kafka)?
+    }
+
     fn partitions(&self) -> u32 {
         self.inner.partitions
     }

@@ -204,6 +204,12 @@ pub trait Bus: Send + Sync {
     /// Partitions of every topic.
     fn partitions(&self) -> u32;
 
+    /// Whether the bus can be reached now (readiness): Kafka answers a
+    /// metadata request; the in-process bus is always there.
+    async fn check(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
     /// Whether some partition of `topic` has less than `room` records left
     /// under its lag bound, so a produce of that many would likely be
     /// refused. A cheap look for callers that can refuse before doing work

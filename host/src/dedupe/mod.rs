@@ -188,6 +188,12 @@ pub trait Dedupe: Send + Sync {
     /// Number of live keys (memory; may include expired keys not yet swept)
     /// or `None` (Redis), for status.
     fn len_hint(&self) -> Option<usize>;
+
+    /// A round trip to the dedupe store (readiness); in-process: nothing
+    /// to reach.
+    async fn ping(&self) -> Result<(), DedupeError> {
+        Ok(())
+    }
 }
 
 /// Whole seconds for `EX`, rounded up, at least 1 (Redis refuses `EX 0`).

@@ -299,4 +299,12 @@ impl Dedupe for RedisDedupe {
     fn len_hint(&self) -> Option<usize> {
         None
     }
+
+    async fn ping(&self) -> Result<(), DedupeError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.error(e))
+    }
 }

@@ -62,7 +62,7 @@ impl Stage for ArchiveStage {
             })
             .collect();
         let store = self.ctx.store.clone();
-        with_retry(&self.ctx, "insert raw readings", || {
+        with_retry(&self.ctx, "archive", "insert raw readings", || {
             store.insert_raw_readings(&rows)
         })
         .await;

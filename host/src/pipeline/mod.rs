@@ -73,6 +73,8 @@ pub struct Metrics {
     pub raw_archived: AtomicU64,
     pub plugin_failures: AtomicU64,
     pub stage_errors: AtomicU64,
+    /// What each stage is doing (running, retrying since …).
+    pub health: crate::health::Health,
 }
 
 impl Metrics {
@@ -307,6 +309,8 @@ async fn drive<S: Stage>(
 ) {
     let mut stopping: Option<tokio::time::Instant> = None;
     let mut assignment: Vec<(Topic, u32)> = Vec::new();
+    let health = stage.context().metrics.clone();
+    health.health.started(S::NAME);
     loop {
         let polled = consumer.poll(POLL_MAX, POLL_WAIT).await;
         let now_assigned = consumer.assignment();
@@ -316,8 +320,12 @@ async fn drive<S: Stage>(
             assignment = now_assigned;
         }
         let records = match polled {
-            Ok(r) => r,
+            Ok(r) => {
+                health.health.succeeded(S::NAME, "poll");
+                r
+            }
             Err(e) => {
+                health.health.failed(S::NAME, "poll", &e.to_string());
                 stage
                     .context()
                     .metrics
@@ -341,6 +349,7 @@ async fn drive<S: Stage>(
             stage.idle().await;
         } else {
             stage.process(&records).await;
+            health.health.progressed(S::NAME);
         }
         commit(&mut stage, &mut consumer).await;
     }
@@ -423,20 +432,24 @@ const POLL_MAX: usize = 4096;
 
 /// Publishes `records`, retrying while the bus pushes back (a downstream
 /// topic is full): a stage must not drop what it derived.
-async fn publish(ctx: &Context, topic: Topic, records: Vec<Record>) {
+async fn publish(ctx: &Context, stage: &'static str, topic: Topic, records: Vec<Record>) {
     if records.is_empty() {
         return;
     }
     let mut delay = Duration::from_millis(10);
     loop {
         match ctx.bus.produce(topic, records.clone()).await {
-            Ok(()) => return,
+            Ok(()) => {
+                ctx.metrics.health.succeeded(stage, "publish");
+                return;
+            }
             Err(crate::bus::BusError::Full { .. }) => {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
             Err(e) => {
                 ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.health.failed(stage, "publish", &e.to_string());
                 tracing::error!(topic = topic.name(), error = %e, "publish failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -455,7 +468,7 @@ async fn apply(
     outbox: &OutboxBuilder<'_>,
 ) -> Applied {
     let store = ctx.store.clone();
-    let (applied, records) = with_retry(ctx, "apply a stage's effects", || {
+    let (applied, records) = with_retry(ctx, stage_name(stage), "apply a stage's effects", || {
         store.apply(stage, effects, outbox)
     })
     .await;
@@ -478,7 +491,12 @@ async fn apply_fenced(
     let (applied, records) = loop {
         attempt += 1;
         match ctx.store.apply(stage, effects, outbox).await {
-            Ok(done) => break done,
+            Ok(done) => {
+                ctx.metrics
+                    .health
+                    .succeeded(stage_name(stage), "store a checkpoint");
+                break done;
+            }
             Err(crate::store::StoreError::Fenced { group, epoch }) => {
                 tracing::info!(
                     stage,
@@ -490,6 +508,9 @@ async fn apply_fenced(
             }
             Err(e) => {
                 ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics
+                    .health
+                    .failed(stage_name(stage), "store a checkpoint", &e.to_string());
                 tracing::error!(%e, attempt, stage, "storing a checkpoint failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -507,6 +528,18 @@ fn crash_name(stage: &str) -> &str {
     stage.split('/').next().unwrap_or(stage)
 }
 
+/// A stage's name for [`crate::health`], from its outbox name.
+fn stage_name(stage: &str) -> &'static str {
+    match crash_name(stage) {
+        "stream" => "stream",
+        "regional" => "regional",
+        "alerts" => "alerts",
+        "tariff" => "tariff",
+        "archive" => "archive",
+        _ => "other",
+    }
+}
+
 /// Publishes outbox records in seq order (one produce per run of records of
 /// the same topic), then deletes them from the outbox. A crash between the
 /// two publishes them again after the restart: consumers recognise them by
@@ -521,18 +554,21 @@ async fn publish_outbox(ctx: &Context, stage: &str, records: Vec<OutboxRecord>) 
     for r in &records {
         if run_topic != Some(r.message.topic) {
             if let Some(topic) = run_topic {
-                publish(ctx, topic, std::mem::take(&mut run)).await;
+                publish(ctx, stage_name(stage), topic, std::mem::take(&mut run)).await;
             }
             run_topic = Some(r.message.topic);
         }
         run.push(r.message.record(now));
     }
     if let Some(topic) = run_topic {
-        publish(ctx, topic, run).await;
+        publish(ctx, stage_name(stage), topic, run).await;
     }
     crate::crash::point(&format!("{}.after_publish", crash_name(stage)));
     let store = ctx.store.clone();
-    with_retry(ctx, "clear the outbox", || store.delete_outbox(stage, last)).await;
+    with_retry(ctx, stage_name(stage), "clear the outbox", || {
+        store.delete_outbox(stage, last)
+    })
+    .await;
 }
 
 /// Publishes what a stage left in the outbox before it stopped (or crashed).
@@ -558,7 +594,12 @@ fn keyed<M: crate::messages::Message>(messages: &[M]) -> Vec<KeyedMessage> {
 /// Derived results are never dropped because the database blinked; the
 /// stage's offsets are not committed meanwhile, so the bus pushes back on
 /// ingest instead (503) and nothing acknowledged is lost.
-async fn with_retry<T, F, Fut>(ctx: &Context, what: &str, mut f: F) -> T
+async fn with_retry<T, F, Fut>(
+    ctx: &Context,
+    stage: &'static str,
+    what: &'static str,
+    mut f: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
@@ -568,10 +609,14 @@ where
     loop {
         attempt += 1;
         match f().await {
-            Ok(v) => return v,
+            Ok(v) => {
+                ctx.metrics.health.succeeded(stage, what);
+                return v;
+            }
             Err(e) => {
                 ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(%e, attempt, what, "store call failed; retrying");
+                ctx.metrics.health.failed(stage, what, &e.to_string());
+                tracing::error!(%e, attempt, stage, what, "store call failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }

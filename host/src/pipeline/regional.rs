@@ -179,9 +179,12 @@ impl RegionalStage {
     /// the outbox holds and resumes from the checkpoint.
     async fn claim(&mut self) {
         let store = self.ctx.store.clone();
-        let (epoch, cp) = with_retry(&self.ctx, "claim the regional checkpoint", || {
-            store.claim_checkpoint(REGIONAL_GROUP)
-        })
+        let (epoch, cp) = with_retry(
+            &self.ctx,
+            "regional",
+            "claim the regional checkpoint",
+            || store.claim_checkpoint(REGIONAL_GROUP),
+        )
         .await;
         while let Err(e) = flush_outbox(&self.ctx, STAGE).await {
             tracing::error!(error = %e, "reading the outbox failed; retrying");

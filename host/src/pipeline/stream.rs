@@ -320,9 +320,12 @@ impl StreamStage {
     async fn open_partition(&mut self, p: u32) -> Partition {
         let group = checkpoint_group(p);
         let store = self.ctx.store.clone();
-        let (epoch, cp) = with_retry(&self.ctx, "claim a partition's checkpoint", || {
-            store.claim_checkpoint(&group)
-        })
+        let (epoch, cp) = with_retry(
+            &self.ctx,
+            "stream",
+            "claim a partition's checkpoint",
+            || store.claim_checkpoint(&group),
+        )
         .await;
         let outbox = outbox_stage(p);
         while let Err(e) = flush_outbox(&self.ctx, &outbox).await {

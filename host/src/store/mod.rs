@@ -611,6 +611,9 @@ pub trait Store: Send + Sync {
     /// Rows in `raw_readings`.
     async fn count_raw_readings(&self) -> Result<u64, StoreError>;
 
+    /// A round trip to the database (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// Deletes time-series rows older than the configured [`Retention`],
     /// measured back from `now_ms`.
     async fn apply_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError>;

@@ -1153,6 +1153,11 @@ impl Store for PostgresStore {
         count_col(n, "raw_readings", "reading_id")
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn apply_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError> {
         if let Mode::TimescaleDb { .. } = self.mode {
             // The retention policies drop whole chunks on TimescaleDB's own

@@ -986,6 +986,11 @@ impl Store for SqliteStore {
         count_col(n, "raw_readings", "reading_id")
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn apply_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError> {
         let r = self.retention;
         let cutoff = |keep: Duration| {

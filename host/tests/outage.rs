@@ -1,0 +1,254 @@
+//! PostgreSQL cut off and back mid-stream: readiness turns 503 naming what
+//! is wrong (the store check, the stages retrying), the stages wait instead
+//! of dropping anything, and once the database is back everything
+//! acknowledged is stored exactly once and the process is ready again.
+//!
+//! The database is reached through a TCP proxy this test controls, so
+//! cutting it off disturbs no other test. Needs `cargo xtask build-plugins`
+//! first and PostgreSQL (`cargo xtask services start`).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use segs::app::App;
+use segs::config::{PipelineConfig, RegionConfig};
+use segs::simulator::{self, SimConfig, Simulator};
+use segs::store::{AggregateQuery, WindowWidth};
+use serde_json::Value;
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A TCP proxy to `target` that can be cut off (every connection dropped,
+/// new ones refused) and restored.
+struct Proxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Proxy {
+    async fn start(target: &'static str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let (up2, conns2) = (up.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(client); // refused: closed at once
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                conns2.lock().push(task.abort_handle());
+            }
+        });
+        Proxy { port, up, conns }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for c in self.conns.lock().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// (meterId, timestamp) of every reading in a batch body.
+fn keys(body: &[u8]) -> Vec<(String, String)> {
+    let readings: Vec<Value> = serde_json::from_slice(body).unwrap();
+    readings
+        .iter()
+        .map(|r| {
+            (
+                r["meterId"].as_str().unwrap().to_owned(),
+                r["timestamp"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn readyz(client: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = client.get(format!("{url}/readyz")).send().await.unwrap();
+    let status = r.status().as_u16();
+    let body = r.bytes().await.unwrap_or_default();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+const METERS: u32 = 100;
+const TICKS: u64 = 72;
+const CUT_AFTER: u64 = 24;
+const RESTORE_AFTER: u64 = 40;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cut_off_and_back_loses_nothing_and_readiness_says_so() {
+    let admin = std::env::var("SEGS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+        panic!("PostgreSQL is not reachable ({e}): `cargo xtask services start` starts it")
+    });
+    let name = format!("segs_outage_{}", uuid::Uuid::new_v4().simple());
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        root().join("target/plugins/anomaly.wasm").exists(),
+        "run `cargo xtask build-plugins` (or `cargo xtask test`)"
+    );
+    let mut cfg = PipelineConfig::load(&root().join("pipeline.toml")).unwrap();
+    cfg.store.url = format!("postgres://postgres@127.0.0.1:{}/{name}", proxy.port);
+    cfg.bus.path = dir.path().join("segs-bus.db");
+    let quarters_back = 8 + (uuid::Uuid::new_v4().as_u128() % 88) as i64;
+    let mut sim_cfg = SimConfig {
+        meters: METERS,
+        interval_s: 10,
+        seed: 3,
+        start_ms: segs::time::window_start(
+            segs::time::now_ms() - quarters_back * segs::windows::FIFTEEN_MINUTES_MS,
+            segs::windows::FIFTEEN_MINUTES_MS,
+        ),
+        duplicate_ratio: 0.03,
+        ..SimConfig::default()
+    };
+    sim_cfg.phases =
+        simulator::default_phases(sim_cfg.meters, &sim_cfg.regions, sim_cfg.interval_s);
+    let mut sim = Simulator::new(sim_cfg.clone()).unwrap();
+    for r in &sim_cfg.regions {
+        cfg.regions.insert(
+            r.clone(),
+            RegionConfig {
+                capacity_kw: sim.region_base_load(r) / 0.6,
+                base_price_per_kwh: 6.5,
+            },
+        );
+    }
+    let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", app.addr);
+    let client = reqwest::Client::new();
+    let (status, body) = readyz(&client, &url).await;
+    assert_eq!(status, 200, "{body}");
+
+    let mut acked: HashSet<(String, String)> = HashSet::new();
+    let mut not_ready: Option<Value> = None;
+    for k in 0..TICKS {
+        for batch in sim.next_batches(1000) {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                assert!(attempt < 600, "tick {k}: too many attempts");
+                let r = client
+                    .post(format!("{url}/telemetry/batch"))
+                    .header("content-type", "application/json")
+                    .body(batch.body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                match r.status().as_u16() {
+                    200 => {
+                        acked.extend(keys(&batch.body));
+                        break;
+                    }
+                    503 => tokio::time::sleep(Duration::from_millis(100)).await,
+                    status => panic!("tick {k}: {status} {:?}", r.text().await),
+                }
+            }
+        }
+        if k == CUT_AFTER {
+            proxy.cut();
+        }
+        if (CUT_AFTER..RESTORE_AFTER).contains(&k) && not_ready.is_none() {
+            // While the database is away, readiness says so.
+            for _ in 0..100 {
+                let (status, body) = readyz(&client, &url).await;
+                if status == 503 {
+                    not_ready = Some(body);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if k == RESTORE_AFTER {
+            proxy.restore();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let not_ready = not_ready.expect("readiness turned 503 while PostgreSQL was cut off");
+    assert_eq!(not_ready["status"], "not_ready", "{not_ready}");
+    assert_eq!(not_ready["checks"]["store"]["ok"], false, "{not_ready}");
+    assert_eq!(not_ready["checks"]["bus"]["ok"], true, "{not_ready}");
+
+    // Back: ready again once the stages have caught up.
+    let mut ready = None;
+    for _ in 0..300 {
+        let (status, body) = readyz(&client, &url).await;
+        if status == 200 {
+            ready = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready = ready.expect("ready again after PostgreSQL came back");
+    assert!(
+        ready["stages"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|s| s["state"] == "running"),
+        "{ready}"
+    );
+    let store = app.ctx.store.clone();
+    app.shutdown().await;
+
+    let unique = acked.len() as u64;
+    assert_eq!(unique, u64::from(METERS) * TICKS);
+    let all = AggregateQuery {
+        limit: 100_000,
+        ..AggregateQuery::default()
+    };
+    let one = store
+        .meter_aggregates(WindowWidth::OneMinute, &all)
+        .await
+        .unwrap();
+    let sum_1m: u64 = one.iter().map(|a| u64::from(a.count)).sum();
+    assert_eq!(sum_1m, unique, "sum of count in aggregates_1m");
+    assert!(
+        one.iter().all(|a| a.count == 6),
+        "a meter-minute miscounted"
+    );
+    let fifteen = store
+        .meter_aggregates(WindowWidth::FifteenMinutes, &all)
+        .await
+        .unwrap();
+    let sum_15m: u64 = fifteen.iter().map(|a| u64::from(a.count)).sum();
+    assert_eq!(sum_15m, unique, "sum of count in aggregates_15m");
+    assert_eq!(store.count_raw_readings().await.unwrap(), unique);
+    drop(store);
+    let _ = conn
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await;
+}
