@@ -1206,10 +1206,16 @@ const KAFKA_WARMUP: Duration = Duration::from_secs(5);
 const KAFKA_MEASURE: Duration = Duration::from_secs(25);
 /// The longest wait for segs's stages (or the raw consumer) to catch up.
 const KAFKA_DRAIN_MAX: Duration = Duration::from_secs(240);
-/// The Kafka path's pool: 20,000 meters x 75 ticks every 10 s (12.5 min of
-/// event time, so 1-minute windows close while it runs), 1,500,000 readings.
-const KAFKA_METERS: u32 = 20_000;
-const KAFKA_TICKS: u64 = 75;
+/// The Kafka path's pool: 2,000 meters x 750 ticks every 10 s, 1,500,000
+/// readings. Few meters, so that event time runs well ahead of wall time at
+/// a few thousand readings/s (what Tansu takes one record per batch): the
+/// 1-minute windows close while it runs, as in a steady state, and the
+/// shutdown flushes one open window per meter and width only. (With 20,000
+/// meters a 30 s run saw about 3 ticks; every meter's window was still open
+/// at the end, and the shutdown published one aggregate per meter and width
+/// for every 3 readings.)
+const KAFKA_METERS: u32 = 2_000;
+const KAFKA_TICKS: u64 = 750;
 
 /// The `[kafka.client]` settings of segs's Kafka tests (host/tests/e2e.rs
 /// `on_kafka`), used by both sides here: Tansu 0.6 misnumbers offsets when
