@@ -813,7 +813,7 @@ enum Sending {
 /// `Retry-After`, to keep the pressure on).
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
-/// Posts the bodies of `pool` as `sending` says from `connections` tasks with
+/// Posts the bodies of `pool` as `sending` says from CONNECTIONS tasks with
 /// one keep-alive connection each, for at most `send_time` or until `stop`
 /// is set, on the generator's own runtime (threads named `loadgen`).
 fn send_load(
@@ -823,13 +823,12 @@ fn send_load(
     sending: Sending,
     send_time: Duration,
     stop: &Arc<std::sync::atomic::AtomicBool>,
-    connections: usize,
 ) -> Load {
     let cycle = sending == Sending::Cycle;
     let next = Arc::new(AtomicUsize::new(0));
     let cpu0 = thread_cpu();
     let start = Instant::now();
-    let tasks: Vec<_> = (0..connections)
+    let tasks: Vec<_> = (0..CONNECTIONS)
         .map(|_| {
             let (url, pool, next) = (url.to_owned(), pool.clone(), next.clone());
             let stop = stop.clone();
@@ -993,7 +992,6 @@ fn http_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
             Sending::Cycle,
             SEND_TIME,
             &Default::default(),
-            CONNECTIONS,
         );
         println!(
             "  ceiling, trivial axum endpoint (reads body, 200) {:>11} readings/s  {}",
@@ -1018,7 +1016,6 @@ fn http_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
             Sending::Once,
             SEND_TIME,
             &Default::default(),
-            CONNECTIONS,
         );
         let secs = load.elapsed.as_secs_f64();
         let accepted = metrics.accepted.load(Ordering::Relaxed);
@@ -1161,7 +1158,6 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
                 Sending::UntilAccepted,
                 SUSTAIN_WARMUP_MAX + SUSTAIN_TIME * 2,
                 &stop,
-                CONNECTIONS,
             );
             (load, watcher.join().expect("watcher"))
         });
@@ -1219,11 +1215,6 @@ const KAFKA_DRAIN_MAX: Duration = Duration::from_secs(240);
 /// at the end, and the shutdown published one aggregate per meter and width
 /// for every 3 readings.)
 const KAFKA_METERS: u32 = 2_000;
-/// Connections of the Kafka path's HTTP generator (and tasks of the raw
-/// producer). The broker sets the pace (a request waits ~10 s for its 1,000
-/// deliveries at 16), so a few suffice; more only keep more bodies in flight,
-/// which reorders event time across ticks and makes readings late.
-const KAFKA_CONNECTIONS: usize = 4;
 const KAFKA_TICKS: u64 = 750;
 
 /// The `[kafka.client]` settings of segs's Kafka tests (host/tests/e2e.rs
@@ -1458,7 +1449,6 @@ fn kafka_segs(
             Sending::UntilAccepted,
             KAFKA_WARMUP + KAFKA_MEASURE * 2,
             &stop,
-            KAFKA_CONNECTIONS,
         );
         (load, watcher.join().expect("watcher"))
     });
@@ -1486,7 +1476,7 @@ fn kafka_segs(
     println!(
         "  segs on Kafka, end to end (App::start on the shipped pipeline.toml, bus.kind = kafka, \
          SQLite store, raw archive on, every stage and rule; the HTTP generator above, \
-         {KAFKA_CONNECTIONS} connections, a refused body re-sent after {} ms; {} s warm-up, {} s \
+         {CONNECTIONS} connections, a refused body re-sent after {} ms; {} s warm-up, {} s \
          measured):",
         RETRY_PAUSE.as_millis(),
         KAFKA_WARMUP.as_secs(),
@@ -1603,7 +1593,7 @@ struct KafkaRaw {
 
 /// Raw rdkafka on the same broker: the first `n` readings of the pool as
 /// ingest publishes them (the same JSON values, keyed by meter id, partition
-/// by murmur2 set on each record), produced by KAFKA_CONNECTIONS tasks 1,000 at a
+/// by murmur2 set on each record), produced by CONNECTIONS tasks 1,000 at a
 /// time with a `FutureProducer` configured as segs's, and consumed back by
 /// a `StreamConsumer` in a consumer group (manual commits every POLL_MAX).
 fn kafka_raw(
@@ -1754,7 +1744,7 @@ fn kafka_raw(
     let start = Instant::now();
     let ts = now_ms();
     let chunks = Arc::new(AtomicUsize::new(0));
-    let tasks: Vec<_> = (0..KAFKA_CONNECTIONS)
+    let tasks: Vec<_> = (0..CONNECTIONS)
         .map(|_| {
             let (producer, records, chunks, topic) = (
                 producer.clone(),
@@ -1828,7 +1818,7 @@ fn kafka_raw(
     println!(
         "  raw rdkafka on the same broker (the first {} accepted-equivalent readings as ingest \
          publishes them, ~{} B each, keyed by meter id, murmur2 partition set; FutureProducer as \
-         segs's, {KAFKA_CONNECTIONS} tasks x 1,000 records; StreamConsumer in a group, commits every \
+         segs's, {CONNECTIONS} tasks x 1,000 records; StreamConsumer in a group, commits every \
          {POLL_MAX}):",
         thousands(n as u64),
         value_bytes / n.max(1),
