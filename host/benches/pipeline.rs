@@ -1562,7 +1562,7 @@ fn kafka_segs(
         ("raw archive", archive_rate)
     };
     println!(
-        "    where the time goes: sending {:.1} s ({:.0} %), draining after the last request          {:.1} s ({:.0} %), shutdown flush {:.1} s ({:.0} %); in the measured window the slowest          consumer of telemetry-readings was the {slowest} ({}/s, ingest accepted {:.2}x that){}",
+        "    where the time goes: sending {:.1} s ({:.0} %), draining after the last request {:.1} s ({:.0} %), shutdown flush {:.1} s ({:.0} %); in the measured window the slowest consumer of telemetry-readings was the {slowest} ({}/s, ingest accepted {:.2}x that){}",
         sent_at.as_secs_f64(),
         100.0 * sent_at.as_secs_f64() / all,
         (drained - sent_at).as_secs_f64(),
