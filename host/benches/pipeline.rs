@@ -3,7 +3,7 @@
 //! Each benchmark runs several rounds and prints the best and the median, so
 //! a noisy neighbour on this 2-core machine shows as spread, not as a wrong
 //! figure. Filter by name: `cargo xtask bench anomaly` (names: `anomaly`,
-//! `hotpath`, `stream`, `http`, `sustained`).
+//! `hotpath`, `stream`, `http`, `sustained`, `kafka`).
 //!
 //! - `anomaly`: the anomaly rule, native Rust vs the Wasm component.
 //! - `hotpath`: the stream stage's per-reading work on one core, no bus and
@@ -22,6 +22,15 @@
 //!   while every stage consumes, once per bus: the volatile `memory` bus
 //!   and the durable `embedded` one with fsync on and off. Readings/s
 //!   accepted and the share of requests refused with 503.
+//! - `kafka`: the Kafka path on the broker at `KAFKA_BROKERS` (default
+//!   127.0.0.1:9092; Tansu here), skipped when none answers. segs on Kafka
+//!   end to end (the shipped configuration with `bus.kind = kafka`: HTTP
+//!   load for a warm-up and a measured window, then the time until every
+//!   accepted reading is in `raw_readings` and `aggregates_1m`), then raw
+//!   rdkafka producing and consuming the same published records on the same
+//!   broker; both figures side by side, their ratio, and where the time
+//!   goes (ingest latency, the stages' progress, CPU by thread group and of
+//!   the broker process).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -87,6 +96,9 @@ fn main() {
         }
     } else if http || sustained {
         println!("HTTP ingest: skipped (run `cargo xtask build-plugins`)");
+    }
+    if wanted("kafka") {
+        kafka_path();
     }
 }
 
@@ -694,13 +706,16 @@ struct CpuUse {
     sqlite_s: f64,
     /// The load generator's threads (`loadgen`).
     loadgen_s: f64,
+    /// librdkafka's own threads (`rdk:main`, `rdk:broker…`): the Kafka
+    /// clients' I/O and (de)framing.
+    kafka_s: f64,
 }
 
 impl CpuUse {
     /// `app 1.21 + SQLite 0.52 + generator 0.10 + other 0.01 = 1.84 cores`
     fn cores(&self, wall: Duration) -> String {
         let w = wall.as_secs_f64();
-        let other = self.total_s - self.app_s - self.sqlite_s - self.loadgen_s;
+        let other = self.total_s - self.app_s - self.sqlite_s - self.loadgen_s - self.kafka_s;
         let mut s = format!(
             "app threads {:.2} + SQLite worker {:.2}",
             self.app_s / w,
@@ -708,6 +723,9 @@ impl CpuUse {
         );
         if self.loadgen_s > 0.0 {
             s += &format!(" + generator {:.2}", self.loadgen_s / w);
+        }
+        if self.kafka_s > 0.0 {
+            s += &format!(" + librdkafka {:.2}", self.kafka_s / w);
         }
         s + &format!(" + other {:.2} = {:.2} cores", other / w, self.total_s / w)
     }
@@ -719,6 +737,7 @@ fn cpu_since(before: &HashMap<u32, (String, u64)>) -> CpuUse {
         app_s: 0.0,
         sqlite_s: 0.0,
         loadgen_s: 0.0,
+        kafka_s: 0.0,
     };
     for (tid, (name, ns)) in thread_cpu() {
         let was = before.get(&tid).map_or(0, |(_, ns)| *ns);
@@ -730,6 +749,8 @@ fn cpu_since(before: &HashMap<u32, (String, u64)>) -> CpuUse {
             use_.sqlite_s += s;
         } else if name.starts_with("loadgen") {
             use_.loadgen_s += s;
+        } else if name.starts_with("rdk:") {
+            use_.kafka_s += s;
         }
     }
     use_
@@ -871,6 +892,7 @@ fn send_load(
             app_s: 0.0,
             sqlite_s: 0.0,
             loadgen_s: 0.0,
+            kafka_s: 0.0,
         },
     };
     generator.block_on(async {
@@ -900,11 +922,16 @@ impl HttpPool {
     /// 100,000 meters x 15 ticks: 1,500 distinct bodies of 1,000 readings;
     /// every (meterId, timestamp) is new, so dedupe drops nothing.
     fn generate() -> HttpPool {
-        let (meters, ticks) = (100_000u32, 15u64);
+        HttpPool::simulate(100_000, 15, 11)
+    }
+
+    /// `meters` x `ticks` every 10 s from START_MS, in bodies of 1,000
+    /// readings, tick after tick.
+    fn simulate(meters: u32, ticks: u64, seed: u64) -> HttpPool {
         let mut sim = Simulator::new(SimConfig {
             meters,
             interval_s: 10,
-            seed: 11,
+            seed,
             start_ms: START_MS,
             ..SimConfig::default()
         })
@@ -1169,4 +1196,660 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
         }
         rt.shutdown_timeout(Duration::from_secs(1));
     }
+}
+
+// ------------------------------------------------------------------- kafka --
+
+/// Sending before the measured window of the Kafka path.
+const KAFKA_WARMUP: Duration = Duration::from_secs(5);
+/// The measured window of the Kafka path (sending goes on through it).
+const KAFKA_MEASURE: Duration = Duration::from_secs(25);
+/// The longest wait for segs's stages (or the raw consumer) to catch up.
+const KAFKA_DRAIN_MAX: Duration = Duration::from_secs(240);
+/// The Kafka path's pool: 2,000 meters x 750 ticks every 10 s, 1,500,000
+/// readings. Few meters, so that event time runs well ahead of wall time at
+/// a few thousand readings/s (what Tansu takes one record per batch): the
+/// 1-minute windows close while it runs, as in a steady state, and the
+/// shutdown flushes one open window per meter and width only. (With 20,000
+/// meters a 30 s run saw about 3 ticks; every meter's window was still open
+/// at the end, and the shutdown published one aggregate per meter and width
+/// for every 3 readings.)
+const KAFKA_METERS: u32 = 2_000;
+const KAFKA_TICKS: u64 = 750;
+
+/// The `[kafka.client]` settings of segs's Kafka tests (host/tests/e2e.rs
+/// `on_kafka`), used by both sides here: Tansu 0.6 misnumbers offsets when
+/// a fetch starts inside a multi-record batch, so one record per batch.
+const TANSU_CLIENT: [(&str, &str); 1] = [("batch.num.messages", "1")];
+
+fn kafka_brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+/// Whether something accepts TCP connections at the first of `brokers`.
+fn broker_answers(brokers: &str) -> bool {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let first = brokers.split(',').next().unwrap_or_default().trim();
+    let Ok(addrs) = first.to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+}
+
+/// CPU time of the processes named `comm` (the local broker), ns; 0 when
+/// there is none (a remote broker).
+fn process_cpu_ns(comm: &str) -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut total = 0;
+    for e in dir.flatten() {
+        let p = e.path();
+        if !std::fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim() == comm) {
+            continue;
+        }
+        let ns = std::fs::read_to_string(p.join("stat"))
+            .ok()
+            .and_then(|stat| {
+                // utime + stime in clock ticks (USER_HZ, 100 on Linux).
+                let rest = &stat[stat.rfind(')')? + 1..];
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks: u64 =
+                    f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+                Some(ticks * 10_000_000)
+            })
+            .unwrap_or(0);
+        total += ns;
+    }
+    total
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The broker's name in /proc (Tansu here).
+const BROKER_COMM: &str = "tansu";
+
+/// segs on Kafka, then raw rdkafka on the same broker, in one run.
+fn kafka_path() {
+    let brokers = kafka_brokers();
+    if !broker_answers(&brokers) {
+        println!(
+            "Kafka path: skipped: no broker answers at {brokers} (KAFKA_BROKERS; \
+             `cargo xtask services start` starts Tansu)"
+        );
+        return;
+    }
+    if !plugin_path("anomaly").exists() {
+        println!("Kafka path: skipped (run `cargo xtask build-plugins`)");
+        return;
+    }
+    let pool = HttpPool::simulate(KAFKA_METERS, KAFKA_TICKS, 13);
+    let generator = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("loadgen")
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let namespace = format!("bench{}-", &run[..12]);
+    let shipped = PipelineConfig::load(&root().join("pipeline.toml")).expect("pipeline.toml");
+    println!(
+        "Kafka path on the broker at {brokers} (Tansu here, not Apache Kafka; fresh topics in \
+         namespace {namespace}; {} partitions; client settings of segs's Kafka tests: \
+         batch.num.messages = 1, linger.ms = {}, idempotent producer, acks = all; no transactions). \
+         Pool: {} meters x {} ticks every 10 s = {} distinct readings, 1,000 per body (~{} KiB):",
+        shipped.bus.partitions,
+        shipped.kafka.linger_ms,
+        thousands(u64::from(KAFKA_METERS)),
+        KAFKA_TICKS,
+        thousands(pool.readings as u64),
+        pool.body_kib,
+    );
+    let Some(segs) = kafka_segs(&pool, &generator, &brokers, &namespace, &shipped) else {
+        return;
+    };
+    generator.shutdown_timeout(Duration::from_secs(1));
+    let Some(raw) = kafka_raw(
+        &pool,
+        segs.accepted as usize,
+        &brokers,
+        &namespace,
+        &shipped,
+    ) else {
+        return;
+    };
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    println!(
+        "  side by side, {} readings each, same broker, same run:\n    \
+         segs, HTTP -> all stored   {:>9} readings/s  (first send until all in raw_readings and \
+         aggregates_1m, shutdown flush included)\n    \
+         raw rdkafka, produce+consume {:>7} readings/s  (first produce until all consumed)\n    \
+         ratio segs / raw           {:>9.2}  (aim: >= 0.80)\n    \
+         segs accepted (sustained)  {:>9} readings/s  vs raw produce acked {} readings/s: ratio {:.2}",
+        thousands(segs.accepted),
+        thousands(segs.end_to_end_per_s as u64),
+        thousands(raw.end_to_end_per_s as u64),
+        ratio(segs.end_to_end_per_s, raw.end_to_end_per_s),
+        thousands(segs.sustained_per_s as u64),
+        thousands(raw.produced_per_s as u64),
+        ratio(segs.sustained_per_s, raw.produced_per_s),
+    );
+}
+
+struct KafkaSegs {
+    /// Readings accepted (2xx) over the whole run.
+    accepted: u64,
+    /// Accepted readings/s in the measured window.
+    sustained_per_s: f64,
+    /// Accepted readings / (first send until all stored).
+    end_to_end_per_s: f64,
+}
+
+/// One row of the progress table.
+fn progress_row(t: Duration, c: &Counters, prev: Option<&(Duration, Counters)>) -> String {
+    let rate = |now: u64, was: u64| match prev {
+        Some((t0, _)) if t > *t0 => {
+            thousands(((now - was) as f64 / (t - *t0).as_secs_f64()) as u64)
+        }
+        _ => "-".to_owned(),
+    };
+    let p = prev.map_or(
+        Counters {
+            accepted: 0,
+            refused: 0,
+            processed: 0,
+            archived: 0,
+        },
+        |(_, c)| *c,
+    );
+    format!(
+        "    {:5.1} s  accepted {:>9} ({:>7}/s)  stream {:>9} ({:>7}/s)  archive {:>9} ({:>7}/s)  \
+         503s {}",
+        t.as_secs_f64(),
+        thousands(c.accepted),
+        rate(c.accepted, p.accepted),
+        thousands(c.processed),
+        rate(c.processed, p.processed),
+        thousands(c.archived),
+        rate(c.archived, p.archived),
+        c.refused,
+    )
+}
+
+/// segs on Kafka, end to end: the shipped configuration with `bus.kind =
+/// kafka` and a temporary SQLite store; HTTP load until KAFKA_WARMUP +
+/// KAFKA_MEASURE, then the wait until every accepted reading is stored.
+fn kafka_segs(
+    pool: &HttpPool,
+    generator: &tokio::runtime::Runtime,
+    brokers: &str,
+    namespace: &str,
+    shipped: &PipelineConfig,
+) -> Option<KafkaSegs> {
+    use segs::config::BusKind;
+    use std::sync::atomic::AtomicBool;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = pipeline_config(
+        dir.path(),
+        shipped.store.archive_raw_readings,
+        shipped.bus.max_lag_per_partition,
+    );
+    cfg.bus.kind = BusKind::Kafka;
+    cfg.kafka.brokers = brokers.to_owned();
+    cfg.kafka.namespace = namespace.to_owned();
+    for (k, v) in TANSU_CLIENT {
+        cfg.kafka.client.insert(k.into(), v.into());
+    }
+    let rt = app_runtime();
+    let app = match rt.block_on(App::start(cfg, "127.0.0.1:0".parse().expect("addr"))) {
+        Ok(app) => app,
+        Err(e) => {
+            println!("  segs on Kafka: skipped: App::start failed: {e}");
+            return None;
+        }
+    };
+    let metrics = app.ctx.metrics.clone();
+    let store = app.ctx.store.clone();
+    let url = format!("http://{}/telemetry/batch", app.addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let (load, (mut samples, window)) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut samples = vec![(Duration::ZERO, counters(&metrics))];
+            let mut window = None;
+            let mut from = None;
+            for s in 1.. {
+                let next = Duration::from_secs(s);
+                std::thread::sleep(next.saturating_sub(start.elapsed()));
+                let (t, c) = (start.elapsed(), counters(&metrics));
+                samples.push((t, c));
+                if from.is_none() && t >= KAFKA_WARMUP {
+                    from = Some((t, c, thread_cpu(), process_cpu_ns(BROKER_COMM)));
+                }
+                if t >= KAFKA_WARMUP + KAFKA_MEASURE {
+                    stop.store(true, Ordering::Relaxed);
+                    let (t0, c0, cpu0, broker0) = from.take().expect("warm-up sample");
+                    let broker_s = process_cpu_ns(BROKER_COMM).saturating_sub(broker0) as f64 / 1e9;
+                    window = Some((t - t0, c0, c, cpu_since(&cpu0), broker_s));
+                    break;
+                }
+            }
+            (samples, window.expect("measured window"))
+        });
+        let load = send_load(
+            generator,
+            &url,
+            &pool.bodies,
+            Sending::UntilAccepted,
+            KAFKA_WARMUP + KAFKA_MEASURE * 2,
+            &stop,
+        );
+        (load, watcher.join().expect("watcher"))
+    });
+    let sent_at = start.elapsed();
+    let total = metrics.accepted.load(Ordering::Relaxed);
+    // Drain: until every stage consuming telemetry-readings has it all.
+    let mut drained = None;
+    while start.elapsed() < sent_at + KAFKA_DRAIN_MAX {
+        let next = Duration::from_secs(samples.len() as u64);
+        std::thread::sleep(next.saturating_sub(start.elapsed()));
+        let c = counters(&metrics);
+        samples.push((start.elapsed(), c));
+        if c.processed >= total && c.archived >= total {
+            drained = Some(start.elapsed());
+            break;
+        }
+    }
+    let (wall, c0, c1, cpu, broker_s) = window;
+    let secs = wall.as_secs_f64();
+    let accepted = c1.accepted - c0.accepted;
+    let refused = c1.refused - c0.refused;
+    let refused_pct = 100.0 * refused as f64 / (refused + accepted / BATCH as u64).max(1) as f64;
+    let sustained_per_s = accepted as f64 / secs;
+    let per_s = |n: u64| thousands((n as f64 / secs) as u64);
+    println!(
+        "  segs on Kafka, end to end (App::start on the shipped pipeline.toml, bus.kind = kafka, \
+         SQLite store, raw archive on, every stage and rule; the HTTP generator above, \
+         {CONNECTIONS} connections, a refused body re-sent after {} ms; {} s warm-up, {} s \
+         measured):",
+        RETRY_PAUSE.as_millis(),
+        KAFKA_WARMUP.as_secs(),
+        KAFKA_MEASURE.as_secs(),
+    );
+    println!(
+        "    measured: {:>9} readings/s accepted (2xx), {:.1} % of requests refused (503); \
+         meanwhile stream {}/s, archive {}/s{}",
+        thousands(sustained_per_s as u64),
+        refused_pct,
+        per_s(c1.processed - c0.processed),
+        per_s(c1.archived - c0.archived),
+        if load.exhausted {
+            " (POOL RAN OUT before the end: figures are low)"
+        } else {
+            ""
+        },
+    );
+    println!("    time to ack at ingest (whole send): {}", load.summary());
+    println!(
+        "    CPU in the measured window: {} | broker ({BROKER_COMM}) {:.2} cores",
+        cpu.cores(wall),
+        broker_s / secs,
+    );
+    println!("    progress (counters: readings; 503s: requests refused):");
+    let mut prev: Option<&(Duration, Counters)> = None;
+    let last = samples.len() - 1;
+    for (i, s) in samples.iter().enumerate() {
+        if i == 0 || (i % 5 != 0 && i != last) {
+            continue;
+        }
+        println!("{}", progress_row(s.0, &s.1, prev));
+        prev = Some(s);
+    }
+    let Some(drained) = drained else {
+        println!(
+            "    NOT drained within {} s of the last request: end-to-end figure skipped",
+            KAFKA_DRAIN_MAX.as_secs()
+        );
+        drop(app);
+        rt.shutdown_timeout(Duration::from_secs(1));
+        return None;
+    };
+    let in_1m_before = rt.block_on(store.count_readings_1m()).unwrap_or(0);
+    let shutdown_from = Instant::now();
+    rt.block_on(app.shutdown());
+    let shutdown = shutdown_from.elapsed();
+    let stored_at = start.elapsed();
+    let in_1m = rt.block_on(store.count_readings_1m()).unwrap_or(0);
+    let raw = rt.block_on(store.count_raw_readings()).unwrap_or(0);
+    let late = metrics.late_readings.load(Ordering::Relaxed);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let end_to_end_per_s = total as f64 / stored_at.as_secs_f64();
+    println!(
+        "    {} readings accepted in {:.1} s of sending; stream and archive drained {:.1} s after \
+         the last request ({} in aggregates_1m then: the open windows close at shutdown); \
+         shutdown (closes, stores and publishes the open windows) {:.1} s; then aggregates_1m \
+         counts {} and raw_readings {}{}; {late} late readings merged",
+        thousands(total),
+        sent_at.as_secs_f64(),
+        (drained - sent_at).as_secs_f64(),
+        thousands(in_1m_before),
+        shutdown.as_secs_f64(),
+        thousands(in_1m),
+        thousands(raw),
+        if in_1m == total && raw == total {
+            " (all)"
+        } else {
+            " (NOT all accepted readings)"
+        },
+    );
+    println!(
+        "    first send until all stored: {:.1} s, {} readings/s end to end",
+        stored_at.as_secs_f64(),
+        thousands(end_to_end_per_s as u64),
+    );
+    let all = stored_at.as_secs_f64();
+    let stream_rate = (c1.processed - c0.processed) as f64 / secs;
+    let archive_rate = (c1.archived - c0.archived) as f64 / secs;
+    let (slowest, slowest_rate) = if stream_rate <= archive_rate {
+        ("stream stage", stream_rate)
+    } else {
+        ("raw archive", archive_rate)
+    };
+    println!(
+        "    where the time goes: sending {:.1} s ({:.0} %), draining after the last request {:.1} s ({:.0} %), shutdown flush {:.1} s ({:.0} %); in the measured window the slowest consumer of telemetry-readings was the {slowest} ({}/s, ingest accepted {:.2}x that){}",
+        sent_at.as_secs_f64(),
+        100.0 * sent_at.as_secs_f64() / all,
+        (drained - sent_at).as_secs_f64(),
+        100.0 * (drained - sent_at).as_secs_f64() / all,
+        shutdown.as_secs_f64(),
+        100.0 * shutdown.as_secs_f64() / all,
+        thousands(slowest_rate as u64),
+        sustained_per_s / slowest_rate.max(1.0),
+        if refused > 0 {
+            "; 503s mean the bus's lag bound (max_lag_per_partition) was reached"
+        } else {
+            ""
+        },
+    );
+    Some(KafkaSegs {
+        accepted: total,
+        sustained_per_s,
+        end_to_end_per_s,
+    })
+}
+
+struct KafkaRaw {
+    /// Readings / (first produce until every delivery acknowledged).
+    produced_per_s: f64,
+    /// Readings / (first produce until the consumer saw them all).
+    end_to_end_per_s: f64,
+}
+
+/// Raw rdkafka on the same broker: the first `n` readings of the pool as
+/// ingest publishes them (the same JSON values, keyed by meter id, partition
+/// by murmur2 set on each record), produced by CONNECTIONS tasks 1,000 at a
+/// time with a `FutureProducer` configured as segs's, and consumed back by
+/// a `StreamConsumer` in a consumer group (manual commits every POLL_MAX).
+fn kafka_raw(
+    pool: &HttpPool,
+    n: usize,
+    brokers: &str,
+    namespace: &str,
+    shipped: &PipelineConfig,
+) -> Option<KafkaRaw> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+
+    if n == 0 {
+        return None;
+    }
+    let received_at = segs::time::format_rfc3339_ms(now_ms());
+    let mut records: Vec<(Bytes, Bytes)> = Vec::with_capacity(n);
+    'bodies: for body in pool.bodies.iter() {
+        let v = validate::validate_batch(body, BATCH, validate::TimeBounds::UNBOUNDED)
+            .expect("simulator output is valid");
+        for r in &v.readings {
+            if records.len() >= n {
+                break 'bodies;
+            }
+            let mut value = Vec::with_capacity(320);
+            validate::write_published(r, &received_at, &mut value);
+            records.push((
+                Bytes::copy_from_slice(r.meter_id.as_bytes()),
+                Bytes::from(value),
+            ));
+        }
+    }
+    let n = records.len();
+    let value_bytes: usize = records.iter().map(|(_, v)| v.len()).sum();
+    let records = Arc::new(records);
+    let partitions = shipped.bus.partitions;
+    let topic = format!("{namespace}raw-telemetry-readings");
+    let base = || {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", brokers);
+        for (k, v) in TANSU_CLIENT {
+            c.set(k, v);
+        }
+        c
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("raw-kafka")
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let in_rt = rt.enter();
+    let admin: AdminClient<DefaultClientContext> = base().create().expect("admin client");
+    let retention = shipped.kafka.retention_ms.to_string();
+    let created = rt.block_on(
+        admin.create_topics(
+            &[
+                NewTopic::new(&topic, partitions as i32, TopicReplication::Fixed(1))
+                    .set("retention.ms", &retention),
+            ],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ),
+    );
+    if let Err(e) = created.map_err(|e| e.to_string()).and_then(|mut r| {
+        r.pop()
+            .unwrap_or(Ok(String::new()))
+            .map_err(|(_, c)| c.to_string())
+    }) {
+        println!("  raw rdkafka: skipped: cannot create {topic}: {e}");
+        return None;
+    }
+    let producer: FutureProducer = base()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", shipped.kafka.linger_ms.to_string())
+        .create()
+        .expect("producer");
+    let consumer: StreamConsumer = base()
+        .set("group.id", format!("{namespace}raw-group"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "range")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic.as_str()]).expect("subscribe");
+
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let consume = {
+        let topic = topic.clone();
+        rt.spawn(async move {
+            // Join the group before anything is produced (segs's stages have
+            // joined theirs when App::start returns).
+            let joined = Instant::now();
+            while consumer.assignment().map_or(0, |a| a.count()) < partitions as usize
+                && joined.elapsed() < Duration::from_secs(30)
+            {
+                let _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
+            }
+            let _ = ready_tx.send(());
+            let mut seen = 0usize;
+            let mut next: HashMap<i32, i64> = HashMap::new();
+            let mut since_commit = 0;
+            let mut errors = 0u64;
+            let commit = |next: &HashMap<i32, i64>| {
+                let mut tpl = TopicPartitionList::new();
+                for (&p, &o) in next {
+                    let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(o));
+                }
+                let _ = consumer.commit(&tpl, CommitMode::Async);
+            };
+            while seen < n {
+                match tokio::time::timeout(KAFKA_DRAIN_MAX, consumer.recv()).await {
+                    Err(_) => break,
+                    Ok(Err(_)) if errors >= 1000 => break,
+                    Ok(Err(_)) => errors += 1,
+                    Ok(Ok(m)) => {
+                        black_box(m.payload().map(<[u8]>::len));
+                        next.insert(m.partition(), m.offset() + 1);
+                        seen += 1;
+                        since_commit += 1;
+                        if since_commit >= POLL_MAX {
+                            commit(&next);
+                            since_commit = 0;
+                        }
+                    }
+                }
+            }
+            let done = Instant::now();
+            commit(&next);
+            (seen, errors, done)
+        })
+    };
+    if rt
+        .block_on(tokio::time::timeout(Duration::from_secs(40), ready_rx))
+        .is_err()
+    {
+        println!("  raw rdkafka: skipped: the consumer did not start");
+        return None;
+    }
+    let cpu0 = thread_cpu();
+    let broker0 = process_cpu_ns(BROKER_COMM);
+    let start = Instant::now();
+    let ts = now_ms();
+    let chunks = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (producer, records, chunks, topic) = (
+                producer.clone(),
+                records.clone(),
+                chunks.clone(),
+                topic.clone(),
+            );
+            rt.spawn(async move {
+                let mut failed = 0u64;
+                loop {
+                    let first = chunks.fetch_add(1, Ordering::Relaxed) * BATCH;
+                    if first >= records.len() {
+                        break;
+                    }
+                    let chunk = &records[first..(first + BATCH).min(records.len())];
+                    let mut pending = Vec::with_capacity(chunk.len());
+                    for (k, v) in chunk {
+                        let p = segs::bus::partition_for(k, partitions) as i32;
+                        loop {
+                            let record = FutureRecord::to(&topic)
+                                .key(&k[..])
+                                .payload(&v[..])
+                                .partition(p)
+                                .timestamp(ts);
+                            // A full local queue is waited out (segs's
+                            // produce refuses the request instead).
+                            let queue_full = match producer.send_result(record) {
+                                Ok(d) => {
+                                    pending.push(d);
+                                    false
+                                }
+                                Err((
+                                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                                    _,
+                                )) => true,
+                                Err((e, _)) => panic!("produce: {e}"),
+                            };
+                            if !queue_full {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                    for d in pending {
+                        if !matches!(d.await, Ok(Ok(_))) {
+                            failed += 1;
+                        }
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let failed: u64 = rt.block_on(async {
+        let mut failed = 0;
+        for t in tasks {
+            failed += t.await.expect("producer task");
+        }
+        failed
+    });
+    let produced = start.elapsed();
+    let (seen, errors, done) = rt.block_on(consume).expect("consumer task");
+    let consumed = done.saturating_duration_since(start);
+    let cpu = cpu_since(&cpu0);
+    let broker_s = process_cpu_ns(BROKER_COMM).saturating_sub(broker0) as f64 / 1e9;
+    drop(producer);
+    drop(in_rt);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let produced_per_s = n as f64 / produced.as_secs_f64();
+    let end_to_end_per_s = seen as f64 / consumed.as_secs_f64();
+    println!(
+        "  raw rdkafka on the same broker (the first {} accepted-equivalent readings as ingest \
+         publishes them, ~{} B each, keyed by meter id, murmur2 partition set; FutureProducer as \
+         segs's, {CONNECTIONS} tasks x 1,000 records; StreamConsumer in a group, commits every \
+         {POLL_MAX}):",
+        thousands(n as u64),
+        value_bytes / n.max(1),
+    );
+    println!(
+        "    produced (all acked) in {:.1} s: {} readings/s; consumed {} of {} in {:.1} s from the \
+         first produce: {} readings/s end to end{}{}",
+        produced.as_secs_f64(),
+        thousands(produced_per_s as u64),
+        thousands(seen as u64),
+        thousands(n as u64),
+        consumed.as_secs_f64(),
+        thousands(end_to_end_per_s as u64),
+        if failed > 0 {
+            format!("; {failed} deliveries FAILED")
+        } else {
+            String::new()
+        },
+        if errors > 0 {
+            format!("; {errors} consumer errors")
+        } else {
+            String::new()
+        },
+    );
+    println!(
+        "    CPU: {} | broker ({BROKER_COMM}) {:.2} cores",
+        cpu.cores(consumed),
+        broker_s / consumed.as_secs_f64(),
+    );
+    Some(KafkaRaw {
+        produced_per_s,
+        end_to_end_per_s,
+    })
 }

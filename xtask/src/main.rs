@@ -7,7 +7,10 @@
 //!   Redis, the Tansu Kafka broker; Tansu is installed from crates.io when
 //!   missing), validates docker-compose.yml when docker-compose is
 //!   installed, builds the plugins, and runs every test of the workspace.
-//! - `cargo xtask bench` builds in release and runs the benchmarks.
+//! - `cargo xtask bench [FILTER]` builds in release and runs the benchmarks
+//!   (FILTER: `anomaly`, `hotpath`, `stream`, `http`, `sustained`, `kafka`;
+//!   `kafka` needs a broker at `KAFKA_BROKERS`, e.g. the Tansu that
+//!   `cargo xtask services start` starts, and is skipped without one).
 //! - `cargo xtask check-compose` validates docker-compose.yml alone.
 //!
 //! It depends on nothing but `anyhow` so that it builds in seconds.
@@ -37,7 +40,7 @@ fn main() -> ExitCode {
                  commands:\n  \
                  build-plugins   build the rule plugins to target/plugins/*.wasm\n  \
                  test [ARGS]     check services, build plugins, run every test (ARGS go to the test runner)\n  \
-                 bench [FILTER]  run the benchmarks in release mode\n  \
+                 bench [FILTER]  run the benchmarks in release mode (FILTER: anomaly, hotpath, stream, http, sustained, kafka)\n  \
                  check-compose   validate docker-compose.yml (docker-compose config -q; part of test)\n  \
                  services [start] check (or start) the services the tests need"
             );
