@@ -117,11 +117,7 @@ impl App {
                 d.clone().spawn_sweeper(Duration::from_secs(10));
                 d
             }
-            DedupeKind::Redis => {
-                let url = std::env::var("REDIS_URL")
-                    .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-                Arc::new(RedisDedupe::connect(&url).await?)
-            }
+            DedupeKind::Redis => Arc::new(RedisDedupe::connect(&config.dedupe.redis_url).await?),
         };
         let store = crate::store::open(&config.store.url)
             .await

@@ -6,7 +6,7 @@
 //! [`PipelineConfig::check`] and are reported all together. Environment
 //! overrides from the seed (`REDIS_DEDUPE_TTL`, `FLUSH_INTERVAL_1M`,
 //! `FLUSH_INTERVAL_15M`, `DATABASE_URL`, `SEGS_BUS_PATH`, `KAFKA_BROKERS`,
-//! `SEGS_ROLE`) are applied by
+//! `REDIS_URL`, `SEGS_ROLE`) are applied by
 //! [`PipelineConfig::apply_env`].
 
 use std::collections::BTreeMap;
@@ -291,6 +291,8 @@ pub struct DedupeConfig {
     /// a live hold is answered 503; one meeting a hold that ran out (its
     /// process died) looks on the bus for what the first attempt published.
     pub hold_s: u64,
+    /// The Redis of `kind = "redis"` (env `REDIS_URL`).
+    pub redis_url: String,
 }
 
 impl Default for DedupeConfig {
@@ -299,6 +301,7 @@ impl Default for DedupeConfig {
             kind: DedupeKind::Memory,
             reading_ttl_s: 60,
             hold_s: 30,
+            redis_url: "redis://127.0.0.1:6379".into(),
         }
     }
 }
@@ -676,6 +679,16 @@ impl PipelineConfig {
                 });
             }
             self.kafka.brokers = brokers;
+        }
+        if let Ok(url) = std::env::var("REDIS_URL") {
+            if url.trim().is_empty() {
+                return Err(ConfigError::Env {
+                    name: "REDIS_URL",
+                    value: url,
+                    message: "must not be empty".into(),
+                });
+            }
+            self.dedupe.redis_url = url;
         }
         Ok(())
     }

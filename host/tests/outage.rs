@@ -1,9 +1,11 @@
-//! PostgreSQL cut off and back mid-stream: readiness turns 503 naming what
-//! is wrong (the store check, the stages retrying), the stages wait instead
-//! of dropping anything, and once the database is back everything
-//! acknowledged is stored exactly once and the process is ready again.
+//! A dependency cut off and back mid-stream — PostgreSQL, or Redis (the
+//! dedupe store) — changes no count: readiness turns 503 naming what is
+//! wrong, the stages wait instead of dropping anything (the store), ingest
+//! answers 503 and accepts nothing it cannot dedupe (Redis), and once the
+//! dependency is back everything acknowledged is stored exactly once and
+//! the process is ready again.
 //!
-//! The database is reached through a TCP proxy this test controls, so
+//! The dependency is reached through a TCP proxy this test controls, so
 //! cutting it off disturbs no other test. Needs `cargo xtask build-plugins`
 //! first and PostgreSQL (`cargo xtask services start`).
 
@@ -29,6 +31,7 @@ fn root() -> PathBuf {
 
 /// A TCP proxy to `target` that can be cut off (every connection dropped,
 /// new ones refused) and restored.
+#[derive(Clone)]
 struct Proxy {
     port: u16,
     up: Arc<AtomicBool>,
@@ -98,10 +101,26 @@ async fn readyz(client: &reqwest::Client, url: &str) -> (u16, Value) {
 const METERS: u32 = 100;
 const TICKS: u64 = 72;
 const CUT_AFTER: u64 = 24;
-const RESTORE_AFTER: u64 = 40;
+/// How long the dependency stays cut off.
+const OUTAGE: Duration = Duration::from_secs(6);
+
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    Postgres,
+    Redis,
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_cut_off_and_back_loses_nothing_and_readiness_says_so() {
+    cut_off_and_back(Cut::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cut_off_and_back_loses_nothing_and_readiness_says_so() {
+    cut_off_and_back(Cut::Redis).await;
+}
+
+async fn cut_off_and_back(what: Cut) {
     let admin = std::env::var("SEGS_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
     let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
@@ -111,7 +130,11 @@ async fn postgres_cut_off_and_back_loses_nothing_and_readiness_says_so() {
     conn.execute(format!("CREATE DATABASE {name}").as_str())
         .await
         .unwrap();
-    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let proxy = Proxy::start(match what {
+        Cut::Postgres => "127.0.0.1:5432",
+        Cut::Redis => "127.0.0.1:6379",
+    })
+    .await;
 
     let dir = tempfile::tempdir().unwrap();
     assert!(
@@ -119,7 +142,16 @@ async fn postgres_cut_off_and_back_loses_nothing_and_readiness_says_so() {
         "run `cargo xtask build-plugins` (or `cargo xtask test`)"
     );
     let mut cfg = PipelineConfig::load(&root().join("pipeline.toml")).unwrap();
-    cfg.store.url = format!("postgres://postgres@127.0.0.1:{}/{name}", proxy.port);
+    match what {
+        Cut::Postgres => {
+            cfg.store.url = format!("postgres://postgres@127.0.0.1:{}/{name}", proxy.port);
+        }
+        Cut::Redis => {
+            cfg.store.url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+            cfg.dedupe.kind = segs::config::DedupeKind::Redis;
+            cfg.dedupe.redis_url = format!("redis://127.0.0.1:{}", proxy.port);
+        }
+    }
     cfg.bus.path = dir.path().join("segs-bus.db");
     let quarters_back = 8 + (uuid::Uuid::new_v4().as_u128() % 88) as i64;
     let mut sim_cfg = SimConfig {
@@ -155,12 +187,14 @@ async fn postgres_cut_off_and_back_loses_nothing_and_readiness_says_so() {
 
     let mut acked: HashSet<(String, String)> = HashSet::new();
     let mut not_ready: Option<Value> = None;
+    let mut refused_while_cut = 0;
+    let mut cut = false;
     for k in 0..TICKS {
         for batch in sim.next_batches(1000) {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                assert!(attempt < 600, "tick {k}: too many attempts");
+                assert!(attempt < 1200, "tick {k}: too many attempts");
                 let r = client
                     .post(format!("{url}/telemetry/batch"))
                     .header("content-type", "application/json")
@@ -173,15 +207,26 @@ async fn postgres_cut_off_and_back_loses_nothing_and_readiness_says_so() {
                         acked.extend(keys(&batch.body));
                         break;
                     }
-                    503 => tokio::time::sleep(Duration::from_millis(100)).await,
+                    503 => {
+                        refused_while_cut += u32::from(cut);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     status => panic!("tick {k}: {status} {:?}", r.text().await),
                 }
             }
         }
         if k == CUT_AFTER {
             proxy.cut();
+            cut = true;
+            // Back after a while, whatever ingest answers meanwhile (with
+            // Redis away it refuses everything).
+            let p = proxy.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(OUTAGE).await;
+                p.restore();
+            });
         }
-        if (CUT_AFTER..RESTORE_AFTER).contains(&k) && not_ready.is_none() {
+        if cut && not_ready.is_none() {
             // While the database is away, readiness says so.
             for _ in 0..100 {
                 let (status, body) = readyz(&client, &url).await;
@@ -192,15 +237,25 @@ async fn postgres_cut_off_and_back_loses_nothing_and_readiness_says_so() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        if k == RESTORE_AFTER {
-            proxy.restore();
+        if cut && proxy.up.load(Ordering::SeqCst) {
+            cut = false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let not_ready = not_ready.expect("readiness turned 503 while PostgreSQL was cut off");
     assert_eq!(not_ready["status"], "not_ready", "{not_ready}");
-    assert_eq!(not_ready["checks"]["store"]["ok"], false, "{not_ready}");
     assert_eq!(not_ready["checks"]["bus"]["ok"], true, "{not_ready}");
+    match what {
+        Cut::Postgres => {
+            assert_eq!(not_ready["checks"]["store"]["ok"], false, "{not_ready}");
+        }
+        Cut::Redis => {
+            assert_eq!(not_ready["checks"]["dedupe"]["ok"], false, "{not_ready}");
+            assert_eq!(not_ready["checks"]["store"]["ok"], true, "{not_ready}");
+            // Ingest accepted nothing it could not dedupe.
+            assert!(refused_while_cut > 0, "no 503 while Redis was cut off");
+        }
+    }
 
     // Back: ready again once the stages have caught up.
     let mut ready = None;
