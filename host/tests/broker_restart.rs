@@ -39,6 +39,24 @@ struct Broker {
     child: Child,
 }
 
+/// Nothing outlives a failing test.
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `segs` child, killed if the test fails before it stops it.
+struct Child2(Child);
+
+impl Drop for Child2 {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Broker {
     async fn start(dir: &Path, port: u16, n: usize) -> Broker {
         let log = std::fs::File::create(dir.join(format!("tansu-{n}.log"))).unwrap();
@@ -201,6 +219,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_acknowledged() {
         .stderr(log)
         .spawn()
         .expect("spawning segs");
+    let mut segs = Child2(segs);
     let url = format!("http://127.0.0.1:{http_port}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -208,7 +227,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_acknowledged() {
         .unwrap();
     let mut up = false;
     for _ in 0..600 {
-        assert!(segs.try_wait().unwrap().is_none(), "segs exited at start");
+        assert!(segs.0.try_wait().unwrap().is_none(), "segs exited at start");
         if let Ok(r) = client.get(format!("{url}/healthz")).send().await {
             up = r.status().is_success();
             if up {
@@ -270,9 +289,9 @@ async fn a_broker_restart_mid_stream_loses_nothing_acknowledged() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     // SAFETY: kill has no preconditions; the pid is our child's.
     unsafe {
-        libc::kill(segs.id() as i32, libc::SIGTERM);
+        libc::kill(segs.0.id() as i32, libc::SIGTERM);
     }
-    let status = segs.wait().unwrap();
+    let status = segs.0.wait().unwrap();
     assert!(status.success(), "clean stop: {status}");
     broker.stop();
 

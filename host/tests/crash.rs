@@ -195,6 +195,15 @@ async fn start(dir: &Path, config: &Path, crash_at: Option<&str>, n: usize) -> O
     panic!("segs did not answer within 60 s");
 }
 
+/// A process left behind by a failing test would load the shared broker
+/// for every test after it.
+impl Drop for Segs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Segs {
     fn kill(&mut self) {
         let _ = self.child.kill(); // SIGKILL

@@ -157,6 +157,15 @@ async fn start(dir: &Path, config: &Path, store_url: &str, role: &str, name: &st
     panic!("segs ({name}) did not answer within 60 s");
 }
 
+/// A process left behind by a failing test would load the shared broker
+/// for every test after it.
+impl Drop for Segs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Segs {
     fn kill(&mut self) {
         let _ = self.child.kill(); // SIGKILL
