@@ -204,7 +204,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_acknowledged() {
 
     let http_port = free_port();
     let log = std::fs::File::create(dir.join("segs.log")).unwrap();
-    let mut segs = Command::new(env!("CARGO_BIN_EXE_segs"))
+    let segs = Command::new(env!("CARGO_BIN_EXE_segs"))
         .args(["run", "--no-simulator", "--listen"])
         .arg(format!("127.0.0.1:{http_port}"))
         .arg("--config")
