@@ -52,6 +52,32 @@ impl Stage for AlertStage {
         &self.ctx
     }
 
+    /// Regions may have moved here from another process, whose overload
+    /// counts and last applied windows are in the store: reload them.
+    async fn assigned(&mut self, _partitions: &[(Topic, u32)]) {
+        loop {
+            match Self::load(&self.ctx).await {
+                Ok((consecutive, applied)) => {
+                    self.consecutive = consecutive;
+                    self.applied = applied;
+                    self.ctx
+                        .metrics
+                        .health
+                        .succeeded(Self::NAME, "reload rule state");
+                    return;
+                }
+                Err(e) => {
+                    self.ctx
+                        .metrics
+                        .health
+                        .failed(Self::NAME, "reload rule state", &e.to_string());
+                    tracing::error!(error = %e, "alert stage: reloading rule state failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
     async fn process(&mut self, records: &[Delivered]) {
         let mut effects = Effects::default();
         let mut regional = Vec::new();
@@ -104,6 +130,17 @@ impl AlertStage {
     /// is published first.
     pub async fn new(ctx: Context, overload: OverloadRule) -> Result<AlertStage, PipelineError> {
         flush_outbox(&ctx, STAGE).await?;
+        let (consecutive, applied) = Self::load(&ctx).await?;
+        Ok(AlertStage {
+            ctx,
+            overload,
+            consecutive,
+            applied,
+        })
+    }
+
+    /// The per-region state as last stored (by this process or another).
+    async fn load(ctx: &Context) -> Result<(HashMap<String, u32>, AppliedWindows), PipelineError> {
         let consecutive = ctx
             .store
             .load_rule_state(OVERLOAD_STATE)
@@ -112,12 +149,7 @@ impl AlertStage {
             .map(|(region, n)| (region, u32::try_from(n).unwrap_or(0)))
             .collect();
         let applied = AppliedWindows::load(&*ctx.store, LAST_WINDOW).await?;
-        Ok(AlertStage {
-            ctx,
-            overload,
-            consecutive,
-            applied,
-        })
+        Ok((consecutive, applied))
     }
 
     fn bad_record(&self, d: &Delivered, e: &serde_json::Error) {

@@ -44,6 +44,32 @@ impl Stage for TariffStage {
         &self.ctx
     }
 
+    /// Regions may have moved here from another process, whose prices and
+    /// last applied windows are in the store: reload them.
+    async fn assigned(&mut self, _partitions: &[(crate::bus::Topic, u32)]) {
+        loop {
+            match Self::load(&self.ctx).await {
+                Ok((current, applied)) => {
+                    self.current = current;
+                    self.applied = applied;
+                    self.ctx
+                        .metrics
+                        .health
+                        .succeeded(Self::NAME, "reload rule state");
+                    return;
+                }
+                Err(e) => {
+                    self.ctx
+                        .metrics
+                        .health
+                        .failed(Self::NAME, "reload rule state", &e.to_string());
+                    tracing::error!(error = %e, "tariff stage: reloading rule state failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
     async fn process(&mut self, records: &[Delivered]) {
         let mut effects = Effects::default();
         let mut loads = Vec::with_capacity(records.len());
@@ -98,6 +124,20 @@ impl Stage for TariffStage {
 impl TariffStage {
     pub async fn new(ctx: Context, tariff: TariffRule) -> Result<TariffStage, PipelineError> {
         flush_outbox(&ctx, STAGE).await?;
+        let (current, applied) = Self::load(&ctx).await?;
+        Ok(TariffStage {
+            ctx,
+            tariff,
+            current,
+            applied,
+        })
+    }
+
+    /// The current prices and last applied windows as last stored (by this
+    /// process or another).
+    async fn load(
+        ctx: &Context,
+    ) -> Result<(std::collections::HashMap<String, f64>, AppliedWindows), PipelineError> {
         let current = ctx
             .store
             .current_tariffs()
@@ -106,12 +146,7 @@ impl TariffStage {
             .map(|t| (t.region, t.price_per_kwh))
             .collect();
         let applied = AppliedWindows::load(&*ctx.store, LAST_WINDOW).await?;
-        Ok(TariffStage {
-            ctx,
-            tariff,
-            current,
-            applied,
-        })
+        Ok((current, applied))
     }
 
     fn price_round(&mut self, round: &[RegionalWindow], effects: &mut Effects) {
