@@ -30,3 +30,37 @@ fn stages_use_the_typed_messages() {
     }
     assert!(checked >= 4, "the four stages were read");
 }
+
+/// "Every SQL statement lives in `store`" (ARCHITECTURE.md): no SQL in the
+/// stages, the HTTP API, ingest or the app assembly. (The embedded bus keeps
+/// its own journal's statements in `bus/journal.rs`.)
+#[test]
+fn sql_lives_in_the_store() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![src.join("app.rs"), src.join("health.rs")];
+    for dir in ["pipeline", "api", "ingest", "windows", "dedupe"] {
+        for entry in std::fs::read_dir(src.join(dir)).unwrap() {
+            files.push(entry.unwrap().path());
+        }
+    }
+    for path in &files {
+        let text = std::fs::read_to_string(path).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            for sql in [
+                "SELECT ",
+                "INSERT INTO",
+                "DELETE FROM",
+                "UPDATE ",
+                "sqlx::query",
+            ] {
+                assert!(
+                    !line.contains(sql),
+                    "{}:{}: `{sql}` outside the store: SQL lives in store/\n{line}",
+                    path.display(),
+                    i + 1
+                );
+            }
+        }
+    }
+    assert!(files.len() > 10, "the modules were read");
+}

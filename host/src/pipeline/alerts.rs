@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 
 use super::{
     AppliedWindows, Context, PipelineError, Stage, apply, flush_outbox, keyed, plugin_failed,
-    rounds_by_region,
+    rounds_by_region, with_retry,
 };
 use crate::bus::{Delivered, Topic};
 use crate::messages::{
@@ -28,7 +28,7 @@ use crate::messages::{
     OverloadMetadata, RegionalWindow, Severity, decode,
 };
 use crate::plugins::{OverloadRule, overload};
-use crate::store::{AlertRow, Applied, Effects, NewAlert, RuleState};
+use crate::store::{AlertRow, Applied, Effects, NewAlert, RuleState, StoreError};
 
 /// `rule_state.rule` of the overload rule's consecutive counts.
 const OVERLOAD_STATE: &str = "overload.consecutive";
@@ -55,27 +55,9 @@ impl Stage for AlertStage {
     /// Regions may have moved here from another process, whose overload
     /// counts and last applied windows are in the store: reload them.
     async fn assigned(&mut self, _partitions: &[(Topic, u32)]) {
-        loop {
-            match Self::load(&self.ctx).await {
-                Ok((consecutive, applied)) => {
-                    self.consecutive = consecutive;
-                    self.applied = applied;
-                    self.ctx
-                        .metrics
-                        .health
-                        .succeeded(Self::NAME, "reload rule state");
-                    return;
-                }
-                Err(e) => {
-                    self.ctx
-                        .metrics
-                        .health
-                        .failed(Self::NAME, "reload rule state", &e.to_string());
-                    tracing::error!(error = %e, "alert stage: reloading rule state failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                }
-            }
-        }
+        let ctx = self.ctx.clone();
+        (self.consecutive, self.applied) =
+            with_retry(&ctx, Self::NAME, "reload rule state", || Self::load(&ctx)).await;
     }
 
     async fn process(&mut self, records: &[Delivered]) {
@@ -129,7 +111,7 @@ impl AlertStage {
     /// incident in progress survives a restart; what the outbox still holds
     /// is published first.
     pub async fn new(ctx: Context, overload: OverloadRule) -> Result<AlertStage, PipelineError> {
-        flush_outbox(&ctx, STAGE).await?;
+        flush_outbox(&ctx, STAGE, STAGE).await?;
         let (consecutive, applied) = Self::load(&ctx).await?;
         Ok(AlertStage {
             ctx,
@@ -140,7 +122,7 @@ impl AlertStage {
     }
 
     /// The per-region state as last stored (by this process or another).
-    async fn load(ctx: &Context) -> Result<(HashMap<String, u32>, AppliedWindows), PipelineError> {
+    async fn load(ctx: &Context) -> Result<(HashMap<String, u32>, AppliedWindows), StoreError> {
         let consecutive = ctx
             .store
             .load_rule_state(OVERLOAD_STATE)

@@ -379,7 +379,10 @@ struct AppliedWindows {
 }
 
 impl AppliedWindows {
-    async fn load(store: &dyn Store, rule: &'static str) -> Result<AppliedWindows, PipelineError> {
+    async fn load(
+        store: &dyn Store,
+        rule: &'static str,
+    ) -> Result<AppliedWindows, crate::store::StoreError> {
         let last = store.load_rule_state(rule).await?.into_iter().collect();
         Ok(AppliedWindows { rule, last })
     }
@@ -459,92 +462,70 @@ async fn publish(ctx: &Context, stage: &'static str, topic: Topic, records: Vec<
 
 /// Stores a stage step's `effects` together with the messages `outbox`
 /// builds from what was stored (one transaction, retried until it
-/// succeeds), then publishes those messages and clears them from the outbox.
-/// Returns what was stored.
+/// succeeds), then publishes those messages and clears them from the
+/// stage's outbox (named as the stage). Returns what was stored.
 async fn apply(
     ctx: &Context,
-    stage: &str,
+    stage: &'static str,
     effects: &Effects,
     outbox: &OutboxBuilder<'_>,
 ) -> Applied {
     let store = ctx.store.clone();
-    let (applied, records) = with_retry(ctx, stage_name(stage), "apply a stage's effects", || {
+    let (applied, records) = with_retry(ctx, stage, "apply a stage's effects", || {
         store.apply(stage, effects, outbox)
     })
     .await;
-    crate::crash::point(&format!("{}.after_apply", crash_name(stage)));
-    publish_outbox(ctx, stage, records).await;
+    crate::crash::point(&format!("{stage}.after_apply"));
+    publish_outbox(ctx, stage, stage, records).await;
     applied
 }
 
-/// As [`apply`], for effects holding a claimed checkpoint: `None` (nothing
+/// As [`apply`], for effects holding a claimed checkpoint, with the outbox
+/// `outbox_key` (one per partition for the stream stage): `None` (nothing
 /// stored or published) when the checkpoint has been claimed by another
 /// writer since — the stage lost that partition.
 async fn apply_fenced(
     ctx: &Context,
-    stage: &str,
+    stage: &'static str,
+    outbox_key: &str,
     effects: &Effects,
     outbox: &OutboxBuilder<'_>,
 ) -> Option<Applied> {
-    let mut delay = Duration::from_millis(50);
-    let mut attempt = 0u32;
-    let (applied, records) = loop {
-        attempt += 1;
-        match ctx.store.apply(stage, effects, outbox).await {
-            Ok(done) => {
-                ctx.metrics
-                    .health
-                    .succeeded(stage_name(stage), "store a checkpoint");
-                break done;
-            }
-            Err(crate::store::StoreError::Fenced { group, epoch }) => {
-                tracing::info!(
-                    stage,
-                    group,
-                    epoch,
-                    "another process owns this checkpoint now; its state here is dropped"
-                );
-                return None;
-            }
-            Err(e) => {
-                ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
-                ctx.metrics
-                    .health
-                    .failed(stage_name(stage), "store a checkpoint", &e.to_string());
-                tracing::error!(%e, attempt, stage, "storing a checkpoint failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
+    let store = ctx.store.clone();
+    let stored = with_retry(ctx, stage, "store a checkpoint", || async {
+        match store.apply(outbox_key, effects, outbox).await {
+            Err(crate::store::StoreError::Fenced { group, epoch }) => Ok(Err((group, epoch))),
+            other => other.map(Ok),
+        }
+    })
+    .await;
+    let (applied, records) = match stored {
+        Ok(done) => done,
+        Err((group, epoch)) => {
+            tracing::info!(
+                stage,
+                group,
+                epoch,
+                "another process owns this checkpoint now; its state here is dropped"
+            );
+            return None;
         }
     };
-    crate::crash::point(&format!("{}.after_apply", crash_name(stage)));
-    publish_outbox(ctx, stage, records).await;
+    crate::crash::point(&format!("{stage}.after_apply"));
+    publish_outbox(ctx, stage, outbox_key, records).await;
     Some(applied)
 }
 
-/// The name of a stage in crash points: its outbox name without the
-/// partition (`stream/2` → `stream`).
-fn crash_name(stage: &str) -> &str {
-    stage.split('/').next().unwrap_or(stage)
-}
-
-/// A stage's name for [`crate::health`], from its outbox name.
-fn stage_name(stage: &str) -> &'static str {
-    match crash_name(stage) {
-        "stream" => "stream",
-        "regional" => "regional",
-        "alerts" => "alerts",
-        "tariff" => "tariff",
-        "archive" => "archive",
-        _ => "other",
-    }
-}
-
 /// Publishes outbox records in seq order (one produce per run of records of
-/// the same topic), then deletes them from the outbox. A crash between the
-/// two publishes them again after the restart: consumers recognise them by
-/// their ids (alert id, region and window, tariff id).
-async fn publish_outbox(ctx: &Context, stage: &str, records: Vec<OutboxRecord>) {
+/// the same topic), then deletes them from the outbox `outbox_key`. A crash
+/// between the two publishes them again after the restart: consumers
+/// recognise them by their ids (alert id, region and window, tariff id).
+async fn publish_outbox(
+    ctx: &Context,
+    stage: &'static str,
+    outbox_key: &str,
+    records: Vec<OutboxRecord>,
+) {
     let Some(last) = records.last().map(|r| r.seq) else {
         return;
     };
@@ -554,34 +535,40 @@ async fn publish_outbox(ctx: &Context, stage: &str, records: Vec<OutboxRecord>) 
     for r in &records {
         if run_topic != Some(r.message.topic) {
             if let Some(topic) = run_topic {
-                publish(ctx, stage_name(stage), topic, std::mem::take(&mut run)).await;
+                publish(ctx, stage, topic, std::mem::take(&mut run)).await;
             }
             run_topic = Some(r.message.topic);
         }
         run.push(r.message.record(now));
     }
     if let Some(topic) = run_topic {
-        publish(ctx, stage_name(stage), topic, run).await;
+        publish(ctx, stage, topic, run).await;
     }
-    crate::crash::point(&format!("{}.after_publish", crash_name(stage)));
+    crate::crash::point(&format!("{stage}.after_publish"));
     let store = ctx.store.clone();
-    with_retry(ctx, stage_name(stage), "clear the outbox", || {
-        store.delete_outbox(stage, last)
+    with_retry(ctx, stage, "clear the outbox", || {
+        store.delete_outbox(outbox_key, last)
     })
     .await;
 }
 
-/// Publishes what a stage left in the outbox before it stopped (or crashed).
-async fn flush_outbox(ctx: &Context, stage: &str) -> Result<(), PipelineError> {
-    let pending = ctx.store.pending_outbox(stage).await?;
+/// Publishes what a stage left in the outbox `outbox_key` before it stopped
+/// (or crashed).
+async fn flush_outbox(
+    ctx: &Context,
+    stage: &'static str,
+    outbox_key: &str,
+) -> Result<(), PipelineError> {
+    let pending = ctx.store.pending_outbox(outbox_key).await?;
     if !pending.is_empty() {
         tracing::info!(
             stage,
+            outbox_key,
             messages = pending.len(),
             "publishing what the outbox held at start"
         );
     }
-    publish_outbox(ctx, stage, pending).await;
+    publish_outbox(ctx, stage, outbox_key, pending).await;
     Ok(())
 }
 

@@ -186,7 +186,7 @@ impl RegionalStage {
             || store.claim_checkpoint(REGIONAL_GROUP),
         )
         .await;
-        while let Err(e) = flush_outbox(&self.ctx, STAGE).await {
+        while let Err(e) = flush_outbox(&self.ctx, STAGE, STAGE).await {
             tracing::error!(error = %e, "reading the outbox failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -304,7 +304,7 @@ impl RegionalStage {
             ..Effects::default()
         };
         let outbox = |_: &Applied| messages(&effects.regional_windows, &capacities);
-        if apply_fenced(&self.ctx, STAGE, &effects, &outbox)
+        if apply_fenced(&self.ctx, STAGE, STAGE, &effects, &outbox)
             .await
             .is_none()
         {

@@ -328,7 +328,7 @@ impl StreamStage {
         )
         .await;
         let outbox = outbox_stage(p);
-        while let Err(e) = flush_outbox(&self.ctx, &outbox).await {
+        while let Err(e) = flush_outbox(&self.ctx, STAGE, &outbox).await {
             tracing::error!(partition = p, error = %e, "reading the outbox failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -778,7 +778,7 @@ async fn write_checkpoints(
         crate::crash::point("stream.before_checkpoint");
         let outbox = |applied: &Applied| messages(&job, applied);
         let stage = outbox_stage(job.partition);
-        if apply_fenced(&ctx, &stage, &job.effects, &outbox)
+        if apply_fenced(&ctx, STAGE, &stage, &job.effects, &outbox)
             .await
             .is_some()
         {

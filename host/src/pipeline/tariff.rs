@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 
 use super::{
     AppliedWindows, Context, PipelineError, Stage, apply, flush_outbox, keyed, plugin_failed,
-    rounds_by_region,
+    rounds_by_region, with_retry,
 };
 use crate::bus::Delivered;
 use crate::messages::{RegionalWindow, TariffReason, TariffUpdate, decode};
@@ -47,27 +47,9 @@ impl Stage for TariffStage {
     /// Regions may have moved here from another process, whose prices and
     /// last applied windows are in the store: reload them.
     async fn assigned(&mut self, _partitions: &[(crate::bus::Topic, u32)]) {
-        loop {
-            match Self::load(&self.ctx).await {
-                Ok((current, applied)) => {
-                    self.current = current;
-                    self.applied = applied;
-                    self.ctx
-                        .metrics
-                        .health
-                        .succeeded(Self::NAME, "reload rule state");
-                    return;
-                }
-                Err(e) => {
-                    self.ctx
-                        .metrics
-                        .health
-                        .failed(Self::NAME, "reload rule state", &e.to_string());
-                    tracing::error!(error = %e, "tariff stage: reloading rule state failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                }
-            }
-        }
+        let ctx = self.ctx.clone();
+        (self.current, self.applied) =
+            with_retry(&ctx, Self::NAME, "reload rule state", || Self::load(&ctx)).await;
     }
 
     async fn process(&mut self, records: &[Delivered]) {
@@ -123,7 +105,7 @@ impl Stage for TariffStage {
 
 impl TariffStage {
     pub async fn new(ctx: Context, tariff: TariffRule) -> Result<TariffStage, PipelineError> {
-        flush_outbox(&ctx, STAGE).await?;
+        flush_outbox(&ctx, STAGE, STAGE).await?;
         let (current, applied) = Self::load(&ctx).await?;
         Ok(TariffStage {
             ctx,
@@ -137,7 +119,7 @@ impl TariffStage {
     /// process or another).
     async fn load(
         ctx: &Context,
-    ) -> Result<(std::collections::HashMap<String, f64>, AppliedWindows), PipelineError> {
+    ) -> Result<(HashMap<String, f64>, AppliedWindows), crate::store::StoreError> {
         let current = ctx
             .store
             .current_tariffs()
