@@ -8,31 +8,19 @@
 //! Needs `cargo xtask build-plugins` first and Tansu built with its
 //! `libsql` feature (`cargo xtask test` installs it so).
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use segs::simulator::{self, SimConfig, Simulator};
-use segs::store::{AggregateQuery, WindowWidth};
-use serde_json::Value;
+use common::{METERS, free_port, keys};
+use segs::simulator::Simulator;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-const METERS: u32 = 100;
 /// 12 simulated minutes; the broker dies after `KILL_AFTER`'s 2xx.
 const TICKS: u64 = 72;
 const KILL_AFTER: u64 = 30;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A Tansu broker on `port`, its log in `dir/tansu.db`.
 struct Broker {
@@ -97,75 +85,20 @@ impl Broker {
     }
 }
 
-/// The shipped pipeline.toml on the Kafka bus at `port`: absolute plugin
-/// paths, capacities at 60 % in normal mode, short client timeouts.
+/// The shipped config (see `common::config_doc`) on the broker at `port`,
+/// with short delivery timeout and dedupe hold.
 fn write_config(dir: &Path, sim: &Simulator, port: u16) -> PathBuf {
-    let plugins = root().join("target/plugins");
-    assert!(
-        plugins.join("anomaly.wasm").exists(),
-        "{} is missing: run `cargo xtask build-plugins` (or `cargo xtask test`)",
-        plugins.display()
-    );
-    let text = std::fs::read_to_string(root().join("pipeline.toml")).unwrap();
-    let mut doc: toml::Table = text.parse().unwrap();
-    for (name, plugin) in doc["plugins"].as_table_mut().unwrap() {
-        plugin.as_table_mut().unwrap().insert(
-            "component".into(),
-            toml::Value::String(plugins.join(format!("{name}.wasm")).display().to_string()),
-        );
-    }
-    let mut regions = toml::Table::new();
-    for r in &sim.config().regions {
-        let mut t = toml::Table::new();
-        t.insert(
-            "capacity_kw".into(),
-            toml::Value::Float(sim.region_base_load(r) / 0.6),
-        );
-        t.insert("base_price_per_kwh".into(), toml::Value::Float(6.5));
-        regions.insert(r.clone(), toml::Value::Table(t));
-    }
-    doc.insert("regions".into(), toml::Value::Table(regions));
-    doc["bus"]
+    let mut doc = common::config_doc(sim);
+    common::on_kafka(&mut doc, &format!("127.0.0.1:{port}"), "");
+    doc["kafka"]
         .as_table_mut()
         .unwrap()
-        .insert("kind".into(), toml::Value::String("kafka".into()));
-    let k = doc["kafka"].as_table_mut().unwrap();
-    k.insert(
-        "brokers".into(),
-        toml::Value::String(format!("127.0.0.1:{port}")),
-    );
-    k.insert("delivery_timeout_s".into(), toml::Value::Integer(4));
-    let mut client = toml::Table::new();
-    for (key, value) in [
-        ("session.timeout.ms", "6000"),
-        ("heartbeat.interval.ms", "1000"),
-        // Tansu 0.6 misnumbers a fetch that starts inside a batch.
-        ("batch.num.messages", "1"),
-    ] {
-        client.insert(key.into(), toml::Value::String(value.into()));
-    }
-    k.insert("client".into(), toml::Value::Table(client));
+        .insert("delivery_timeout_s".into(), toml::Value::Integer(4));
     doc["dedupe"]
         .as_table_mut()
         .unwrap()
         .insert("hold_s".into(), toml::Value::Integer(5));
-    let path = dir.join("pipeline.toml");
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-    path
-}
-
-/// (meterId, timestamp) of every reading in a batch body.
-fn keys(body: &[u8]) -> Vec<(String, String)> {
-    let readings: Vec<Value> = serde_json::from_slice(body).unwrap();
-    readings
-        .iter()
-        .map(|r| {
-            (
-                r["meterId"].as_str().unwrap().to_owned(),
-                r["timestamp"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
+    common::write(dir, "pipeline.toml", &doc)
 }
 
 /// Ignored: the test broker cannot do it. Tansu 0.6 restarted on its SQLite
@@ -182,22 +115,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_acknowledged() {
     // Kept when the test fails: the logs are the evidence.
     let dir = tempfile::tempdir().unwrap().keep();
     eprintln!("logs in {}", dir.display());
-    let quarters_back = 8 + (uuid::Uuid::new_v4().as_u128() % 88) as i64;
-    let start_ms = segs::time::window_start(
-        segs::time::now_ms() - quarters_back * segs::windows::FIFTEEN_MINUTES_MS,
-        segs::windows::FIFTEEN_MINUTES_MS,
-    );
-    let mut sim_cfg = SimConfig {
-        meters: METERS,
-        interval_s: 10,
-        seed: 5,
-        start_ms,
-        duplicate_ratio: 0.03,
-        ..SimConfig::default()
-    };
-    sim_cfg.phases =
-        simulator::default_phases(sim_cfg.meters, &sim_cfg.regions, sim_cfg.interval_s);
-    let mut sim = Simulator::new(sim_cfg).unwrap();
+    let mut sim = Simulator::new(common::sim_config(5)).unwrap();
     let port = free_port();
     let mut broker = Broker::start(&dir, port, 0).await;
     let config = write_config(&dir, &sim, port);
@@ -300,35 +218,6 @@ async fn a_broker_restart_mid_stream_loses_nothing_acknowledged() {
         .unwrap();
     let unique = acked.len() as u64;
     assert_eq!(unique, u64::from(METERS) * TICKS);
-    let all = AggregateQuery {
-        limit: 100_000,
-        ..AggregateQuery::default()
-    };
-    let one = store
-        .meter_aggregates(WindowWidth::OneMinute, &all)
-        .await
-        .unwrap();
-    let sum_1m: u64 = one.iter().map(|a| u64::from(a.count)).sum();
-    assert_eq!(sum_1m, unique, "sum of count in aggregates_1m");
-    let wrong: Vec<_> = one
-        .iter()
-        .filter(|a| a.count != 6)
-        .map(|a| (&a.meter_id, a.window_start_ms, a.count))
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "meter-minutes not counted 6 times: {wrong:?}"
-    );
-    let fifteen = store
-        .meter_aggregates(WindowWidth::FifteenMinutes, &all)
-        .await
-        .unwrap();
-    let sum_15m: u64 = fifteen.iter().map(|a| u64::from(a.count)).sum();
-    assert_eq!(sum_15m, unique, "sum of count in aggregates_15m");
-    assert_eq!(
-        store.count_raw_readings().await.unwrap(),
-        unique,
-        "raw_readings holds each reading once"
-    );
+    common::assert_counted_once(&*store, unique).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

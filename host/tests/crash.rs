@@ -22,130 +22,42 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use segs::simulator::{self, SimConfig, Simulator};
-use segs::store::{AggregateQuery, AlertFilter, Store, WindowWidth};
+mod common;
+
+use common::{METERS, free_port, keys};
+use segs::simulator::Simulator;
+use segs::store::{AlertFilter, Store};
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-const METERS: u32 = 100;
 /// 12 simulated minutes at one reading per meter every 10 s: the scripted
 /// surge (overload alert, tariff move), spike and outage all happen.
 const TICKS: u64 = 72;
 /// At most this many ticks: the 15-minute window the stream starts in.
 const MAX_TICKS: u64 = 90;
 
-/// 100 meters with the demo script, two hours back (inside the ingest
-/// bounds), 3 % re-sent duplicates.
-fn sim_config() -> SimConfig {
-    // A quarter hour picked at random among the last day's, so that two
-    // runs close together do not share dedupe keys (meterId, timestamp) in
-    // Redis.
-    let quarters_back = 8 + (uuid::Uuid::new_v4().as_u128() % 88) as i64;
-    let start_ms = segs::time::window_start(
-        segs::time::now_ms() - quarters_back * segs::windows::FIFTEEN_MINUTES_MS,
-        segs::windows::FIFTEEN_MINUTES_MS,
-    );
-    let mut cfg = SimConfig {
-        meters: METERS,
-        interval_s: 10,
-        seed: 7,
-        start_ms,
-        duplicate_ratio: 0.03,
-        ..SimConfig::default()
-    };
-    cfg.phases = simulator::default_phases(cfg.meters, &cfg.regions, cfg.interval_s);
-    cfg
-}
-
-/// The shipped pipeline.toml with absolute plugin paths and capacities that
-/// put every region at 60 % in normal mode (the surge crosses 90 %).
+/// The shipped config (see `common::config_doc`); on Kafka, the test broker
+/// in a namespace of its own, with ingest's dedupe marks in Redis, as in
+/// production (several ingest processes share them, and they outlive a
+/// crash). A short hold: the retry of the request killed mid-publish meets
+/// its hold, gets 503 until it runs out, then finds the readings on the bus.
 fn write_config(dir: &Path, sim: &Simulator, kafka: bool) -> PathBuf {
-    let plugins = root().join("target/plugins");
-    assert!(
-        plugins.join("anomaly.wasm").exists(),
-        "{} is missing: run `cargo xtask build-plugins` (or `cargo xtask test`)",
-        plugins.display()
-    );
-    let text = std::fs::read_to_string(root().join("pipeline.toml")).unwrap();
-    let mut doc: toml::Table = text.parse().unwrap();
-    for (name, plugin) in doc["plugins"].as_table_mut().unwrap() {
-        plugin.as_table_mut().unwrap().insert(
-            "component".into(),
-            toml::Value::String(plugins.join(format!("{name}.wasm")).display().to_string()),
-        );
-    }
-    let mut regions = toml::Table::new();
-    for r in &sim.config().regions {
-        let mut t = toml::Table::new();
-        t.insert(
-            "capacity_kw".into(),
-            toml::Value::Float(sim.region_base_load(r) / 0.6),
-        );
-        t.insert("base_price_per_kwh".into(), toml::Value::Float(6.5));
-        regions.insert(r.clone(), toml::Value::Table(t));
-    }
-    doc.insert("regions".into(), toml::Value::Table(regions));
+    let mut doc = common::config_doc(sim);
     if kafka {
-        // The Kafka bus on the test broker, in a namespace of its own; a
-        // killed member's partitions move on after 6 s, not Kafka's 45.
-        let bus = doc["bus"].as_table_mut().unwrap();
-        bus.insert("kind".into(), toml::Value::String("kafka".into()));
-        let mut k = toml::Table::new();
-        k.insert(
-            "brokers".into(),
-            toml::Value::String(
-                std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
-            ),
-        );
-        k.insert(
-            "namespace".into(),
-            toml::Value::String(format!("crash{}-", uuid::Uuid::new_v4().simple())),
-        );
-        let mut client = toml::Table::new();
-        client.insert(
-            "session.timeout.ms".into(),
-            toml::Value::String("6000".into()),
-        );
-        client.insert(
-            "heartbeat.interval.ms".into(),
-            toml::Value::String("1000".into()),
-        );
-        // Tansu 0.6 misnumbers the records of a fetch that starts inside a
-        // multi-record batch (ARCHITECTURE.md, Known gaps).
-        client.insert("batch.num.messages".into(), toml::Value::String("1".into()));
-        k.insert("client".into(), toml::Value::Table(client));
-        doc.insert("kafka".into(), toml::Value::Table(k));
-        // With Kafka, ingest's dedupe marks live in Redis, as in production
-        // (several ingest processes share them, and they outlive a crash).
-        // A short hold: the retry of the request killed mid-publish meets
-        // its hold, gets 503 until it runs out, then finds the readings on
-        // the bus.
+        let namespace = format!("crash{}-", uuid::Uuid::new_v4().simple());
+        common::on_kafka(&mut doc, &common::test_brokers(), &namespace);
         let dedupe = doc["dedupe"].as_table_mut().unwrap();
         dedupe.insert("kind".into(), toml::Value::String("redis".into()));
         dedupe.insert("hold_s".into(), toml::Value::Integer(5));
         let k = doc["kafka"].as_table_mut().unwrap();
         k.insert("delivery_timeout_s".into(), toml::Value::Integer(4));
     }
-    let path = dir.join("pipeline.toml");
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-    path
+    common::write(dir, "pipeline.toml", &doc)
 }
 
 /// One `segs run` process.
 struct Segs {
     child: Child,
     url: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts `segs run --no-simulator` on the files in `dir`, armed with
@@ -247,22 +159,6 @@ impl Run<'_> {
     }
 }
 
-/// (meterId, timestamp) of every reading in a batch body.
-fn keys(body: &[u8]) -> Vec<(String, String)> {
-    let readings: Vec<Value> = serde_json::from_slice(body).unwrap();
-    readings
-        .iter()
-        .map(|r| {
-            (
-                r["meterId"].as_str().unwrap().to_owned(),
-                segs::time::format_rfc3339_ms(
-                    segs::time::parse_rfc3339_ms(r["timestamp"].as_str().unwrap()).unwrap(),
-                ),
-            )
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_anywhere_changes_no_count() {
     sigkill_anywhere(false).await;
@@ -285,7 +181,7 @@ async fn sigkill_anywhere_changes_no_count_on_kafka() {
 async fn sigkill_anywhere(kafka: bool) {
     // Kept when the test fails: the processes' logs are the evidence.
     let dir = tempfile::tempdir().unwrap().keep();
-    let mut sim = Simulator::new(sim_config()).unwrap();
+    let mut sim = Simulator::new(common::sim_config(7)).unwrap();
     let config = write_config(dir.as_path(), &sim, kafka);
     eprintln!("segs logs in {}", dir.as_path().display());
     let client = reqwest::Client::builder()
@@ -467,42 +363,7 @@ async fn assert_exactly_once(store: &dyn Store, acked: &HashSet<(String, String)
         u64::from(METERS) * ticks,
         "every reading acked once"
     );
-    let all = AggregateQuery {
-        limit: 100_000,
-        ..AggregateQuery::default()
-    };
-
-    // aggregates_1m: one row per meter-minute, each counting its 6 readings.
-    let one = store
-        .meter_aggregates(WindowWidth::OneMinute, &all)
-        .await
-        .unwrap();
-    let sum_1m: u64 = one.iter().map(|a| u64::from(a.count)).sum();
-    assert_eq!(sum_1m, unique, "sum of count in aggregates_1m");
-    let wrong: Vec<_> = one
-        .iter()
-        .filter(|a| a.count != 6)
-        .map(|a| (&a.meter_id, a.window_start_ms, a.count))
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "meter-minutes not counted 6 times: {wrong:?}"
-    );
-    assert_eq!(one.len(), (METERS as usize) * (ticks as usize / 6));
-
-    // aggregates_15m: all twelve minutes are in one 15-minute window.
-    let fifteen = store
-        .meter_aggregates(WindowWidth::FifteenMinutes, &all)
-        .await
-        .unwrap();
-    let sum_15m: u64 = fifteen.iter().map(|a| u64::from(a.count)).sum();
-    assert_eq!(sum_15m, unique, "sum of count in aggregates_15m");
-
-    assert_eq!(
-        store.count_raw_readings().await.unwrap(),
-        unique,
-        "raw_readings holds each reading once"
-    );
+    common::assert_counted_once(store, unique).await;
 
     // No alert stored twice; the scripted overload incident alerts once.
     let alerts = store

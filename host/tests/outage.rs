@@ -9,25 +9,21 @@
 //! cutting it off disturbs no other test. Needs `cargo xtask build-plugins`
 //! first and PostgreSQL (`cargo xtask services start`).
 
+mod common;
+
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::{METERS, keys, root};
 use parking_lot::Mutex;
 use segs::app::App;
 use segs::config::{PipelineConfig, RegionConfig};
-use segs::simulator::{self, SimConfig, Simulator};
-use segs::store::{AggregateQuery, WindowWidth};
+use segs::simulator::Simulator;
 use serde_json::Value;
-use sqlx::{Connection, Executor, PgConnection};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// A TCP proxy to `target` that can be cut off (every connection dropped,
 /// new ones refused) and restored.
@@ -77,20 +73,6 @@ impl Proxy {
     }
 }
 
-/// (meterId, timestamp) of every reading in a batch body.
-fn keys(body: &[u8]) -> Vec<(String, String)> {
-    let readings: Vec<Value> = serde_json::from_slice(body).unwrap();
-    readings
-        .iter()
-        .map(|r| {
-            (
-                r["meterId"].as_str().unwrap().to_owned(),
-                r["timestamp"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 async fn readyz(client: &reqwest::Client, url: &str) -> (u16, Value) {
     let r = client.get(format!("{url}/readyz")).send().await.unwrap();
     let status = r.status().as_u16();
@@ -98,7 +80,6 @@ async fn readyz(client: &reqwest::Client, url: &str) -> (u16, Value) {
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
-const METERS: u32 = 100;
 const TICKS: u64 = 72;
 const CUT_AFTER: u64 = 24;
 /// How long the dependency stays cut off.
@@ -121,15 +102,7 @@ async fn redis_cut_off_and_back_loses_nothing_and_readiness_says_so() {
 }
 
 async fn cut_off_and_back(what: Cut) {
-    let admin = std::env::var("SEGS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
-        panic!("PostgreSQL is not reachable ({e}): `cargo xtask services start` starts it")
-    });
-    let name = format!("segs_outage_{}", uuid::Uuid::new_v4().simple());
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .unwrap();
+    let (_, admin, name) = common::postgres_database("segs_outage").await;
     let proxy = Proxy::start(match what {
         Cut::Postgres => "127.0.0.1:5432",
         Cut::Redis => "127.0.0.1:6379",
@@ -153,20 +126,7 @@ async fn cut_off_and_back(what: Cut) {
         }
     }
     cfg.bus.path = dir.path().join("segs-bus.db");
-    let quarters_back = 8 + (uuid::Uuid::new_v4().as_u128() % 88) as i64;
-    let mut sim_cfg = SimConfig {
-        meters: METERS,
-        interval_s: 10,
-        seed: 3,
-        start_ms: segs::time::window_start(
-            segs::time::now_ms() - quarters_back * segs::windows::FIFTEEN_MINUTES_MS,
-            segs::windows::FIFTEEN_MINUTES_MS,
-        ),
-        duplicate_ratio: 0.03,
-        ..SimConfig::default()
-    };
-    sim_cfg.phases =
-        simulator::default_phases(sim_cfg.meters, &sim_cfg.regions, sim_cfg.interval_s);
+    let sim_cfg = common::sim_config(3);
     let mut sim = Simulator::new(sim_cfg.clone()).unwrap();
     for r in &sim_cfg.regions {
         cfg.regions.insert(
@@ -281,29 +241,7 @@ async fn cut_off_and_back(what: Cut) {
 
     let unique = acked.len() as u64;
     assert_eq!(unique, u64::from(METERS) * TICKS);
-    let all = AggregateQuery {
-        limit: 100_000,
-        ..AggregateQuery::default()
-    };
-    let one = store
-        .meter_aggregates(WindowWidth::OneMinute, &all)
-        .await
-        .unwrap();
-    let sum_1m: u64 = one.iter().map(|a| u64::from(a.count)).sum();
-    assert_eq!(sum_1m, unique, "sum of count in aggregates_1m");
-    assert!(
-        one.iter().all(|a| a.count == 6),
-        "a meter-minute miscounted"
-    );
-    let fifteen = store
-        .meter_aggregates(WindowWidth::FifteenMinutes, &all)
-        .await
-        .unwrap();
-    let sum_15m: u64 = fifteen.iter().map(|a| u64::from(a.count)).sum();
-    assert_eq!(sum_15m, unique, "sum of count in aggregates_15m");
-    assert_eq!(store.count_raw_readings().await.unwrap(), unique);
+    common::assert_counted_once(&*store, unique).await;
     drop(store);
-    let _ = conn
-        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await;
+    common::drop_database(&admin, &name).await;
 }

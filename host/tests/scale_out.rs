@@ -8,116 +8,37 @@
 //! Needs `cargo xtask build-plugins` first and the services of
 //! `cargo xtask services start` (`cargo xtask test` does both).
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use segs::simulator::{self, SimConfig, Simulator};
+use common::{METERS, free_port};
+use segs::simulator::Simulator;
 use segs::store::{AggregateQuery, AlertFilter, Store, WindowWidth};
-use sqlx::{Connection, Executor, PgConnection};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-const METERS: u32 = 100;
 /// 12 simulated minutes: the scripted surge, spike and outage all happen.
 const TICKS: u64 = 72;
 /// The second processing process is killed after this tick's 2xx.
 const KILL_AFTER: u64 = 33;
 
-/// 100 meters with the demo script, starting at a quarter hour picked at
-/// random in the last day (inside the ingest bounds; no two runs share
-/// dedupe keys).
-fn sim_config() -> SimConfig {
-    let quarters_back = 8 + (uuid::Uuid::new_v4().as_u128() % 88) as i64;
-    let start_ms = segs::time::window_start(
-        segs::time::now_ms() - quarters_back * segs::windows::FIFTEEN_MINUTES_MS,
-        segs::windows::FIFTEEN_MINUTES_MS,
-    );
-    let mut cfg = SimConfig {
-        meters: METERS,
-        interval_s: 10,
-        seed: 11,
-        start_ms,
-        duplicate_ratio: 0.03,
-        ..SimConfig::default()
-    };
-    cfg.phases = simulator::default_phases(cfg.meters, &cfg.regions, cfg.interval_s);
-    cfg
-}
-
-/// The shipped pipeline.toml with absolute plugin paths, capacities that
-/// put every region at 60 % in normal mode, and (`kafka`) the Kafka bus in
-/// a namespace of its own, where a killed member's partitions move on after
-/// 6 s.
+/// The shipped config (see `common::config_doc`), on the embedded default
+/// or (`kafka`: its namespace) on the test broker.
 fn write_config(dir: &Path, sim: &Simulator, kafka: Option<&str>) -> PathBuf {
-    let plugins = root().join("target/plugins");
-    assert!(
-        plugins.join("anomaly.wasm").exists(),
-        "{} is missing: run `cargo xtask build-plugins` (or `cargo xtask test`)",
-        plugins.display()
-    );
-    let text = std::fs::read_to_string(root().join("pipeline.toml")).unwrap();
-    let mut doc: toml::Table = text.parse().unwrap();
-    for (name, plugin) in doc["plugins"].as_table_mut().unwrap() {
-        plugin.as_table_mut().unwrap().insert(
-            "component".into(),
-            toml::Value::String(plugins.join(format!("{name}.wasm")).display().to_string()),
-        );
-    }
-    let mut regions = toml::Table::new();
-    for r in &sim.config().regions {
-        let mut t = toml::Table::new();
-        t.insert(
-            "capacity_kw".into(),
-            toml::Value::Float(sim.region_base_load(r) / 0.6),
-        );
-        t.insert("base_price_per_kwh".into(), toml::Value::Float(6.5));
-        regions.insert(r.clone(), toml::Value::Table(t));
-    }
-    doc.insert("regions".into(), toml::Value::Table(regions));
+    let mut doc = common::config_doc(sim);
     if let Some(namespace) = kafka {
-        let bus = doc["bus"].as_table_mut().unwrap();
-        bus.insert("kind".into(), toml::Value::String("kafka".into()));
-        let k = doc["kafka"].as_table_mut().unwrap();
-        k.insert(
-            "brokers".into(),
-            toml::Value::String(
-                std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
-            ),
-        );
-        k.insert("namespace".into(), toml::Value::String(namespace.into()));
-        let mut client = toml::Table::new();
-        for (key, value) in [
-            ("session.timeout.ms", "6000"),
-            ("heartbeat.interval.ms", "1000"),
-            // Tansu 0.6 misnumbers a fetch that starts inside a batch.
-            ("batch.num.messages", "1"),
-        ] {
-            client.insert(key.into(), toml::Value::String(value.into()));
-        }
-        k.insert("client".into(), toml::Value::Table(client));
+        common::on_kafka(&mut doc, &common::test_brokers(), namespace);
     }
     let name = if kafka.is_some() { "kafka" } else { "one" };
-    let path = dir.join(format!("pipeline-{name}.toml"));
-    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
-    path
+    common::write(dir, &format!("pipeline-{name}.toml"), &doc)
 }
 
 /// One `segs run` process.
 struct Segs {
     child: Child,
     url: String,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts `segs run --no-simulator --role ROLE` and waits until it answers.
@@ -336,29 +257,6 @@ async fn results(store: &dyn Store) -> Results {
     }
 }
 
-/// A fresh PostgreSQL database: (its URL, the admin URL to drop it with).
-async fn postgres_database() -> (String, String, String) {
-    let admin = std::env::var("SEGS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|e| {
-        panic!("PostgreSQL is not reachable ({e}): `cargo xtask services start` starts it")
-    });
-    let name = format!("segs_scale_{}", uuid::Uuid::new_v4().simple());
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
-    (format!("{base}/{name}"), admin, name)
-}
-
-async fn drop_database(admin: &str, name: &str) {
-    if let Ok(mut conn) = PgConnection::connect(admin).await {
-        let _ = conn
-            .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-            .await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processing_processes_one_killed_give_one_process_results() {
     // Kept when the test fails: the processes' logs are the evidence.
@@ -368,7 +266,7 @@ async fn two_processing_processes_one_killed_give_one_process_results() {
     eprintln!("segs logs in {}", dir_path.display());
 
     // One process, the embedded default: the reference.
-    let mut sim = Simulator::new(sim_config()).unwrap();
+    let mut sim = Simulator::new(common::sim_config(11)).unwrap();
     let one_config = write_config(dir_path.as_path(), &sim, None);
     let one_store = format!("sqlite://{}", dir_path.as_path().join("one.db").display());
     let mut one = start(dir_path.as_path(), &one_config, &one_store, "all", "one").await;
@@ -387,7 +285,7 @@ async fn two_processing_processes_one_killed_give_one_process_results() {
     let mut sim = Simulator::new(sim.config().clone()).unwrap();
     let namespace = format!("scale{}-", uuid::Uuid::new_v4().simple());
     let config = write_config(dir_path.as_path(), &sim, Some(&namespace));
-    let (pg_url, admin, name) = postgres_database().await;
+    let (pg_url, admin, name) = common::postgres_database("segs_scale").await;
     let ingest = start(dir_path.as_path(), &config, &pg_url, "ingest", "ingest").await;
     let mut first = start(dir_path.as_path(), &config, &pg_url, "process", "p1").await;
     let mut second = start(dir_path.as_path(), &config, &pg_url, "process", "p2").await;
@@ -429,7 +327,7 @@ async fn two_processing_processes_one_killed_give_one_process_results() {
     first.stop();
     let scaled = results(&*store).await;
     drop(store);
-    drop_database(&admin, &name).await;
+    common::drop_database(&admin, &name).await;
 
     let same = |what: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
         let (a, b) = (format!("{a:?}"), format!("{b:?}"));
