@@ -3,7 +3,7 @@
 //! Each benchmark runs several rounds and prints the best and the median, so
 //! a noisy neighbour on this 2-core machine shows as spread, not as a wrong
 //! figure. Filter by name: `cargo xtask bench anomaly` (names: `anomaly`,
-//! `hotpath`, `stream`, `http`, `sustained`, `kafka`).
+//! `hotpath`, `stream`, `http`, `sustained`, `kafka`, `store`).
 //!
 //! - `anomaly`: the anomaly rule, native Rust vs the Wasm component.
 //! - `hotpath`: the stream stage's per-reading work on one core, no bus and
@@ -31,6 +31,9 @@
 //!   broker; both figures side by side, their ratio, and where the time
 //!   goes (ingest latency, the stages' progress, CPU by thread group and of
 //!   the broker process).
+//! - `store`: rows/s written through the `Store` seam into SQLite and
+//!   PostgreSQL in the same run: raw readings, and 1-minute aggregates new
+//!   and merged.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -99,6 +102,9 @@ fn main() {
     }
     if wanted("kafka") {
         kafka_path();
+    }
+    if wanted("store") {
+        store_writes();
     }
 }
 
@@ -1856,4 +1862,170 @@ fn kafka_raw(
         produced_per_s,
         end_to_end_per_s,
     })
+}
+
+// ------------------------------------------------------------------- store --
+
+/// Rows per write call: what the archive and stream stages hand the store
+/// per poll (`pipeline::POLL_MAX`).
+const STORE_BATCH: usize = POLL_MAX;
+/// Meters in the store benchmark's data set.
+const STORE_METERS: usize = 10_000;
+
+/// Rows/s written through the `Store` seam (the same calls the archive and
+/// stream stages make, one transaction per call) into SQLite (a file, the
+/// shipped default) and PostgreSQL (`SEGS_TEST_POSTGRES_URL`, default the
+/// local server; skipped when it does not answer), in the same run: raw
+/// readings (`insert_raw_readings`, new rows) and 1-minute aggregates
+/// (`upsert_meter_aggregates`, new windows, then the same windows again —
+/// the merge path of a late reading).
+fn store_writes() {
+    println!(
+        "\nstore writes through the Store seam, {STORE_BATCH} rows per call (one transaction), \
+         {STORE_METERS} meters:"
+    );
+    let rt = app_runtime();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        let sqlite = segs::store::open(&sqlite_url).await.expect("SQLite store");
+        let sqlite_figures = store_figures("SQLite", &*sqlite).await;
+        let Some((pg_url, admin, name)) = bench_postgres_database().await else {
+            println!("  PostgreSQL: skipped (no server answers; `cargo xtask services start`)");
+            return;
+        };
+        let pg = segs::store::open(&pg_url).await.expect("PostgreSQL store");
+        let pg_figures = store_figures("PostgreSQL", &*pg).await;
+        drop(pg);
+        drop_bench_database(&admin, &name).await;
+        println!(
+            "  PostgreSQL / SQLite: raw {:.2}, 1m new {:.2}, 1m merge {:.2}; \
+             raw archive on PostgreSQL vs 500,000 readings/s of ingest: {:.2}",
+            pg_figures.0 / sqlite_figures.0,
+            pg_figures.1 / sqlite_figures.1,
+            pg_figures.2 / sqlite_figures.2,
+            pg_figures.0 / 500_000.0
+        );
+    });
+}
+
+/// Measures one store; returns rows/s (raw, 1m new, 1m merge), medians.
+async fn store_figures(label: &str, store: &dyn segs::store::Store) -> (f64, f64, f64) {
+    use segs::store::{MeterAggregate, RawReading, WindowWidth};
+    let regions = [
+        "Mumbai-North",
+        "Delhi-South",
+        "Bangalore-East",
+        "Chennai-West",
+    ];
+    let meters: Vec<String> = (0..STORE_METERS)
+        .map(|m| format!("MTR-{:08}", m + 1))
+        .collect();
+    // Raw readings: each round a fresh minute of 6 readings per meter.
+    let mut raw_rates = Vec::new();
+    for round in 0..PASSES {
+        let base = START_MS + round as i64 * 60_000;
+        let rows: Vec<RawReading> = (0..6)
+            .flat_map(|t| meters.iter().enumerate().map(move |(m, id)| (t, m, id)))
+            .map(|(t, m, id)| RawReading {
+                meter_id: id.clone(),
+                region: regions[m % regions.len()].to_owned(),
+                timestamp_ms: base + t * 10_000,
+                power_kw: 1.0 + (m % 97) as f64 * 0.1,
+                voltage: Some(230.0),
+                current: Some(4.3),
+                frequency: Some(50.0),
+                power_factor: Some(0.95),
+                temperature: Some(28.5),
+                energy_kwh: Some(0.003),
+            })
+            .collect();
+        let started = Instant::now();
+        for chunk in rows.chunks(STORE_BATCH) {
+            store.insert_raw_readings(chunk).await.expect("raw insert");
+        }
+        raw_rates.push(rows.len() as f64 / started.elapsed().as_secs_f64());
+    }
+    // 1-minute aggregates: each round a fresh minute per meter, then the
+    // same minute again (merged into the stored rows).
+    let (mut new_rates, mut merge_rates) = (Vec::new(), Vec::new());
+    for round in 0..PASSES {
+        let window = START_MS + (100 + round as i64) * 60_000;
+        let aggs: Vec<MeterAggregate> = meters
+            .iter()
+            .enumerate()
+            .map(|(m, id)| MeterAggregate {
+                meter_id: id.clone(),
+                region: regions[m % regions.len()].to_owned(),
+                window_start_ms: window,
+                avg_power_kw: 2.0,
+                max_power_kw: 3.0,
+                min_power_kw: 1.0,
+                energy_kwh_sum: 0.02,
+                voltage_avg: Some(230.0),
+                count: 6,
+                power_sum: 12.0,
+                voltage_sum: 1380.0,
+                voltage_count: 6,
+            })
+            .collect();
+        for rates in [&mut new_rates, &mut merge_rates] {
+            let started = Instant::now();
+            for chunk in aggs.chunks(STORE_BATCH) {
+                store
+                    .upsert_meter_aggregates(WindowWidth::OneMinute, chunk)
+                    .await
+                    .expect("1m upsert");
+            }
+            rates.push(aggs.len() as f64 / started.elapsed().as_secs_f64());
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let (raw, new, merge) = (
+        median(&mut raw_rates),
+        median(&mut new_rates),
+        median(&mut merge_rates),
+    );
+    println!(
+        "  {label:<10} raw_readings {:>9}/s (best {:>9}) | aggregates_1m new {:>9}/s (best {:>9}) \
+         | merged {:>9}/s (best {:>9})",
+        thousands(raw as u64),
+        thousands(best(&raw_rates) as u64),
+        thousands(new as u64),
+        thousands(best(&new_rates) as u64),
+        thousands(merge as u64),
+        thousands(best(&merge_rates) as u64),
+    );
+    (raw, new, merge)
+}
+
+/// A fresh PostgreSQL database for the store benchmark: (URL, admin URL,
+/// name), or `None` when no server answers.
+async fn bench_postgres_database() -> Option<(String, String, String)> {
+    use sqlx::{Connection, Executor, PgConnection};
+    let admin = std::env::var("SEGS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut conn = PgConnection::connect(&admin).await.ok()?;
+    let name = format!("segs_bench_{}", std::process::id());
+    conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .ok()?;
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .ok()?;
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    Some((format!("{base}/{name}"), admin, name))
+}
+
+async fn drop_bench_database(admin: &str, name: &str) {
+    use sqlx::{Connection, Executor, PgConnection};
+    if let Ok(mut conn) = PgConnection::connect(admin).await {
+        let _ = conn
+            .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+            .await;
+    }
 }

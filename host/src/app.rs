@@ -21,6 +21,7 @@ use crate::dedupe::{Dedupe, KeyBatch, MemoryDedupe, RedisDedupe};
 use crate::ingest::IngestState;
 use crate::pipeline::{self, Context, Metrics, PipelineError, Plugins, Running};
 use crate::plugins::{Limits, PluginVersion, Runtime};
+use crate::shared::SharedRuleState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -126,6 +127,10 @@ impl App {
                 source,
             })?;
 
+        let shared = match config.dedupe.kind {
+            DedupeKind::Memory => None,
+            DedupeKind::Redis => Some(SharedRuleState::connect(&config.dedupe.redis_url).await?),
+        };
         let metrics = Arc::new(Metrics::default());
         let ctx = Context {
             config: config.clone(),
@@ -133,6 +138,7 @@ impl App {
             dedupe: dedupe.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
+            shared,
         };
         let (running, retention, versions) = if config.role.processes() {
             let runtime = Runtime::new(Limits {
@@ -209,15 +215,18 @@ impl App {
 
     /// Stops taking requests, then lets the pipeline finish what it holds:
     /// open windows are closed, stored and published; alerts and tariffs
-    /// derived from them are stored.
-    pub async fn shutdown(self) {
+    /// derived from them are stored. Bounded by `shutdown.grace_s`:
+    /// returns the stages that had not finished by then (empty when all
+    /// did), which the log names with what they were retrying.
+    pub async fn shutdown(self) -> Vec<crate::pipeline::Unfinished> {
         let _ = self.stop_server.send(());
         let _ = self.server.await;
         if let Some(retention) = self.retention {
             retention.abort();
         }
-        if let Some(running) = self.running {
-            running.shutdown().await;
+        match self.running {
+            Some(running) => running.shutdown().await,
+            None => Vec::new(),
         }
     }
 }

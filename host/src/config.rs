@@ -99,6 +99,8 @@ pub struct PipelineConfig {
     pub alerts: AlertsConfig,
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     /// The rule plugins by name: `anomaly`, `overload`, `tariff`, `aggregate`.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
@@ -364,6 +366,22 @@ pub struct AlertsConfig {
 impl Default for AlertsConfig {
     fn default() -> Self {
         AlertsConfig { dedupe_ttl_s: 300 }
+    }
+}
+
+/// `[shutdown]`: how long a stop may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Seconds the stages get, in all, to store and commit what they hold
+    /// once asked to stop; a stage still busy then (e.g. retrying a store
+    /// that is down) is stopped where it is, and the log says which and why.
+    pub grace_s: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { grace_s: 60 }
     }
 }
 

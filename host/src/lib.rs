@@ -14,6 +14,7 @@ pub mod messages;
 pub mod pipeline;
 pub mod plugins;
 pub mod reading;
+pub mod shared;
 pub mod simulator;
 pub mod store;
 pub mod time;

@@ -238,8 +238,25 @@ async fn run(args: RunArgs) -> Result<()> {
         let _ = sim.await;
     }
     status.abort();
-    app.shutdown().await;
-    println!("stopped.");
+    let unfinished = app.shutdown().await;
+    if unfinished.is_empty() {
+        println!("stopped.");
+    } else {
+        for u in &unfinished {
+            println!(
+                "  {} did not finish{}{}",
+                u.stage,
+                u.retrying
+                    .map(|r| format!(": retrying `{r}` ({} attempts)", u.attempts))
+                    .unwrap_or_default(),
+                u.last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        println!("stopped after shutdown.grace_s (the log says what becomes of what they held).");
+    }
     Ok(())
 }
 

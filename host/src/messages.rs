@@ -210,6 +210,21 @@ pub struct Alert {
     pub metadata: AlertMetadata,
 }
 
+/// Namespace of alert ids (UUID v5).
+const ALERT_IDS: Uuid = uuid::uuid!("5e6d2a3c-8f1b-4c0e-9a57-3b9f0d1e2c44");
+
+impl Alert {
+    /// The id of the alert of `alert_type` raised on `subject` (a meter, or
+    /// a region) for event time `timestamp_ms` (the reading, or the start of
+    /// the regional window): derived from them (UUID v5), so a replay raises
+    /// the same alert with the same id, and an id owns its dedupe mark
+    /// across replays and restarts.
+    pub fn derived_id(alert_type: AlertType, subject: &str, timestamp_ms: i64) -> Uuid {
+        let name = format!("{}:{subject}:{timestamp_ms}", alert_type.as_str());
+        Uuid::new_v5(&ALERT_IDS, name.as_bytes())
+    }
+}
+
 /// The details of an alert, by kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

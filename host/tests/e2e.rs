@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+mod common;
+
 use segs::app::App;
 use segs::bus::Topic;
 use segs::config::{PipelineConfig, RegionConfig};
@@ -64,19 +66,59 @@ fn on_kafka(cfg: &mut PipelineConfig) {
         .insert("batch.num.messages".into(), "1".into());
 }
 
+/// Where the scripted stream runs: the embedded default, or some of the
+/// production services in its place.
+#[derive(Debug, Clone, Copy, Default)]
+struct Services {
+    kafka: bool,
+    postgres: bool,
+    redis: bool,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scripted_stream_gives_exact_results() {
-    scripted_stream(false).await;
+    scripted_stream(Services::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scripted_stream_gives_exact_results_on_kafka() {
-    scripted_stream(true).await;
+    scripted_stream(Services {
+        kafka: true,
+        ..Services::default()
+    })
+    .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scripted_stream_gives_exact_results_on_postgres() {
+    scripted_stream(Services {
+        postgres: true,
+        ..Services::default()
+    })
+    .await;
+}
+
+/// The production stack: Kafka, Redis (ingest's marks, alert marks, the
+/// tariff cache) and PostgreSQL together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scripted_stream_gives_exact_results_on_kafka_redis_and_postgres() {
+    scripted_stream(Services {
+        kafka: true,
+        postgres: true,
+        redis: true,
+    })
+    .await;
+}
+
+/// The Redis database this file's test uses, emptied at its start (the
+/// stream's keys are fixed, so a rerun would find its own marks): no other
+/// test uses it.
+const E2E_REDIS_DB: u32 = 7;
+
 /// A fixed-seed stream with a spike, an outage, a regional surge and 3 %
-/// duplicates; the results are checked exactly. The same on either bus.
-async fn scripted_stream(kafka: bool) {
+/// duplicates; the results are checked exactly. The same on every bus,
+/// store and dedupe.
+async fn scripted_stream(services: Services) {
     let dir = tempfile::tempdir().unwrap();
     let mut sim_cfg = SimConfig {
         meters: 100,
@@ -102,8 +144,28 @@ async fn scripted_stream(kafka: bool) {
             },
         );
     }
-    if kafka {
+    if services.kafka {
         on_kafka(&mut cfg);
+    }
+    let mut database = None;
+    if services.postgres {
+        let (url, admin, name) = common::postgres_database("segs_e2e").await;
+        cfg.store.url = url;
+        database = Some((admin, name));
+    }
+    let redis_url = format!("redis://127.0.0.1:6379/{E2E_REDIS_DB}");
+    if services.redis {
+        let client = redis::Client::open(redis_url.as_str()).unwrap();
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("Redis at 127.0.0.1:6379: `cargo xtask services start` starts it");
+        redis::cmd("FLUSHDB")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        cfg.dedupe.kind = segs::config::DedupeKind::Redis;
+        cfg.dedupe.redis_url = redis_url.clone();
     }
     let surged = sim_cfg.regions[0].clone();
     let spike_meter = phase_meter(&sim_cfg, "spike");
@@ -244,6 +306,54 @@ async fn scripted_stream(kafka: bool) {
         .fold(0.0, f64::max);
     assert!(peak > 90.0, "{peak}");
     assert!(regional.iter().all(|r| r.meter_count == 25));
+
+    if services.redis {
+        // What other processes (and the seed's services) read in Redis: one
+        // alert mark per stored alert, owned by its id, and the surged
+        // region's current price.
+        let client = redis::Client::open(redis_url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("alert:dedupe:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut owners = Vec::new();
+        for k in &keys {
+            let id: String = redis::cmd("GET")
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            owners.push(id);
+        }
+        owners.sort();
+        let mut stored: Vec<String> = alerts.iter().map(|a| a.id.to_string()).collect();
+        stored.sort();
+        assert_eq!(owners, stored, "alert marks {keys:?}");
+        let cached: Vec<String> = redis::cmd("KEYS")
+            .arg("tariff:*:current")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(cached, vec![format!("tariff:{surged}:current")]);
+        let current: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&cached[0])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let active = history.iter().find(|t| t.is_active).unwrap();
+        assert_eq!(current["tariff_id"], active.tariff_id);
+        assert_eq!(current["price_per_kwh"].parse::<f64>().unwrap(), 6.5);
+        assert_eq!(
+            current["effective_from_ms"].parse::<i64>().unwrap(),
+            active.effective_from_ms
+        );
+    }
+    if let Some((admin, name)) = database {
+        drop(store);
+        common::drop_database(&admin, &name).await;
+    }
 }
 
 /// The meter id a default phase of `kind` targets.

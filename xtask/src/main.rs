@@ -40,7 +40,7 @@ fn main() -> ExitCode {
                  commands:\n  \
                  build-plugins   build the rule plugins to target/plugins/*.wasm\n  \
                  test [ARGS]     check services, build plugins, run every test (ARGS go to the test runner)\n  \
-                 bench [FILTER]  run the benchmarks in release mode (FILTER: anomaly, hotpath, stream, http, sustained, kafka)\n  \
+                 bench [FILTER]  run the benchmarks in release mode (FILTER: anomaly, hotpath, stream, http, sustained, kafka, store)\n  \
                  check-compose   validate docker-compose.yml (docker-compose config -q; part of test)\n  \
                  services [start] check (or start) the services the tests need"
             );

@@ -244,9 +244,26 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         check(s.store.ping()),
         check(s.dedupe.ping())
     );
-    let stages = s.metrics.health.snapshot();
+    let health = s.metrics.health.snapshot();
     let ready = [&bus, &store, &dedupe].iter().all(|c| c["ok"] == true)
-        && stages.values().all(|st| st.retrying.is_none());
+        && health.values().all(|st| st.retrying.is_none());
+    // Each running stage with its lag: records of its inputs its group has
+    // not committed (null when the bus could not say in time).
+    let mut stages = serde_json::Map::new();
+    for (name, st) in &health {
+        let mut v = serde_json::to_value(st).unwrap_or_default();
+        if let Some((_, group, topics)) = crate::pipeline::STAGE_INPUTS
+            .iter()
+            .find(|(stage, _, _)| stage == name)
+        {
+            let lag = match tokio::time::timeout(READY_CHECK, s.bus.lag(group, topics)).await {
+                Ok(Ok(n)) => json!(n),
+                _ => Value::Null,
+            };
+            v["lag"] = lag;
+        }
+        stages.insert((*name).to_owned(), v);
+    }
     let body = Json(json!({
         "status": if ready { "ready" } else { "not_ready" },
         "checks": { "bus": bus, "store": store, "dedupe": dedupe },

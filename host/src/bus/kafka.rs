@@ -53,6 +53,9 @@ struct Inner {
     /// Per partition of `telemetry-readings`: records its slowest consumer
     /// group has not committed, as of the last look.
     lag: Vec<AtomicU64>,
+    /// One client per group whose lag readiness asked for, only to read
+    /// its committed offsets.
+    lag_readers: parking_lot::Mutex<HashMap<String, Arc<BaseConsumer>>>,
     closed: AtomicBool,
 }
 
@@ -169,6 +172,7 @@ impl KafkaBus {
                     config.namespace
                 ),
                 lag: (0..partitions).map(|_| AtomicU64::new(0)).collect(),
+                lag_readers: Default::default(),
                 closed: AtomicBool::new(false),
             }),
         };
@@ -406,6 +410,53 @@ impl Bus for KafkaBus {
 
     fn partitions(&self) -> u32 {
         self.inner.partitions
+    }
+
+    async fn lag(&self, group: &str, topics: &[Topic]) -> Result<u64, BusError> {
+        let reader = {
+            let mut readers = self.inner.lag_readers.lock();
+            match readers.get(group) {
+                Some(r) => r.clone(),
+                None => {
+                    let r: BaseConsumer = client_config(&self.inner.config)
+                        .set("group.id", group)
+                        .set("enable.auto.commit", "false")
+                        .create()
+                        .map_err(kafka)?;
+                    let r = Arc::new(r);
+                    readers.insert(group.to_owned(), r.clone());
+                    r
+                }
+            }
+        };
+        let names: Vec<String> = topics.iter().map(|t| self.topic_name(*t)).collect();
+        let partitions = self.inner.partitions;
+        tokio::task::spawn_blocking(move || {
+            let timeout = Duration::from_secs(2);
+            let mut tpl = TopicPartitionList::new();
+            for name in &names {
+                for p in 0..partitions {
+                    tpl.add_partition(name, p as i32);
+                }
+            }
+            let committed = reader.committed_offsets(tpl, timeout).map_err(kafka)?;
+            let mut behind = 0u64;
+            for name in &names {
+                for p in 0..partitions {
+                    let (low, high) = reader
+                        .fetch_watermarks(name, p as i32, timeout)
+                        .map_err(kafka)?;
+                    let from = match committed.find_partition(name, p as i32).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o.max(low),
+                        _ => low,
+                    };
+                    behind += (high - from).max(0) as u64;
+                }
+            }
+            Ok(behind)
+        })
+        .await
+        .map_err(kafka)?
     }
 
     fn log_id(&self) -> &str {

@@ -645,6 +645,26 @@ impl Bus for MemoryBus {
         })
     }
 
+    async fn lag(&self, group: &str, topics: &[Topic]) -> Result<u64, BusError> {
+        let groups = self.inner.groups.lock();
+        let g = groups.get(group);
+        let mut behind = 0;
+        for &topic in topics {
+            for p in 0..self.inner.partitions {
+                let (base, end) = {
+                    let log = self.inner.partition(topic, p).log.lock();
+                    (log.base, log.end())
+                };
+                let committed = g
+                    .and_then(|g| g.committed.get(&(topic, p)).copied())
+                    .unwrap_or(base)
+                    .max(base);
+                behind += end.saturating_sub(committed);
+            }
+        }
+        Ok(behind)
+    }
+
     async fn recent_records(&self, topic: Topic, since_ms: i64) -> Result<Vec<Record>, BusError> {
         let bus = self.clone();
         tokio::task::spawn_blocking(move || bus.recent(topic, since_ms))

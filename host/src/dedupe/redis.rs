@@ -97,27 +97,8 @@ impl RedisDedupe {
     /// connection; fails with [`DedupeError::Unreachable`] naming the URL
     /// when Redis does not answer.
     pub async fn connect(url: &str) -> Result<RedisDedupe, DedupeError> {
-        let client = Client::open(url).map_err(|source| DedupeError::InvalidUrl {
-            url: url.to_owned(),
-            source,
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(RETRIES);
-        let unreachable = |source| DedupeError::Unreachable {
-            url: url.to_owned(),
-            source,
-        };
-        let mut conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(unreachable)?;
-        redis::cmd("PING")
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(unreachable)?;
         Ok(RedisDedupe {
-            conn,
+            conn: connect(url).await?,
             url: url.to_owned(),
         })
     }
@@ -133,6 +114,33 @@ impl RedisDedupe {
             source,
         }
     }
+}
+
+/// A reconnecting connection to `url` (`redis://host:port[/db]`), checked
+/// with a PING; fails with [`DedupeError::Unreachable`] naming the URL when
+/// Redis does not answer. Shared with the rule stages' Redis state
+/// ([`crate::shared`]).
+pub(crate) async fn connect(url: &str) -> Result<ConnectionManager, DedupeError> {
+    let client = Client::open(url).map_err(|source| DedupeError::InvalidUrl {
+        url: url.to_owned(),
+        source,
+    })?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_number_of_retries(RETRIES);
+    let unreachable = |source| DedupeError::Unreachable {
+        url: url.to_owned(),
+        source,
+    };
+    let mut conn = ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(unreachable)?;
+    redis::cmd("PING")
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(unreachable)?;
+    Ok(conn)
 }
 
 #[async_trait::async_trait]

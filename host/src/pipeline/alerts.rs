@@ -13,7 +13,9 @@
 //! skipped; a redelivered alert is recognised by its id; a second alert with
 //! the same dedupe key (`alert:dedupe:{subject}:{type}:{bucket}`, buckets of
 //! `alerts.dedupe_ttl_s`) is recognised by the store's unique key, so the
-//! dedupe holds across restarts and processes.
+//! dedupe holds across restarts and processes. With Redis shared between
+//! processes, the keys are claimed there first ([`crate::shared`]), as the
+//! seed does, and the store stays the authority.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -84,7 +86,12 @@ impl Stage for AlertStage {
             }
         }
         self.evaluate_overload(&regional, &mut effects);
+        let shared_duplicates = claim_in_redis(&self.ctx, &mut effects).await;
         if effects.is_empty() {
+            self.ctx
+                .metrics
+                .alerts_deduplicated
+                .fetch_add(shared_duplicates, Ordering::Relaxed);
             return;
         }
         let outbox = |applied: &Applied| {
@@ -101,8 +108,10 @@ impl Stage for AlertStage {
         let stored = applied.alerts.iter().flatten().count() as u64;
         let m = &self.ctx.metrics;
         m.alerts_stored.fetch_add(stored, Ordering::Relaxed);
-        m.alerts_deduplicated
-            .fetch_add(applied.alerts.len() as u64 - stored, Ordering::Relaxed);
+        m.alerts_deduplicated.fetch_add(
+            applied.alerts.len() as u64 - stored + shared_duplicates,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -196,7 +205,7 @@ impl AlertStage {
                 self.consecutive.insert(w.region.clone(), d.consecutive);
                 if let Some(alert) = d.alert {
                     let alert = Alert {
-                        id: uuid::Uuid::new_v4(),
+                        id: Alert::derived_id(AlertType::Overload, &w.region, w.timestamp_ms),
                         alert_type: AlertType::Overload,
                         severity: Severity::from(alert.severity),
                         meter_id: None,
@@ -216,6 +225,36 @@ impl AlertStage {
             }
         }
     }
+}
+
+/// With Redis shared between processes, offers each alert's dedupe key
+/// for its id ([`crate::shared`]) and drops those another alert owns;
+/// waits (retrying) while Redis is down rather than store a duplicate.
+/// Returns how many were dropped.
+async fn claim_in_redis(ctx: &Context, effects: &mut Effects) -> u64 {
+    let Some(shared) = &ctx.shared else {
+        return 0;
+    };
+    if effects.alerts.is_empty() {
+        return 0;
+    }
+    let ttl_ms = ctx.config.alerts.dedupe_ttl_s.saturating_mul(1000);
+    let claims: Vec<(&str, uuid::Uuid)> = effects
+        .alerts
+        .iter()
+        .filter_map(|a| Some((a.dedupe_key.as_deref()?, a.id)))
+        .collect();
+    let owned = with_retry(ctx, AlertStage::NAME, "claim alert dedupe marks", || {
+        shared.claim_alerts(&claims, ttl_ms)
+    })
+    .await;
+    let before = effects.alerts.len();
+    let mut owned = owned.into_iter();
+    // Alerts without a dedupe key (none today) are not claimed and stay.
+    effects
+        .alerts
+        .retain(|a| a.dedupe_key.is_none() || owned.next().unwrap_or(true));
+    (before - effects.alerts.len()) as u64
 }
 
 /// The seed's `alerts_processed` message for a stored alert.

@@ -55,6 +55,20 @@ pub const ARCHIVE_GROUP: &str = "raw-archive-group";
 /// of the regional windows (a segs addition; see [`Topic::RegionalPartials`]).
 pub const REGIONAL_GROUP: &str = "regional-group";
 
+/// Each stage's name, consumer group and input topics (what its lag is
+/// measured on).
+pub const STAGE_INPUTS: [(&str, &str, &[Topic]); 5] = [
+    ("stream", STREAM_GROUP, &[Topic::TelemetryReadings]),
+    ("regional", REGIONAL_GROUP, &[Topic::RegionalPartials]),
+    (
+        "alerts",
+        ALERT_GROUP,
+        &[Topic::Alerts, Topic::Aggregates1mRegional],
+    ),
+    ("tariff", TARIFF_GROUP, &[Topic::Aggregates1mRegional]),
+    ("archive", ARCHIVE_GROUP, &[Topic::TelemetryReadings]),
+];
+
 /// Counters every stage adds to; read by the status line and `/healthz`.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -172,14 +186,39 @@ pub struct Context {
     pub dedupe: Arc<dyn Dedupe>,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    /// Alert dedupe marks and the tariff cache in Redis, shared with other
+    /// processes (`dedupe.kind = "redis"`); `None` on the embedded default,
+    /// where the store alone keeps them.
+    pub shared: Option<crate::shared::SharedRuleState>,
 }
+
+/// A stage's name and its task.
+type StageTask = (&'static str, JoinHandle<()>);
 
 /// The running stages. Dropping it does not stop them; call
 /// [`Running::shutdown`].
 pub struct Running {
     /// Stage tasks in data-flow tiers: stream; regional; alerts, tariff
     /// and archive.
-    tiers: Vec<(watch::Sender<bool>, Vec<JoinHandle<()>>)>,
+    tiers: Vec<(watch::Sender<bool>, Vec<StageTask>)>,
+    metrics: Arc<Metrics>,
+    /// How long [`Running::shutdown`] waits for the stages in all.
+    grace: Duration,
+    /// Whether what the bus holds outlives the process (what a stage gives
+    /// up at shutdown is replayed at the next start).
+    durable_bus: bool,
+}
+
+/// A stage that had not finished when the shutdown's grace ran out: what it
+/// was doing, from its health.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Unfinished {
+    pub stage: &'static str,
+    /// What it was retrying (`apply a stage's effects`, …), if it was.
+    pub retrying: Option<&'static str>,
+    /// Failed attempts in a row.
+    pub attempts: u32,
+    pub last_error: Option<String>,
 }
 
 impl Running {
@@ -187,13 +226,50 @@ impl Running {
     /// closes, stores and publishes its open windows), then the regional
     /// stage once it has combined what that produced, then the stages that
     /// consume the regional windows, once they have drained their topics.
-    pub async fn shutdown(self) {
+    ///
+    /// Bounded by `shutdown.grace_s` in all: a stage still running then
+    /// (typically retrying a store or Redis that is down) is stopped where
+    /// it is, and it and every later stage are returned with what they were
+    /// doing, and logged. Nothing it had not stored was committed, so on a
+    /// durable bus it is replayed at the next start.
+    pub async fn shutdown(self) -> Vec<Unfinished> {
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut unfinished = Vec::new();
         for (stop, tasks) in self.tiers {
             let _ = stop.send(true);
-            for t in tasks {
-                let _ = t.await;
+            for (stage, mut task) in tasks {
+                let done = unfinished.is_empty()
+                    && tokio::time::timeout_at(deadline, &mut task).await.is_ok();
+                if done {
+                    continue;
+                }
+                task.abort();
+                let health = self.metrics.health.snapshot();
+                let h = health.get(stage);
+                unfinished.push(Unfinished {
+                    stage,
+                    retrying: h.and_then(|h| h.retrying),
+                    attempts: h.map_or(0, |h| h.attempts),
+                    last_error: h.and_then(|h| h.last_error.clone()),
+                });
             }
         }
+        for u in &unfinished {
+            tracing::error!(
+                stage = u.stage,
+                retrying = u.retrying.unwrap_or("-"),
+                attempts = u.attempts,
+                last_error = u.last_error.as_deref().unwrap_or("-"),
+                grace_s = self.grace.as_secs(),
+                "shutdown: stage stopped before it had stored and committed all it held; {}",
+                if self.durable_bus {
+                    "its uncommitted records stay on the bus and are replayed at the next start"
+                } else {
+                    "bus.kind = \"memory\" is volatile: what it held is lost"
+                }
+            );
+        }
+        unfinished
     }
 }
 
@@ -217,28 +293,40 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
         .await?;
     let regional_aggregate = aggregate.another()?;
     let stage = stream::StreamStage::new(ctx.clone(), anomaly, aggregate).await?;
-    let stream = tokio::spawn(drive(stage, consumer, stream_rx));
+    let stream = (
+        stream::StreamStage::NAME,
+        tokio::spawn(drive(stage, consumer, stream_rx)),
+    );
 
     let consumer = ctx
         .bus
         .subscribe(REGIONAL_GROUP, &[Topic::RegionalPartials])
         .await?;
     let stage = regional::RegionalStage::new(ctx.clone(), regional_aggregate).await?;
-    let regional = tokio::spawn(drive(stage, consumer, regional_rx));
+    let regional = (
+        regional::RegionalStage::NAME,
+        tokio::spawn(drive(stage, consumer, regional_rx)),
+    );
 
     let consumer = ctx
         .bus
         .subscribe(ALERT_GROUP, &[Topic::Alerts, Topic::Aggregates1mRegional])
         .await?;
     let stage = alerts::AlertStage::new(ctx.clone(), overload).await?;
-    tasks.push(tokio::spawn(drive(stage, consumer, stop_rx.clone())));
+    tasks.push((
+        alerts::AlertStage::NAME,
+        tokio::spawn(drive(stage, consumer, stop_rx.clone())),
+    ));
 
     let consumer = ctx
         .bus
         .subscribe(TARIFF_GROUP, &[Topic::Aggregates1mRegional])
         .await?;
     let stage = tariff::TariffStage::new(ctx.clone(), tariff).await?;
-    tasks.push(tokio::spawn(drive(stage, consumer, stop_rx.clone())));
+    tasks.push((
+        tariff::TariffStage::NAME,
+        tokio::spawn(drive(stage, consumer, stop_rx.clone())),
+    ));
 
     if ctx.config.store.archive_raw_readings {
         let consumer = ctx
@@ -246,7 +334,10 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
             .subscribe(ARCHIVE_GROUP, &[Topic::TelemetryReadings])
             .await?;
         let stage = archive::ArchiveStage::new(ctx.clone());
-        tasks.push(tokio::spawn(drive(stage, consumer, stop_rx.clone())));
+        tasks.push((
+            archive::ArchiveStage::NAME,
+            tokio::spawn(drive(stage, consumer, stop_rx.clone())),
+        ));
     }
     Ok(Running {
         tiers: vec![
@@ -254,6 +345,9 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
             (stop_regional, vec![regional]),
             (stop_downstream, tasks),
         ],
+        metrics: ctx.metrics.clone(),
+        grace: Duration::from_secs(ctx.config.shutdown.grace_s),
+        durable_bus: ctx.config.bus.kind != crate::config::BusKind::Memory,
     })
 }
 
@@ -577,19 +671,21 @@ fn keyed<M: crate::messages::Message>(messages: &[M]) -> Vec<KeyedMessage> {
     messages.iter().map(KeyedMessage::of).collect()
 }
 
-/// Runs a store call, retrying failures with backoff until it succeeds.
+/// Runs a store (or Redis) call, retrying failures with backoff until it
+/// succeeds.
 /// Derived results are never dropped because the database blinked; the
 /// stage's offsets are not committed meanwhile, so the bus pushes back on
 /// ingest instead (503) and nothing acknowledged is lost.
-async fn with_retry<T, F, Fut>(
+async fn with_retry<T, E, F, Fut>(
     ctx: &Context,
     stage: &'static str,
     what: &'static str,
     mut f: F,
 ) -> T
 where
+    E: std::fmt::Display,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut delay = Duration::from_millis(50);
     let mut attempt = 0u32;
@@ -603,7 +699,7 @@ where
             Err(e) => {
                 ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
                 ctx.metrics.health.failed(stage, what, &e.to_string());
-                tracing::error!(%e, attempt, stage, what, "store call failed; retrying");
+                tracing::error!(%e, attempt, stage, what, "failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }

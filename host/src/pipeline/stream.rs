@@ -278,6 +278,17 @@ impl Stage for StreamStage {
     }
 }
 
+/// A stage stopped where it is (its task aborted at the end of the
+/// shutdown's grace) stops its checkpoint writer too, as a crash would: what
+/// that had not stored is replayed at the next start.
+impl Drop for StreamStage {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.abort();
+        }
+    }
+}
+
 impl StreamStage {
     /// Checks that every partition's checkpoint can be read back (a bad one
     /// stops the start, as any refusal does); partitions are claimed and
@@ -619,11 +630,12 @@ impl Partition {
             anomaly::AnomalyKind::Drop => AnomalyKind::Drop,
             anomaly::AnomalyKind::Outage => AnomalyKind::Outage,
         };
+        let meter_id = self.windows.meter_name(meter);
         Alert {
-            id: uuid::Uuid::new_v4(),
+            id: Alert::derived_id(AlertType::Anomaly, meter_id, ts),
             alert_type: AlertType::Anomaly,
             severity: f.severity.into(),
-            meter_id: Some(self.windows.meter_name(meter).to_owned()),
+            meter_id: Some(meter_id.to_owned()),
             region: Some(self.windows.region_name(region).to_owned()),
             timestamp_ms: ts,
             message: f.message.clone(),

@@ -1,6 +1,7 @@
 //! The tariff stage (`tariff-group` on `aggregates_1m_regional`): the tariff
 //! rule per regional window, the `tariffs` table (new row in, previous row
-//! deactivated), the `tariff:{region}:current` cache, and `tariff_updates`.
+//! deactivated), the `tariff:{region}:current` cache (in memory; also in
+//! Redis when shared, [`crate::shared`]), and `tariff_updates`.
 //!
 //! The last published price per region is the rule's state: kept here,
 //! loaded from the store at start, passed into every call.
@@ -21,7 +22,7 @@ use super::{
 use crate::bus::Delivered;
 use crate::messages::{RegionalWindow, TariffReason, TariffUpdate, decode};
 use crate::plugins::{TariffRule, tariff};
-use crate::store::{Applied, Effects, NewTariff};
+use crate::store::{Applied, Effects, NewTariff, TariffRow};
 
 /// `rule_state.rule` of the start of the last regional window priced, per
 /// region.
@@ -48,8 +49,11 @@ impl Stage for TariffStage {
     /// last applied windows are in the store: reload them.
     async fn assigned(&mut self, _partitions: &[(crate::bus::Topic, u32)]) {
         let ctx = self.ctx.clone();
-        (self.current, self.applied) =
+        let (rows, applied) =
             with_retry(&ctx, Self::NAME, "reload rule state", || Self::load(&ctx)).await;
+        cache_prices(&ctx, &rows).await;
+        self.current = prices(&rows);
+        self.applied = applied;
     }
 
     async fn process(&mut self, records: &[Delivered]) {
@@ -96,6 +100,7 @@ impl Stage for TariffStage {
             keyed(&updates)
         };
         let applied = apply(&self.ctx, STAGE, &effects, &outbox).await;
+        cache_prices(&self.ctx, &applied.tariffs).await;
         self.ctx
             .metrics
             .tariffs_published
@@ -103,30 +108,48 @@ impl Stage for TariffStage {
     }
 }
 
+/// The price per region of stored tariffs.
+fn prices(rows: &[TariffRow]) -> HashMap<String, f64> {
+    rows.iter()
+        .map(|t| (t.region.clone(), t.price_per_kwh))
+        .collect()
+}
+
+/// With Redis shared between processes, writes stored tariffs into the
+/// `tariff:{region}:current` cache ([`crate::shared`]); retries while Redis
+/// is down, so the cache is never left behind the store for long.
+async fn cache_prices(ctx: &Context, rows: &[TariffRow]) {
+    let Some(shared) = &ctx.shared else {
+        return;
+    };
+    if rows.is_empty() {
+        return;
+    }
+    with_retry(ctx, TariffStage::NAME, "cache current tariffs", || {
+        shared.set_current_tariffs(rows)
+    })
+    .await;
+}
+
 impl TariffStage {
     pub async fn new(ctx: Context, tariff: TariffRule) -> Result<TariffStage, PipelineError> {
         flush_outbox(&ctx, STAGE, STAGE).await?;
-        let (current, applied) = Self::load(&ctx).await?;
+        let (rows, applied) = Self::load(&ctx).await?;
+        cache_prices(&ctx, &rows).await;
         Ok(TariffStage {
             ctx,
             tariff,
-            current,
+            current: prices(&rows),
             applied,
         })
     }
 
-    /// The current prices and last applied windows as last stored (by this
+    /// The current tariffs and last applied windows as last stored (by this
     /// process or another).
     async fn load(
         ctx: &Context,
-    ) -> Result<(HashMap<String, f64>, AppliedWindows), crate::store::StoreError> {
-        let current = ctx
-            .store
-            .current_tariffs()
-            .await?
-            .into_iter()
-            .map(|t| (t.region, t.price_per_kwh))
-            .collect();
+    ) -> Result<(Vec<TariffRow>, AppliedWindows), crate::store::StoreError> {
+        let current = ctx.store.current_tariffs().await?;
         let applied = AppliedWindows::load(&*ctx.store, LAST_WINDOW).await?;
         Ok((current, applied))
     }
