@@ -205,9 +205,19 @@ async fn cut_off_and_back(what: Cut) {
     let not_ready = not_ready.expect("readiness turned 503 while PostgreSQL was cut off");
     assert_eq!(not_ready["status"], "not_ready", "{not_ready}");
     assert_eq!(not_ready["checks"]["bus"]["ok"], true, "{not_ready}");
+    // Each stage reports its lag (records of its inputs not committed).
+    let lags: Vec<u64> = not_ready["stages"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|s| s["lag"].as_u64().expect("a stage's lag"))
+        .collect();
+    assert_eq!(lags.len(), 5, "{not_ready}");
     match what {
         Cut::Postgres => {
             assert_eq!(not_ready["checks"]["store"]["ok"], false, "{not_ready}");
+            // Nothing can be stored, so nothing is committed.
+            assert!(lags.iter().any(|&l| l > 0), "{not_ready}");
         }
         Cut::Redis => {
             assert_eq!(not_ready["checks"]["dedupe"]["ok"], false, "{not_ready}");
