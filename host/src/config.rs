@@ -101,6 +101,8 @@ pub struct PipelineConfig {
     pub sandbox: SandboxConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub notify: NotifyConfig,
     /// The rule plugins by name: `anomaly`, `overload`, `tariff`, `aggregate`.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
@@ -369,6 +371,84 @@ impl Default for AlertsConfig {
     }
 }
 
+/// `[notify]`: where alerts and tariff changes are delivered.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// `[[notify.webhooks]]`, each delivered on its own (its own consumer
+    /// group), so a failing receiver holds back only itself.
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One `[[notify.webhooks]]`: a URL that gets each matching event once,
+/// signed with HMAC-SHA256.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Unique; names its consumer group (`notification-group/{name}`) and
+    /// its rows in the delivery log.
+    pub name: String,
+    pub url: String,
+    /// The signing key. Or `secret_env`: the environment variable holding
+    /// it (read once at start), to keep it out of the file.
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Which events: `alert` (`alerts_processed`), `tariff`
+    /// (`tariff_updates`). Default both.
+    #[serde(default = "WebhookConfig::all_events")]
+    pub events: Vec<NotifyEvent>,
+    /// Only these regions (default: every region).
+    #[serde(default)]
+    pub regions: Vec<String>,
+    /// Only these alert types (default: every type).
+    #[serde(default)]
+    pub alert_types: Vec<crate::messages::AlertType>,
+    /// Alerts below this severity are not sent (default `low`: all).
+    #[serde(default = "WebhookConfig::lowest")]
+    pub min_severity: crate::messages::Severity,
+    /// Longest wait between two attempts (the backoff doubles from 100 ms
+    /// up to it). Attempts go on until the receiver takes the event.
+    #[serde(default = "WebhookConfig::default_max_backoff")]
+    pub max_backoff_s: u64,
+    /// Time allowed for one attempt.
+    #[serde(default = "WebhookConfig::default_timeout")]
+    pub timeout_s: u64,
+}
+
+impl WebhookConfig {
+    fn all_events() -> Vec<NotifyEvent> {
+        vec![NotifyEvent::Alert, NotifyEvent::Tariff]
+    }
+    fn lowest() -> crate::messages::Severity {
+        crate::messages::Severity::Low
+    }
+    fn default_max_backoff() -> u64 {
+        60
+    }
+    fn default_timeout() -> u64 {
+        10
+    }
+
+    /// The signing key, from `secret` or the variable `secret_env` names.
+    pub fn signing_key(&self) -> Option<String> {
+        self.secret.clone().or_else(|| {
+            self.secret_env
+                .as_deref()
+                .and_then(|v| std::env::var(v).ok())
+        })
+    }
+}
+
+/// An event kind a webhook can subscribe to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyEvent {
+    Alert,
+    Tariff,
+}
+
 /// `[shutdown]`: how long a stop may take.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -528,6 +608,43 @@ impl PipelineConfig {
                 self.ingest.max_reading_age_s
             ),
         );
+        for (i, hook) in self.notify.webhooks.iter().enumerate() {
+            let at = format!("notify.webhooks[{i}] ({:?})", hook.name);
+            need(
+                !hook.name.is_empty()
+                    && hook
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                format!("{at}.name: must be non-empty letters, digits, '-' or '_'"),
+            );
+            need(
+                self.notify.webhooks[..i]
+                    .iter()
+                    .all(|h| h.name != hook.name),
+                format!("{at}.name: another webhook has this name"),
+            );
+            need(
+                hook.url.starts_with("http://") || hook.url.starts_with("https://"),
+                format!(
+                    "{at}.url = {:?}: must be an http:// or https:// URL",
+                    hook.url
+                ),
+            );
+            need(
+                hook.signing_key().is_some_and(|k| !k.is_empty()),
+                match &hook.secret_env {
+                    Some(v) if hook.secret.is_none() => {
+                        format!("{at}.secret_env: the environment variable {v} is not set")
+                    }
+                    _ => format!("{at}: needs `secret` or `secret_env` (deliveries are signed)"),
+                },
+            );
+            need(
+                hook.max_backoff_s >= 1 && hook.timeout_s >= 1,
+                format!("{at}: max_backoff_s and timeout_s must be at least 1"),
+            );
+        }
         need(
             (1..=1024).contains(&self.bus.partitions),
             format!("bus.partitions = {}: must be 1..=1024", self.bus.partitions),

@@ -1527,17 +1527,27 @@ async fn postgres_migrates_once_and_checks_both_modes() {
              AND table_name IN ('users', 'meters', 'tariffs', 'alerts', 'invoices', \
              'invoice_line_items', 'tariff_rules', 'audit_logs', 'raw_readings', \
              'aggregates_1m', 'aggregates_15m', 'aggregates_1m_regional', 'rule_state', \
-             'outbox', 'stream_checkpoints', 'tariff_id_sequences')",
+             'outbox', 'stream_checkpoints', 'tariff_id_sequences', \
+             'notification_deliveries')",
         )
         .fetch_one(again.pool())
         .await
         .unwrap();
-        assert_eq!(tables, 16);
+        assert_eq!(tables, 17);
         let migrations: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
             .fetch_one(again.pool())
             .await
             .unwrap();
-        assert_eq!(migrations, 2);
+        let files = std::fs::read_dir(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/postgres"),
+        )
+        .unwrap()
+        .filter(|f| {
+            f.as_ref()
+                .is_ok_and(|f| f.path().extension().is_some_and(|e| e == "sql"))
+        })
+        .count();
+        assert_eq!(migrations as usize, files, "each migration applied once");
     })
     .await;
 }

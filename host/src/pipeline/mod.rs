@@ -26,6 +26,7 @@ mod alerts;
 
 pub use alerts::{processed, status_update};
 mod archive;
+pub mod notify;
 mod regional;
 mod stream;
 mod tariff;
@@ -84,6 +85,9 @@ pub struct Metrics {
     pub alerts_stored: AtomicU64,
     pub alerts_deduplicated: AtomicU64,
     pub tariffs_published: AtomicU64,
+    /// Webhook deliveries taken by their receivers, and failed attempts.
+    pub notifications_delivered: AtomicU64,
+    pub notification_failures: AtomicU64,
     pub raw_archived: AtomicU64,
     pub plugin_failures: AtomicU64,
     pub stage_errors: AtomicU64,
@@ -107,6 +111,8 @@ impl Metrics {
             "alerts_stored": g(&self.alerts_stored),
             "alerts_deduplicated": g(&self.alerts_deduplicated),
             "tariffs_published": g(&self.tariffs_published),
+            "notifications_delivered": g(&self.notifications_delivered),
+            "notification_failures": g(&self.notification_failures),
             "raw_archived": g(&self.raw_archived),
             "plugin_failures": g(&self.plugin_failures),
             "stage_errors": g(&self.stage_errors),
@@ -339,11 +345,30 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
             tokio::spawn(drive(stage, consumer, stop_rx.clone())),
         ));
     }
+    // Notifications last: they deliver what the alert and tariff stages
+    // produced on their way out.
+    let (stop_notify, notify_rx) = watch::channel(false);
+    let mut notifiers = Vec::new();
+    for hook in &ctx.config.notify.webhooks {
+        let consumer = ctx
+            .bus
+            .subscribe(
+                &notify::group(&hook.name),
+                &[Topic::AlertsProcessed, Topic::TariffUpdates],
+            )
+            .await?;
+        let stage = notify::NotifyStage::new(ctx.clone(), Arc::new(hook.clone()));
+        notifiers.push((
+            notify::NotifyStage::NAME,
+            tokio::spawn(drive(stage, consumer, notify_rx.clone())),
+        ));
+    }
     Ok(Running {
         tiers: vec![
             (stop_stream, vec![stream]),
             (stop_regional, vec![regional]),
             (stop_downstream, tasks),
+            (stop_notify, notifiers),
         ],
         metrics: ctx.metrics.clone(),
         grace: Duration::from_secs(ctx.config.shutdown.grace_s),

@@ -524,6 +524,26 @@ pub struct OutboxRecord {
     pub message: KeyedMessage,
 }
 
+// ------------------------------------------------------ notifications
+
+/// One entry of the delivery log (`notification_deliveries`): where an
+/// event stands for a webhook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotificationLog {
+    pub webhook: String,
+    /// `alert:{alertId}` or `tariff:{tariffId}`.
+    pub event_id: String,
+    /// `alert` or `tariff`.
+    pub event_type: &'static str,
+    /// Taken by the receiver (a 2xx); otherwise still being retried.
+    pub delivered: bool,
+    pub attempts: u32,
+    /// The receiver's last HTTP status, if it answered.
+    pub response_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub at_ms: i64,
+}
+
 // ----------------------------------------------------------------- trait
 
 /// The persistence seam. Write methods take whole batches and run one
@@ -552,6 +572,17 @@ pub trait Store: Send + Sync {
         &self,
         aggs: &[RegionalAggregate],
     ) -> Result<(), StoreError>;
+
+    /// Of `event_ids`, those the delivery log has as delivered to `webhook`.
+    async fn delivered_notifications(
+        &self,
+        webhook: &str,
+        event_ids: &[String],
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Writes where an event stands for a webhook (replacing the entry; a
+    /// delivered entry is never turned back into a failing one).
+    async fn log_notification(&self, entry: &NotificationLog) -> Result<(), StoreError>;
 
     /// Stores a new `active` alert and returns the row. Storing an id that
     /// already exists changes nothing and returns the stored row, so a

@@ -24,8 +24,8 @@ use uuid::Uuid;
 use super::rules::{AlertChange, last_entry_wins, regional_key, tariff_id, tariff_prefix};
 use super::{
     AggregateQuery, AlertFilter, AlertRow, Applied, Checkpoint, Effects, MeterAggregate, NewAlert,
-    NewTariff, OutboxBuilder, OutboxRecord, RawReading, RegionalAggregate, Retention,
-    RetentionReport, RuleState, Store, StoreError, StoreOptions, TariffRow, Transition,
+    NewTariff, NotificationLog, OutboxBuilder, OutboxRecord, RawReading, RegionalAggregate,
+    Retention, RetentionReport, RuleState, Store, StoreError, StoreOptions, TariffRow, Transition,
     WindowWidth, merge_duplicate_windows,
 };
 use crate::bus::Topic;
@@ -648,6 +648,54 @@ async fn save_rule_state(tx: &mut SqliteConnection, state: &[RuleState]) -> Resu
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
+    async fn delivered_notifications(
+        &self,
+        webhook: &str,
+        event_ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for id in event_ids {
+            let found: Option<String> = sqlx::query_scalar(
+                "SELECT event_id FROM notification_deliveries \
+                 WHERE webhook = ? AND event_id = ? AND status = 'delivered'",
+            )
+            .bind(webhook)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            out.extend(found);
+        }
+        Ok(out)
+    }
+
+    async fn log_notification(&self, e: &NotificationLog) -> Result<(), StoreError> {
+        let at = format_rfc3339_ms(e.at_ms);
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO notification_deliveries (webhook, event_id, event_type, status, \
+             attempts, response_status, last_error, updated_at, delivered_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (webhook, event_id) DO UPDATE SET status = excluded.status, \
+             attempts = excluded.attempts, response_status = excluded.response_status, \
+             last_error = excluded.last_error, updated_at = excluded.updated_at, \
+             delivered_at = excluded.delivered_at \
+             WHERE notification_deliveries.status <> 'delivered'",
+        )
+        .bind(&e.webhook)
+        .bind(&e.event_id)
+        .bind(e.event_type)
+        .bind(if e.delivered { "delivered" } else { "failing" })
+        .bind(i64::from(e.attempts))
+        .bind(e.response_status.map(i64::from))
+        .bind(&e.last_error)
+        .bind(&at)
+        .bind(e.delivered.then_some(&at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn insert_raw_readings(&self, readings: &[RawReading]) -> Result<(), StoreError> {
         if readings.is_empty() {
             return Ok(());
