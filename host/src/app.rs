@@ -139,6 +139,7 @@ impl App {
             store: store.clone(),
             metrics: metrics.clone(),
             shared,
+            live: Arc::new(crate::live::LiveFeed::new()),
         };
         let (running, retention, versions) = if config.role.processes() {
             let runtime = Runtime::new(Limits {
@@ -177,6 +178,7 @@ impl App {
             bus,
             dedupe,
             metrics,
+            live: ctx.live.clone(),
         };
         let router = api::router(
             config.role.ingests().then_some(ingest),
@@ -219,6 +221,8 @@ impl App {
     /// returns the stages that had not finished by then (empty when all
     /// did), which the log names with what they were retrying.
     pub async fn shutdown(self) -> Vec<crate::pipeline::Unfinished> {
+        // Live streams end first, or the server would wait for them.
+        self.ctx.live.close();
         let _ = self.stop_server.send(());
         let _ = self.server.await;
         if let Some(retention) = self.retention {

@@ -10,6 +10,7 @@ pub mod crash;
 pub mod dedupe;
 pub mod health;
 pub mod ingest;
+pub mod live;
 pub mod messages;
 pub mod pipeline;
 pub mod plugins;

@@ -14,6 +14,7 @@
 //!
 //! Must not: compute aggregates or run rules.
 
+mod events;
 pub mod serve;
 
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub struct ApiState {
     pub bus: Arc<dyn Bus>,
     pub dedupe: Arc<dyn crate::dedupe::Dedupe>,
     pub metrics: Arc<Metrics>,
+    pub live: Arc<crate::live::LiveFeed>,
 }
 
 /// The whole HTTP surface of segs with the per-request limits of `limits`;
@@ -70,9 +72,12 @@ pub fn router(
         }
         None => Router::new(),
     };
+    // Outside the in-flight cap: health must answer under load, and event
+    // streams are long-lived (they have their own cap).
     let health = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/events", get(events::events))
         .with_state(api.clone());
     let read = Router::new()
         .route("/alerts", get(list_alerts))
@@ -377,7 +382,13 @@ async fn transition(
 ) -> Response {
     match t {
         Ok(Transition::Changed { from, row }) => {
-            let record = KeyedMessage::of(&status_update(&row, from, by, now)).record(now);
+            let update = status_update(&row, from, by, now);
+            s.live.publish(
+                crate::live::LiveKind::AlertStatus,
+                row.region.as_deref(),
+                &update,
+            );
+            let record = KeyedMessage::of(&update).record(now);
             if let Err(e) = s.bus.produce(Topic::AlertStatusUpdates, vec![record]).await {
                 tracing::error!(error = %e, "could not publish an alert status update");
             }

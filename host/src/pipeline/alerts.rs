@@ -25,6 +25,7 @@ use super::{
     rounds_by_region, with_retry,
 };
 use crate::bus::{Delivered, Topic};
+use crate::live::LiveKind;
 use crate::messages::{
     Alert, AlertMetadata, AlertProcessed, AlertStatus, AlertStatusUpdate, AlertType,
     OverloadMetadata, RegionalWindow, Severity, decode,
@@ -105,6 +106,12 @@ impl Stage for AlertStage {
             keyed(&processed)
         };
         let applied = apply(&self.ctx, STAGE, &effects, &outbox).await;
+        let now = crate::time::now_ms();
+        for row in applied.alerts.iter().flatten() {
+            self.ctx
+                .live
+                .publish(LiveKind::Alert, row.region.as_deref(), &processed(row, now));
+        }
         let stored = applied.alerts.iter().flatten().count() as u64;
         let m = &self.ctx.metrics;
         m.alerts_stored.fetch_add(stored, Ordering::Relaxed);

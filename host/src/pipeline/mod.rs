@@ -196,6 +196,8 @@ pub struct Context {
     /// processes (`dedupe.kind = "redis"`); `None` on the embedded default,
     /// where the store alone keeps them.
     pub shared: Option<crate::shared::SharedRuleState>,
+    /// What `GET /events` pushes to clients.
+    pub live: Arc<crate::live::LiveFeed>,
 }
 
 /// A stage's name and its task.

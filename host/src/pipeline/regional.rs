@@ -35,6 +35,7 @@ use super::{
     plugin_failed, with_retry,
 };
 use crate::bus::{Delivered, Topic};
+use crate::live::LiveKind;
 use crate::messages::{PartialRegion, RegionalPartial, RegionalWindow, decode};
 use crate::plugins::{AggregateRule, aggregate};
 use crate::store::{self, Applied, Checkpoint, Effects};
@@ -303,11 +304,18 @@ impl RegionalStage {
             }),
             ..Effects::default()
         };
-        let outbox = |_: &Applied| messages(&effects.regional_windows, &capacities);
+        let published = regional_windows(&effects.regional_windows, &capacities);
+        let outbox = |_: &Applied| keyed(&published);
         if apply_fenced(&self.ctx, STAGE, STAGE, &effects, &outbox)
             .await
-            .is_none()
+            .is_some()
         {
+            for w in &published {
+                self.ctx
+                    .live
+                    .publish(LiveKind::RegionalLoad, Some(&w.region), w);
+            }
+        } else {
             // Another process combines now; drop what was held.
             self.epoch = None;
             self.state = CombinerState::default();
@@ -389,12 +397,8 @@ fn decode_state(bytes: &[u8]) -> Result<CombinerState, SnapshotError> {
 }
 
 /// The regional windows as published on `aggregates_1m_regional`.
-fn messages(
-    rows: &[store::RegionalAggregate],
-    capacities: &[f64],
-) -> Vec<crate::messages::KeyedMessage> {
-    let regional: Vec<RegionalWindow> = rows
-        .iter()
+fn regional_windows(rows: &[store::RegionalAggregate], capacities: &[f64]) -> Vec<RegionalWindow> {
+    rows.iter()
         .zip(capacities)
         .map(|(row, capacity_kw)| RegionalWindow {
             region: row.region.clone(),
@@ -408,8 +412,7 @@ fn messages(
             capacity_kw: *capacity_kw,
             active_meters: row.active_meters.clone(),
         })
-        .collect();
-    keyed(&regional)
+        .collect()
 }
 
 /// The host's fallback when the aggregate rule fails: plain figures.

@@ -20,6 +20,7 @@ use super::{
     rounds_by_region, with_retry,
 };
 use crate::bus::Delivered;
+use crate::live::LiveKind;
 use crate::messages::{RegionalWindow, TariffReason, TariffUpdate, decode};
 use crate::plugins::{TariffRule, tariff};
 use crate::store::{Applied, Effects, NewTariff, TariffRow};
@@ -82,29 +83,37 @@ impl Stage for TariffStage {
         }
         let outbox = |applied: &Applied| {
             let now = crate::time::now_ms();
-            let updates: Vec<TariffUpdate> = applied
-                .tariffs
-                .iter()
-                .map(|row| TariffUpdate {
-                    tariff_id: row.tariff_id.clone(),
-                    region: row.region.clone(),
-                    price_per_kwh: row.price_per_kwh,
-                    previous_price: row.previous_price.unwrap_or(row.price_per_kwh),
-                    change_percent: row.change_percent.unwrap_or(0.0),
-                    load_percentage: row.load_percentage.unwrap_or(0.0),
-                    effective_from_ms: row.effective_from_ms,
-                    reason: row.reason,
-                    timestamp_ms: now,
-                })
-                .collect();
+            let updates: Vec<TariffUpdate> =
+                applied.tariffs.iter().map(|row| update(row, now)).collect();
             keyed(&updates)
         };
         let applied = apply(&self.ctx, STAGE, &effects, &outbox).await;
         cache_prices(&self.ctx, &applied.tariffs).await;
+        let now = crate::time::now_ms();
+        for row in &applied.tariffs {
+            self.ctx
+                .live
+                .publish(LiveKind::Tariff, Some(&row.region), &update(row, now));
+        }
         self.ctx
             .metrics
             .tariffs_published
             .fetch_add(applied.tariffs.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The seed's `tariff_updates` message for a stored tariff.
+fn update(row: &TariffRow, now_ms: i64) -> TariffUpdate {
+    TariffUpdate {
+        tariff_id: row.tariff_id.clone(),
+        region: row.region.clone(),
+        price_per_kwh: row.price_per_kwh,
+        previous_price: row.previous_price.unwrap_or(row.price_per_kwh),
+        change_percent: row.change_percent.unwrap_or(0.0),
+        load_percentage: row.load_percentage.unwrap_or(0.0),
+        effective_from_ms: row.effective_from_ms,
+        reason: row.reason,
+        timestamp_ms: now_ms,
     }
 }
 
