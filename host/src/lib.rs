@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod app;
+pub mod billing;
 pub mod bus;
 pub mod config;
 pub mod crash;

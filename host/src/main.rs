@@ -29,6 +29,29 @@ enum Command {
     Run(RunArgs),
     /// Send simulated smart-meter telemetry to a segs server.
     Simulate(SimulateArgs),
+    /// Bill a period: per meter, each 15-minute window's energy times the
+    /// price in force, into invoices and line items. Billing a period again
+    /// replaces its pending invoices, never adds a second one.
+    Bill(BillArgs),
+}
+
+#[derive(clap::Args)]
+struct BillArgs {
+    /// The pipeline file (its store and regions' base prices).
+    #[arg(long, default_value = "pipeline.toml", env = "SEGS_CONFIG")]
+    config: PathBuf,
+    /// Start of the period (RFC 3339, e.g. 2025-11-01T00:00:00Z), inclusive.
+    #[arg(long, value_parser = parse_instant)]
+    from: i64,
+    /// End of the period (RFC 3339), exclusive.
+    #[arg(long, value_parser = parse_instant)]
+    to: i64,
+}
+
+/// An RFC 3339 instant as epoch ms, for `--from` / `--to`.
+fn parse_instant(s: &str) -> Result<i64, String> {
+    segs::time::parse_rfc3339_ms(s)
+        .ok_or_else(|| format!("{s:?} is not an RFC 3339 instant (e.g. 2025-11-01T00:00:00Z)"))
 }
 
 #[derive(clap::Args)]
@@ -160,8 +183,42 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Simulate(args) => simulate(args).await,
+            Command::Bill(args) => bill(args).await,
         }
     })
+}
+
+async fn bill(args: BillArgs) -> Result<()> {
+    let config = PipelineConfig::load(&args.config)?;
+    let store = segs::store::open(&config.store.url).await?;
+    let invoices = segs::billing::run(
+        &*store,
+        &|r| config.region(r).base_price_per_kwh,
+        args.from,
+        args.to,
+    )
+    .await?;
+    let (kwh, amount) = invoices.iter().fold((0.0, 0.0), |(k, a), i| {
+        (k + i.total_kwh, a + i.total_amount)
+    });
+    for i in &invoices {
+        println!(
+            "{}  {}  {:>10.3} kWh  {:>10.2} {}  {} line(s)  {}",
+            i.invoice_id,
+            i.user_id.as_deref().unwrap_or("-"),
+            i.total_kwh,
+            i.total_amount,
+            i.currency,
+            i.line_items.len(),
+            i.status
+        );
+    }
+    println!(
+        "{} invoice(s), {kwh:.3} kWh, {amount:.2} {}",
+        invoices.len(),
+        segs::billing::CURRENCY
+    );
+    Ok(())
 }
 
 async fn run(args: RunArgs) -> Result<()> {

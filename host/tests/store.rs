@@ -173,6 +173,7 @@ on_both_backends! {
     alerts_with_equal_timestamps_list_newest_insert_first: memory,
     rows_serialize_with_the_seeds_column_names: memory,
     fifty_thousand_readings_in_one_call: file,
+    billing_prices_each_window_by_the_tariff_in_force_and_never_bills_twice: file,
     retention_deletes_only_old_rows: file,
     apply_stores_everything_or_nothing_with_its_outbox: file,
     a_claimed_checkpoint_fences_off_its_previous_writer: memory,
@@ -1611,4 +1612,151 @@ async fn postgres_refuses_bad_input_as_rejected() {
         assert_eq!(store.count_raw_readings().await.unwrap(), 0);
     })
     .await;
+}
+
+/// Runs `sql` (no binds) on the test database, whichever it is.
+async fn exec(db: &Db, sql: &str) {
+    if db.url.starts_with("postgres") {
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+    } else {
+        let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+        sqlx::raw_sql(sql).execute(&pool).await.unwrap();
+    }
+}
+
+async fn billing_prices_each_window_by_the_tariff_in_force_and_never_bills_twice(db: &Db) {
+    let store = db.open().await;
+    exec(
+        db,
+        "INSERT INTO users (user_id) VALUES ('USR-1'); \
+         INSERT INTO meters (meter_id, user_id, region) VALUES ('MTR-A', 'USR-1', 'Mumbai-North');",
+    )
+    .await;
+    let energy = |meter: &str, start: &str, kwh: f64| {
+        let mut w = window(meter, start, &[1.0], &[]);
+        w.energy_kwh_sum = kwh;
+        w
+    };
+    store
+        .upsert_meter_aggregates(
+            WindowWidth::FifteenMinutes,
+            &[
+                energy("MTR-A", "2025-11-12T06:00:00Z", 1.5),
+                energy("MTR-A", "2025-11-12T06:15:00Z", 2.0),
+                energy("MTR-A", "2025-11-12T06:30:00Z", 2.4),
+                energy("MTR-A", "2025-11-12T06:45:00Z", 1.0),
+                energy("MTR-B", "2025-11-12T06:00:00Z", 4.0),
+                energy("MTR-B", "2025-11-12T06:45:00Z", 3.0),
+                // Outside the period: not billed.
+                energy("MTR-A", "2025-11-12T07:00:00Z", 9.0),
+            ],
+        )
+        .await
+        .unwrap();
+    // Base 6.50 until 06:20, then 7.15 (high load), then 5.50 from 06:45.
+    let high = store
+        .insert_tariff(&tariff("Mumbai-North", 7.15, "2025-11-12T06:20:00Z"))
+        .await
+        .unwrap();
+    let low = store
+        .insert_tariff(&tariff("Mumbai-North", 5.5, "2025-11-12T06:45:00Z"))
+        .await
+        .unwrap();
+    let (from, to) = (t("2025-11-12T06:00:00Z"), t("2025-11-12T07:00:00Z"));
+    let base = |_: &str| 6.5;
+    let invoices = segs::billing::run(&*store, &base, from, to).await.unwrap();
+    assert_eq!(invoices.len(), 2);
+    let a = invoices.iter().find(|i| i.meter_id == "MTR-A").unwrap();
+    let b = invoices.iter().find(|i| i.meter_id == "MTR-B").unwrap();
+    // By hand: MTR-A 1.5 × 6.5 + 2.0 × 6.5 + 2.4 × 7.15 + 1.0 × 5.5
+    //   = 9.75 + 13.00 + 17.16 + 5.50 = 45.41;
+    // MTR-B 4.0 × 6.5 + 3.0 × 5.5 = 26.00 + 16.50 = 42.50.
+    assert_eq!(a.total_amount, 45.41);
+    assert!(close(a.total_kwh, 6.9), "{}", a.total_kwh);
+    assert_eq!(a.user_id.as_deref(), Some("USR-1"));
+    assert_eq!(b.total_amount, 42.5);
+    assert_eq!(b.user_id, None);
+    let lines: Vec<(Option<&str>, String, String, f64, f64)> = a
+        .line_items
+        .iter()
+        .map(|l| {
+            (
+                l.tariff_id.as_deref(),
+                segs::time::format_rfc3339_ms(l.period_start_ms),
+                segs::time::format_rfc3339_ms(l.period_end_ms),
+                (l.kwh * 1e4).round() / 1e4,
+                (l.amount * 100.0).round() / 100.0,
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            (
+                None,
+                "2025-11-12T06:00:00.000Z".into(),
+                "2025-11-12T06:30:00.000Z".into(),
+                3.5,
+                22.75
+            ),
+            (
+                Some(high.tariff_id.as_str()),
+                "2025-11-12T06:30:00.000Z".into(),
+                "2025-11-12T06:45:00.000Z".into(),
+                2.4,
+                17.16
+            ),
+            (
+                Some(low.tariff_id.as_str()),
+                "2025-11-12T06:45:00.000Z".into(),
+                "2025-11-12T07:00:00.000Z".into(),
+                1.0,
+                5.5
+            ),
+        ]
+    );
+
+    // Billing the period again gives the same invoices, not second ones; a
+    // paid invoice is left as it was even when its windows changed since.
+    exec(
+        db,
+        &format!(
+            "UPDATE invoices SET status = 'paid' WHERE invoice_id = '{}'",
+            b.invoice_id
+        ),
+    )
+    .await;
+    store
+        .upsert_meter_aggregates(
+            WindowWidth::FifteenMinutes,
+            &[energy("MTR-B", "2025-11-12T06:15:00Z", 1.0)],
+        )
+        .await
+        .unwrap();
+    let again = segs::billing::run(&*store, &base, from, to).await.unwrap();
+    let all = store
+        .list_invoices(&store::InvoiceFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2, "no second invoice");
+    let a2 = again.iter().find(|i| i.meter_id == "MTR-A").unwrap();
+    assert_eq!(a2.invoice_id, a.invoice_id);
+    assert_eq!(a2.total_amount, 45.41);
+    assert_eq!(a2.line_items.len(), 3);
+    let b2 = again.iter().find(|i| i.meter_id == "MTR-B").unwrap();
+    assert_eq!((b2.status.as_str(), b2.total_amount), ("paid", 42.5));
+    let by_user = store
+        .list_invoices(&store::InvoiceFilter {
+            user_id: Some("USR-1".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_user.len(), 1);
+    assert_eq!(by_user[0].meter_id, "MTR-A");
 }

@@ -14,3 +14,8 @@ CREATE TABLE notification_deliveries (
     delivered_at    TEXT,
     PRIMARY KEY (webhook, event_id)
 );
+
+-- Billing (segs bill): an invoice is per meter and period (its id is
+-- derived from both), so it names its meter.
+ALTER TABLE invoices ADD COLUMN meter_id TEXT;
+CREATE INDEX invoices_meter_period ON invoices (meter_id, billing_period_start);

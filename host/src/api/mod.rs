@@ -88,6 +88,7 @@ pub fn router(
         .route("/aggregates/1m", get(aggregates_1m))
         .route("/aggregates/15m", get(aggregates_15m))
         .route("/aggregates/regional", get(aggregates_regional))
+        .route("/invoices", get(list_invoices))
         .with_state(api);
     // One semaphore for every route (a plain `ConcurrencyLimitLayer` would
     // get one per route); load shedding answers at once instead of queueing.
@@ -280,6 +281,53 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, body).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvoiceParams {
+    meter_id: Option<String>,
+    user_id: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /invoices`: invoices with their line items (`segs bill` makes
+/// them), newest period first; `from` / `to` bound the billing period.
+async fn list_invoices(
+    State(s): State<ApiState>,
+    q: Result<Query<InvoiceParams>, QueryRejection>,
+) -> Response {
+    let p = match query(q) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
+    let instant = |field: &'static str, v: &Option<String>| match v {
+        None => Ok(None),
+        Some(v) => crate::time::parse_rfc3339_ms(v)
+            .map(Some)
+            .ok_or_else(|| bad_field(field, "must be an RFC 3339 instant")),
+    };
+    let (from_ms, to_ms) = match (instant("from", &p.from), instant("to", &p.to)) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(e), _) | (_, Err(e)) => return e.into_response(),
+    };
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return bad_request("limit", "must be 1..=1000");
+    }
+    let filter = crate::store::InvoiceFilter {
+        meter_id: p.meter_id,
+        user_id: p.user_id,
+        from_ms,
+        to_ms,
+        limit,
+    };
+    match s.store.list_invoices(&filter).await {
+        Ok(invoices) => Json(invoices).into_response(),
+        Err(e) => store_failed(e),
+    }
 }
 
 #[derive(Deserialize)]

@@ -544,6 +544,18 @@ pub struct NotificationLog {
     pub at_ms: i64,
 }
 
+/// Filters for [`Store::list_invoices`]; `None` means "any".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvoiceFilter {
+    pub meter_id: Option<String>,
+    pub user_id: Option<String>,
+    /// Billing periods starting at or after this instant.
+    pub from_ms: Option<i64>,
+    /// Billing periods ending at or before this instant.
+    pub to_ms: Option<i64>,
+    pub limit: u32,
+}
+
 // ----------------------------------------------------------------- trait
 
 /// The persistence seam. Write methods take whole batches and run one
@@ -583,6 +595,18 @@ pub trait Store: Send + Sync {
     /// Writes where an event stands for a webhook (replacing the entry; a
     /// delivered entry is never turned back into a failing one).
     async fn log_notification(&self, entry: &NotificationLog) -> Result<(), StoreError>;
+
+    /// Stores invoices with their line items, in one transaction: a new id
+    /// is inserted; an id already stored and still `pending` is replaced
+    /// (billing a period again); one `paid`, `overdue` or `cancelled` is
+    /// left as it is. The user is the meter's in `meters`, when known.
+    async fn save_invoices(&self, invoices: &[crate::billing::Invoice]) -> Result<(), StoreError>;
+
+    /// Invoices with their line items, newest period first, then by id.
+    async fn list_invoices(
+        &self,
+        filter: &InvoiceFilter,
+    ) -> Result<Vec<crate::billing::Invoice>, StoreError>;
 
     /// Stores a new `active` alert and returns the row. Storing an id that
     /// already exists changes nothing and returns the stored row, so a

@@ -21,6 +21,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
+use super::InvoiceFilter;
 use super::rules::{AlertChange, last_entry_wins, regional_key, tariff_id, tariff_prefix};
 use super::{
     AggregateQuery, AlertFilter, AlertRow, Applied, Checkpoint, Effects, MeterAggregate, NewAlert,
@@ -28,6 +29,7 @@ use super::{
     Retention, RetentionReport, RuleState, Store, StoreError, StoreOptions, TariffRow, Transition,
     WindowWidth, merge_duplicate_windows,
 };
+use crate::billing::{Invoice, InvoiceLine};
 use crate::bus::Topic;
 use crate::messages::KeyedMessage;
 use crate::time::{format_rfc3339_ms, now_ms, parse_rfc3339_ms};
@@ -648,6 +650,135 @@ async fn save_rule_state(tx: &mut SqliteConnection, state: &[RuleState]) -> Resu
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
+    async fn save_invoices(&self, invoices: &[Invoice]) -> Result<(), StoreError> {
+        let now = format_rfc3339_ms(now_ms());
+        let mut tx = self.write_tx().await?;
+        for inv in invoices {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM invoices WHERE invoice_id = ?")
+                    .bind(&inv.invoice_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if status.as_deref().is_some_and(|s| s != "pending") {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO invoices (invoice_id, meter_id, user_id, billing_period_start, \
+                 billing_period_end, total_kwh, total_amount, currency, status, created_at, \
+                 updated_at) \
+                 VALUES (?1, ?2, (SELECT user_id FROM meters WHERE meter_id = ?2), ?3, ?4, ?5, \
+                 ?6, ?7, 'pending', ?8, ?8) \
+                 ON CONFLICT (invoice_id) DO UPDATE SET user_id = excluded.user_id, \
+                 total_kwh = excluded.total_kwh, total_amount = excluded.total_amount, \
+                 updated_at = excluded.updated_at",
+            )
+            .bind(&inv.invoice_id)
+            .bind(&inv.meter_id)
+            .bind(format_rfc3339_ms(inv.period_start_ms))
+            .bind(format_rfc3339_ms(inv.period_end_ms))
+            .bind(inv.total_kwh)
+            .bind(inv.total_amount)
+            .bind(inv.currency)
+            .bind(&now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM invoice_line_items WHERE invoice_id = ?")
+                .bind(&inv.invoice_id)
+                .execute(&mut *tx)
+                .await?;
+            for l in &inv.line_items {
+                sqlx::query(
+                    "INSERT INTO invoice_line_items (invoice_id, meter_id, tariff_id, \
+                     period_start, period_end, description, kwh, price_per_kwh, amount, \
+                     created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&inv.invoice_id)
+                .bind(&l.meter_id)
+                .bind(&l.tariff_id)
+                .bind(format_rfc3339_ms(l.period_start_ms))
+                .bind(format_rfc3339_ms(l.period_end_ms))
+                .bind(&l.description)
+                .bind(l.kwh)
+                .bind(l.price_per_kwh)
+                .bind(l.amount)
+                .bind(&now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_invoices(&self, f: &InvoiceFilter) -> Result<Vec<Invoice>, StoreError> {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT invoice_id, meter_id, user_id, billing_period_start, billing_period_end, \
+             total_kwh, total_amount, status FROM invoices WHERE 1 = 1",
+        );
+        if let Some(m) = &f.meter_id {
+            qb.push(" AND meter_id = ").push_bind(m.clone());
+        }
+        if let Some(u) = &f.user_id {
+            qb.push(" AND user_id = ").push_bind(u.clone());
+        }
+        if let Some(from) = f.from_ms {
+            qb.push(" AND billing_period_start >= ")
+                .push_bind(format_rfc3339_ms(from));
+        }
+        if let Some(to) = f.to_ms {
+            qb.push(" AND billing_period_end <= ")
+                .push_bind(format_rfc3339_ms(to));
+        }
+        qb.push(" ORDER BY billing_period_start DESC, invoice_id LIMIT ")
+            .push_bind(i64::from(f.limit));
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let invoice_id: String = row.try_get("invoice_id")?;
+            let lines = sqlx::query(
+                "SELECT meter_id, tariff_id, period_start, period_end, description, kwh, \
+                 price_per_kwh, amount FROM invoice_line_items WHERE invoice_id = ? \
+                 ORDER BY period_start, line_item_id",
+            )
+            .bind(&invoice_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|l| {
+                Ok(InvoiceLine {
+                    meter_id: l
+                        .try_get::<Option<String>, _>("meter_id")?
+                        .unwrap_or_default(),
+                    tariff_id: l.try_get("tariff_id")?,
+                    period_start_ms: ts(l, "invoice_line_items", "period_start")?,
+                    period_end_ms: ts(l, "invoice_line_items", "period_end")?,
+                    description: l
+                        .try_get::<Option<String>, _>("description")?
+                        .unwrap_or_default(),
+                    kwh: l.try_get("kwh")?,
+                    price_per_kwh: l.try_get("price_per_kwh")?,
+                    amount: l.try_get("amount")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+            out.push(Invoice {
+                meter_id: row
+                    .try_get::<Option<String>, _>("meter_id")?
+                    .unwrap_or_default(),
+                user_id: row.try_get("user_id")?,
+                period_start_ms: ts(&row, "invoices", "billing_period_start")?,
+                period_end_ms: ts(&row, "invoices", "billing_period_end")?,
+                total_kwh: row.try_get("total_kwh")?,
+                total_amount: row.try_get("total_amount")?,
+                currency: crate::billing::CURRENCY,
+                status: row.try_get("status")?,
+                line_items: lines,
+                invoice_id,
+            });
+        }
+        Ok(out)
+    }
+
     async fn delivered_notifications(
         &self,
         webhook: &str,
