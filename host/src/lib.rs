@@ -13,6 +13,7 @@ pub mod health;
 pub mod ingest;
 pub mod live;
 pub mod messages;
+pub mod metrics;
 pub mod pipeline;
 pub mod plugins;
 pub mod reading;

@@ -224,3 +224,92 @@ async fn clients_see_the_streams_decisions_in_order_and_resume_without_gaps() {
     assert!(unfinished.is_empty(), "{unfinished:?}");
     while all.recv().await.is_some() {}
 }
+
+/// `GET /metrics` is the Prometheus registry: the counters the status line
+/// shows, store write latency per stage, and bus lag per topic and
+/// partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_in_the_prometheus_text_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_cfg = common::sim_config(19);
+    let mut sim = Simulator::new(sim_cfg.clone()).unwrap();
+    let mut doc = common::config_doc(&sim);
+    doc["store"].as_table_mut().unwrap().insert(
+        "url".into(),
+        toml::Value::String(format!("sqlite://{}", dir.path().join("segs.db").display())),
+    );
+    doc["bus"].as_table_mut().unwrap().insert(
+        "path".into(),
+        toml::Value::String(dir.path().join("segs-bus.db").display().to_string()),
+    );
+    let cfg = PipelineConfig::load(&common::write(dir.path(), "pipeline.toml", &doc)).unwrap();
+    let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", app.addr);
+    let client = reqwest::Client::new();
+    let mut accepted = 0u64;
+    for _ in 0..12 {
+        for batch in sim.next_batches(1000) {
+            let r = client
+                .post(format!("{url}/telemetry/batch"))
+                .header("content-type", "application/json")
+                .body(batch.body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            let answer: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+            accepted += answer["accepted"].as_u64().unwrap();
+        }
+    }
+    // The archive stores every reading; its writes are timed.
+    let store = app.ctx.store.clone();
+    for _ in 0..600 {
+        if store.count_raw_readings().await.unwrap() >= accepted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = client.get(format!("{url}/metrics")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = r.text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+    };
+    let healthz: Value = serde_json::from_slice(
+        &client
+            .get(format!("{url}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(value("segs_readings_accepted_total"), accepted as f64);
+    assert_eq!(
+        healthz["metrics"]["accepted"].as_u64(),
+        Some(accepted),
+        "the same counter: {healthz}"
+    );
+    assert_eq!(value("segs_readings_archived_total"), accepted as f64);
+    assert!(value("segs_store_write_seconds_count{stage=\"archive\"}") >= 1.0);
+    for p in 0..3 {
+        // Present for every partition (committed or not yet).
+        value(&format!(
+            "segs_bus_lag_records{{group=\"raw-archive-group\",topic=\"telemetry-readings\",partition=\"{p}\"}}"
+        ));
+    }
+    assert!(text.ends_with("# EOF\n"));
+    app.shutdown().await;
+}

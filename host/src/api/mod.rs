@@ -78,6 +78,7 @@ pub fn router(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/events", get(events::events))
+        .route("/metrics", get(metrics))
         .with_state(api.clone());
     let read = Router::new()
         .route("/alerts", get(list_alerts))
@@ -235,6 +236,38 @@ const READY_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// Readiness: the bus, the store and the dedupe store each answer within
 /// [`READY_CHECK`], and no stage is retrying; otherwise 503, naming what is
 /// wrong.
+/// `GET /metrics`: the registry in the OpenMetrics text format (Prometheus
+/// scrapes it), with each running stage's bus lag per topic and partition
+/// looked up now.
+async fn metrics(State(s): State<ApiState>) -> Response {
+    let running = s.metrics.health.snapshot();
+    for (name, group, topics) in crate::pipeline::STAGE_INPUTS {
+        if !running.contains_key(name) {
+            continue;
+        }
+        if let Ok(Ok(parts)) = tokio::time::timeout(READY_CHECK, s.bus.lag(group, topics)).await {
+            for (topic, partition, lag) in parts {
+                s.metrics
+                    .bus_lag
+                    .get_or_create(&crate::metrics::LagLabels {
+                        group: group.to_owned(),
+                        topic: topic.name().to_owned(),
+                        partition,
+                    })
+                    .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            }
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
 async fn readyz(State(s): State<ApiState>) -> Response {
     async fn check<E: std::fmt::Display>(
         f: impl std::future::Future<Output = Result<(), E>>,
@@ -263,7 +296,7 @@ async fn readyz(State(s): State<ApiState>) -> Response {
             .find(|(stage, _, _)| stage == name)
         {
             let lag = match tokio::time::timeout(READY_CHECK, s.bus.lag(group, topics)).await {
-                Ok(Ok(n)) => json!(n),
+                Ok(Ok(parts)) => json!(parts.iter().map(|(_, _, n)| n).sum::<u64>()),
                 _ => Value::Null,
             };
             v["lag"] = lag;

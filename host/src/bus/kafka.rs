@@ -412,7 +412,7 @@ impl Bus for KafkaBus {
         self.inner.partitions
     }
 
-    async fn lag(&self, group: &str, topics: &[Topic]) -> Result<u64, BusError> {
+    async fn lag(&self, group: &str, topics: &[Topic]) -> Result<Vec<(Topic, u32, u64)>, BusError> {
         let reader = {
             let mut readers = self.inner.lag_readers.lock();
             match readers.get(group) {
@@ -429,19 +429,20 @@ impl Bus for KafkaBus {
                 }
             }
         };
-        let names: Vec<String> = topics.iter().map(|t| self.topic_name(*t)).collect();
+        let names: Vec<(Topic, String)> =
+            topics.iter().map(|t| (*t, self.topic_name(*t))).collect();
         let partitions = self.inner.partitions;
         tokio::task::spawn_blocking(move || {
             let timeout = Duration::from_secs(2);
             let mut tpl = TopicPartitionList::new();
-            for name in &names {
+            for (_, name) in &names {
                 for p in 0..partitions {
                     tpl.add_partition(name, p as i32);
                 }
             }
             let committed = reader.committed_offsets(tpl, timeout).map_err(kafka)?;
-            let mut behind = 0u64;
-            for name in &names {
+            let mut behind = Vec::new();
+            for (topic, name) in &names {
                 for p in 0..partitions {
                     let (low, high) = reader
                         .fetch_watermarks(name, p as i32, timeout)
@@ -450,7 +451,7 @@ impl Bus for KafkaBus {
                         Some(Offset::Offset(o)) => o.max(low),
                         _ => low,
                     };
-                    behind += (high - from).max(0) as u64;
+                    behind.push((*topic, p, (high - from).max(0) as u64));
                 }
             }
             Ok(behind)

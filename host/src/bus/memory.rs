@@ -645,10 +645,10 @@ impl Bus for MemoryBus {
         })
     }
 
-    async fn lag(&self, group: &str, topics: &[Topic]) -> Result<u64, BusError> {
+    async fn lag(&self, group: &str, topics: &[Topic]) -> Result<Vec<(Topic, u32, u64)>, BusError> {
         let groups = self.inner.groups.lock();
         let g = groups.get(group);
-        let mut behind = 0;
+        let mut behind = Vec::new();
         for &topic in topics {
             for p in 0..self.inner.partitions {
                 let (base, end) = {
@@ -659,7 +659,7 @@ impl Bus for MemoryBus {
                     .and_then(|g| g.committed.get(&(topic, p)).copied())
                     .unwrap_or(base)
                     .max(base);
-                behind += end.saturating_sub(committed);
+                behind.push((topic, p, end.saturating_sub(committed)));
             }
         }
         Ok(behind)

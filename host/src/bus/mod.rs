@@ -219,10 +219,10 @@ pub trait Bus: Send + Sync {
     }
 
     /// Records of `topics` that consumer group `group` has not committed
-    /// yet (end offset minus the group's committed offset, summed over every
-    /// partition; a group with nothing committed counts from the start of
-    /// what the bus holds). For readiness: how far a stage is behind.
-    async fn lag(&self, group: &str, topics: &[Topic]) -> Result<u64, BusError>;
+    /// yet, per topic and partition (end offset minus the group's committed
+    /// offset; a group with nothing committed counts from the start of what
+    /// the bus holds). For readiness and metrics: how far a stage is behind.
+    async fn lag(&self, group: &str, topics: &[Topic]) -> Result<Vec<(Topic, u32, u64)>, BusError>;
 
     /// Names the log the offsets belong to: the same for as long as offsets
     /// keep their meaning (a durable log reopened after a restart), a new

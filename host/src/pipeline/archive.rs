@@ -62,8 +62,12 @@ impl Stage for ArchiveStage {
             })
             .collect();
         let store = self.ctx.store.clone();
-        with_retry(&self.ctx, "archive", "insert raw readings", || {
-            store.insert_raw_readings(&rows)
+        let ctx = &self.ctx;
+        with_retry(ctx, "archive", "insert raw readings", || async {
+            let started = std::time::Instant::now();
+            let done = store.insert_raw_readings(&rows).await;
+            ctx.metrics.store_write("archive", started.elapsed());
+            done
         })
         .await;
         self.ctx

@@ -32,7 +32,7 @@ mod stream;
 mod tariff;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -70,55 +70,7 @@ pub const STAGE_INPUTS: [(&str, &str, &[Topic]); 5] = [
     ("archive", ARCHIVE_GROUP, &[Topic::TelemetryReadings]),
 ];
 
-/// Counters every stage adds to; read by the status line and `/healthz`.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub accepted: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub rejected_requests: AtomicU64,
-    pub refused_busy: AtomicU64,
-    pub readings_processed: AtomicU64,
-    pub late_readings: AtomicU64,
-    pub bad_records: AtomicU64,
-    pub windows_closed: AtomicU64,
-    pub anomalies: AtomicU64,
-    pub alerts_stored: AtomicU64,
-    pub alerts_deduplicated: AtomicU64,
-    pub tariffs_published: AtomicU64,
-    /// Webhook deliveries taken by their receivers, and failed attempts.
-    pub notifications_delivered: AtomicU64,
-    pub notification_failures: AtomicU64,
-    pub raw_archived: AtomicU64,
-    pub plugin_failures: AtomicU64,
-    pub stage_errors: AtomicU64,
-    /// What each stage is doing (running, retrying since …).
-    pub health: crate::health::Health,
-}
-
-impl Metrics {
-    pub fn snapshot(&self) -> serde_json::Value {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        serde_json::json!({
-            "accepted": g(&self.accepted),
-            "duplicates": g(&self.duplicates),
-            "rejected_requests": g(&self.rejected_requests),
-            "refused_busy": g(&self.refused_busy),
-            "readings_processed": g(&self.readings_processed),
-            "late_readings": g(&self.late_readings),
-            "bad_records": g(&self.bad_records),
-            "windows_closed": g(&self.windows_closed),
-            "anomalies": g(&self.anomalies),
-            "alerts_stored": g(&self.alerts_stored),
-            "alerts_deduplicated": g(&self.alerts_deduplicated),
-            "tariffs_published": g(&self.tariffs_published),
-            "notifications_delivered": g(&self.notifications_delivered),
-            "notification_failures": g(&self.notification_failures),
-            "raw_archived": g(&self.raw_archived),
-            "plugin_failures": g(&self.plugin_failures),
-            "stage_errors": g(&self.stage_errors),
-        })
-    }
-}
+pub use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -592,8 +544,11 @@ async fn apply(
     outbox: &OutboxBuilder<'_>,
 ) -> Applied {
     let store = ctx.store.clone();
-    let (applied, records) = with_retry(ctx, stage, "apply a stage's effects", || {
-        store.apply(stage, effects, outbox)
+    let (applied, records) = with_retry(ctx, stage, "apply a stage's effects", || async {
+        let started = std::time::Instant::now();
+        let done = store.apply(stage, effects, outbox).await;
+        ctx.metrics.store_write(stage, started.elapsed());
+        done
     })
     .await;
     crate::crash::point(&format!("{stage}.after_apply"));
@@ -614,7 +569,10 @@ async fn apply_fenced(
 ) -> Option<Applied> {
     let store = ctx.store.clone();
     let stored = with_retry(ctx, stage, "store a checkpoint", || async {
-        match store.apply(outbox_key, effects, outbox).await {
+        let started = std::time::Instant::now();
+        let done = store.apply(outbox_key, effects, outbox).await;
+        ctx.metrics.store_write(stage, started.elapsed());
+        match done {
             Err(crate::store::StoreError::Fenced { group, epoch }) => Ok(Err((group, epoch))),
             other => other.map(Ok),
         }
