@@ -28,33 +28,38 @@ use crate::windows::FIFTEEN_MINUTES_MS;
 pub const CURRENCY: &str = "INR";
 
 /// An invoice for one meter over `[period_start, period_end)`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Invoice {
     pub invoice_id: String,
     pub meter_id: String,
     /// The meter's user, from the `meters` table when it is known there.
     pub user_id: Option<String>,
     #[serde(rename = "billing_period_start", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub period_start_ms: i64,
     #[serde(rename = "billing_period_end", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub period_end_ms: i64,
     pub total_kwh: f64,
     /// Σ of the line items' amounts, rounded to the paisa.
     pub total_amount: f64,
+    #[schema(value_type = String)]
     pub currency: &'static str,
     pub status: String,
     pub line_items: Vec<InvoiceLine>,
 }
 
 /// Consecutive windows of one meter priced by one tariff.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct InvoiceLine {
     pub meter_id: String,
     /// `None`: the region's base price (no tariff change yet).
     pub tariff_id: Option<String>,
     #[serde(rename = "period_start", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub period_start_ms: i64,
     #[serde(rename = "period_end", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub period_end_ms: i64,
     pub description: String,
     pub kwh: f64,

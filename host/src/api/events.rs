@@ -28,9 +28,11 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast, watch};
 use super::{ApiState, bad_request, error, query};
 use crate::live::{LiveEvent, LiveFeed, LiveKind};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EventParams {
+    /// Comma-separated: alert, alert_status, tariff, regional_load (default all).
     types: Option<String>,
     region: Option<String>,
 }
@@ -62,6 +64,10 @@ struct Client {
     _slot: OwnedSemaphorePermit,
 }
 
+#[utoipa::path(get, path = "/events", tag = "live",
+    params(EventParams, ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
+    responses((status = 200, description = "Server-Sent Events: alert, alert_status, tariff, regional_load (reset first when the id could not be resumed)", content_type = "text/event-stream"),
+        (status = 400, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)))]
 pub(super) async fn events(
     State(s): State<ApiState>,
     headers: HeaderMap,

@@ -15,6 +15,7 @@
 //! Must not: compute aggregates or run rules.
 
 mod events;
+pub mod openapi;
 pub mod serve;
 
 use std::sync::Arc;
@@ -79,6 +80,7 @@ pub fn router(
         .route("/readyz", get(readyz))
         .route("/events", get(events::events))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
         .with_state(api.clone());
     let read = Router::new()
         .route("/alerts", get(list_alerts))
@@ -221,6 +223,15 @@ fn instant(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
 
 /// Liveness: 200 while the process serves, with what each stage is doing
 /// (running, or retrying since …) and the counters.
+/// `GET /openapi.json`: this API as an OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json")))]
+async fn openapi_json() -> Response {
+    Json(openapi::document()).into_response()
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive: each stage's state and the pipeline counters", body = Object)))]
 async fn healthz(State(s): State<ApiState>) -> Response {
     Json(json!({
         "status": "ok",
@@ -239,6 +250,8 @@ const READY_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// `GET /metrics`: the registry in the OpenMetrics text format (Prometheus
 /// scrapes it), with each running stage's bus lag per topic and partition
 /// looked up now.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus metrics (OpenMetrics text)", content_type = "application/openmetrics-text")))]
 async fn metrics(State(s): State<ApiState>) -> Response {
     let running = s.metrics.health.snapshot();
     for (name, group, topics) in crate::pipeline::STAGE_INPUTS {
@@ -268,6 +281,10 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready: bus, store and dedupe answer; no stage retrying; each stage's lag", body = Object),
+        (status = 503, description = "Not ready: what is wrong", body = Object)))]
 async fn readyz(State(s): State<ApiState>) -> Response {
     async fn check<E: std::fmt::Display>(
         f: impl std::future::Future<Output = Result<(), E>>,
@@ -316,7 +333,8 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     (status, body).into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct InvoiceParams {
     meter_id: Option<String>,
@@ -328,6 +346,8 @@ struct InvoiceParams {
 
 /// `GET /invoices`: invoices with their line items (`segs bill` makes
 /// them), newest period first; `from` / `to` bound the billing period.
+#[utoipa::path(get, path = "/invoices", tag = "billing", params(InvoiceParams),
+    responses((status = 200, body = Vec<crate::billing::Invoice>), (status = 400, body = openapi::ErrorBody)))]
 async fn list_invoices(
     State(s): State<ApiState>,
     q: Result<Query<InvoiceParams>, QueryRejection>,
@@ -363,7 +383,8 @@ async fn list_invoices(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AlertParams {
     region: Option<String>,
@@ -375,6 +396,8 @@ struct AlertParams {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/alerts", tag = "alerts", params(AlertParams),
+    responses((status = 200, body = Vec<crate::store::AlertRow>), (status = 400, body = openapi::ErrorBody)))]
 async fn list_alerts(
     State(s): State<ApiState>,
     q: Result<Query<AlertParams>, QueryRejection>,
@@ -421,6 +444,11 @@ fn alert_id(id: &str) -> Result<uuid::Uuid, ApiError> {
     id.parse().map_err(|_| bad_field("id", "must be a UUID"))
 }
 
+#[utoipa::path(post, path = "/alerts/{id}/acknowledge", tag = "alerts",
+    params(("id" = String, Path, description = "The alert's id (UUID)")),
+    request_body(content = Object, description = "`{\"by\": \"who\"}` (required)"),
+    responses((status = 200, body = crate::store::AlertRow), (status = 404, body = openapi::ErrorBody),
+        (status = 409, body = openapi::ErrorBody)))]
 async fn acknowledge(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -440,6 +468,10 @@ async fn acknowledge(
     transition(&s, t, Some(&by), now).await
 }
 
+#[utoipa::path(post, path = "/alerts/{id}/resolve", tag = "alerts",
+    params(("id" = String, Path, description = "The alert's id (UUID)")),
+    responses((status = 200, body = crate::store::AlertRow), (status = 404, body = openapi::ErrorBody),
+        (status = 409, body = openapi::ErrorBody)))]
 async fn resolve(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -492,6 +524,8 @@ async fn transition(
     }
 }
 
+#[utoipa::path(get, path = "/tariffs/current", tag = "tariffs",
+    responses((status = 200, body = Vec<crate::store::TariffRow>)))]
 async fn current_tariffs(State(s): State<ApiState>) -> Response {
     match s.store.current_tariffs().await {
         Ok(rows) => Json(rows).into_response(),
@@ -499,13 +533,16 @@ async fn current_tariffs(State(s): State<ApiState>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct TariffParams {
     region: Option<String>,
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/tariffs", tag = "tariffs", params(TariffParams),
+    responses((status = 200, body = Vec<crate::store::TariffRow>), (status = 400, body = openapi::ErrorBody)))]
 async fn tariff_history(
     State(s): State<ApiState>,
     q: Result<Query<TariffParams>, QueryRejection>,
@@ -524,7 +561,8 @@ async fn tariff_history(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AggregateParams {
     meter_id: Option<String>,
@@ -559,6 +597,8 @@ async fn meter_aggregates(
     }
 }
 
+#[utoipa::path(get, path = "/aggregates/1m", tag = "aggregates", params(AggregateParams),
+    responses((status = 200, body = Vec<crate::store::MeterAggregate>), (status = 400, body = openapi::ErrorBody)))]
 async fn aggregates_1m(
     State(s): State<ApiState>,
     q: Result<Query<AggregateParams>, QueryRejection>,
@@ -566,6 +606,8 @@ async fn aggregates_1m(
     meter_aggregates(s, WindowWidth::OneMinute, q).await
 }
 
+#[utoipa::path(get, path = "/aggregates/15m", tag = "aggregates", params(AggregateParams),
+    responses((status = 200, body = Vec<crate::store::MeterAggregate>), (status = 400, body = openapi::ErrorBody)))]
 async fn aggregates_15m(
     State(s): State<ApiState>,
     q: Result<Query<AggregateParams>, QueryRejection>,
@@ -573,6 +615,8 @@ async fn aggregates_15m(
     meter_aggregates(s, WindowWidth::FifteenMinutes, q).await
 }
 
+#[utoipa::path(get, path = "/aggregates/regional", tag = "aggregates", params(AggregateParams),
+    responses((status = 200, body = Vec<crate::store::RegionalAggregate>), (status = 400, body = openapi::ErrorBody)))]
 async fn aggregates_regional(
     State(s): State<ApiState>,
     q: Result<Query<AggregateParams>, QueryRejection>,

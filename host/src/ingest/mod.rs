@@ -70,6 +70,13 @@ impl IngestState {
 }
 
 /// `POST /telemetry/batch`: a JSON array of 1..=max_batch readings.
+#[utoipa::path(post, path = "/telemetry/batch", tag = "telemetry",
+    request_body = Vec<crate::api::openapi::ReadingIn>,
+    responses(
+        (status = 200, description = "Kept: every new reading is durably on the bus", body = crate::api::openapi::IngestAnswer),
+        (status = 400, description = "Invalid: nothing kept; details per index and field", body = crate::api::openapi::ErrorBody),
+        (status = 413, description = "Body over ingest.max_body_bytes"),
+        (status = 503, description = "The pipeline is behind (Retry-After)", body = crate::api::openapi::ErrorBody)))]
 pub async fn post_batch(
     State(s): State<IngestState>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -114,6 +121,12 @@ where
 }
 
 /// `POST /telemetry`: one reading object.
+#[utoipa::path(post, path = "/telemetry", tag = "telemetry",
+    request_body = crate::api::openapi::ReadingIn,
+    responses(
+        (status = 200, description = "Kept", body = crate::api::openapi::IngestAnswer),
+        (status = 400, description = "Invalid: nothing kept", body = crate::api::openapi::ErrorBody),
+        (status = 503, description = "The pipeline is behind (Retry-After)", body = crate::api::openapi::ErrorBody)))]
 pub async fn post_one(
     State(s): State<IngestState>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,

@@ -143,11 +143,12 @@ pub mod rfc3339_ms {
 // ------------------------------------------------------------------ rows
 
 /// One reading as kept in `raw_readings`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RawReading {
     pub meter_id: String,
     pub region: String,
     #[serde(rename = "timestamp", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub timestamp_ms: i64,
     pub power_kw: f64,
     #[serde(default)]
@@ -186,11 +187,12 @@ impl WindowWidth {
 /// `voltage_count`) that let a later upsert of the same window merge into
 /// it. Writers must fill the sums; `avg_power_kw` and `voltage_avg` are
 /// recomputed from them on every merge.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MeterAggregate {
     pub meter_id: String,
     pub region: String,
     #[serde(rename = "window_start", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub window_start_ms: i64,
     pub avg_power_kw: f64,
     pub max_power_kw: f64,
@@ -244,10 +246,11 @@ fn merge_duplicate_windows(aggs: &[MeterAggregate]) -> Vec<MeterAggregate> {
 /// One region's 1-minute window, as published on `aggregates_1m_regional`
 /// (where the window start is called `timestamp`) and stored in the table of
 /// that name (column `window_start`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegionalAggregate {
     pub region: String,
     #[serde(rename = "timestamp", alias = "window_start", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub window_start_ms: i64,
     pub meter_count: u32,
     pub total_consumption: f64,
@@ -278,7 +281,7 @@ pub struct NewAlert {
 }
 
 /// A row of `alerts`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AlertRow {
     pub id: Uuid,
     #[serde(rename = "type")]
@@ -289,17 +292,23 @@ pub struct AlertRow {
     pub message: String,
     pub status: AlertStatus,
     #[serde(rename = "timestamp", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub timestamp_ms: i64,
     pub acknowledged: bool,
     pub acknowledged_by: Option<String>,
     #[serde(rename = "acknowledged_at", with = "rfc3339_ms::option", default)]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub acknowledged_at_ms: Option<i64>,
     #[serde(rename = "resolved_at", with = "rfc3339_ms::option", default)]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub resolved_at_ms: Option<i64>,
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     #[serde(rename = "created_at", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at_ms: i64,
     #[serde(rename = "updated_at", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at_ms: i64,
 }
 
@@ -356,7 +365,7 @@ pub struct NewTariff {
 }
 
 /// A row of `tariffs`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TariffRow {
     /// `TRF-{REGION}-{n:06}`.
     pub tariff_id: String,
@@ -364,14 +373,18 @@ pub struct TariffRow {
     pub time_of_day: Option<String>,
     pub price_per_kwh: f64,
     #[serde(rename = "effective_from", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub effective_from_ms: i64,
     #[serde(rename = "effective_to", with = "rfc3339_ms::option", default)]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub effective_to_ms: Option<i64>,
     pub is_active: bool,
     pub created_by: Option<String>,
     #[serde(rename = "created_at", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at_ms: i64,
     #[serde(rename = "updated_at", with = "rfc3339_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at_ms: i64,
     pub previous_price: Option<f64>,
     pub change_percent: Option<f64>,
