@@ -241,11 +241,48 @@ fn installed(program: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The headless browser the dashboard test drives: Debian's `chromium` and
+/// `chromium-driver` (WebDriver). Installed with apt-get when missing and
+/// this user may; otherwise named.
+fn ensure_browser(missing: &mut Vec<String>) {
+    if installed("chromium") && installed("chromedriver") {
+        eprintln!("xtask: chromium and chromedriver are installed (dashboard test)");
+        return;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if root && installed("apt-get") {
+        eprintln!(
+            "xtask: installing chromium and chromium-driver for the dashboard test \
+             (apt-get, about a minute, once)"
+        );
+        let ok = Command::new("apt-get")
+            .args(["install", "-y", "-q", "chromium", "chromium-driver"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok && installed("chromium") && installed("chromedriver") {
+            return;
+        }
+    }
+    missing.push(
+        "headless browser: `chromium` and `chromedriver` are not installed \
+         (Debian: apt-get install chromium chromium-driver)"
+            .into(),
+    );
+}
+
 /// Makes sure every service the tests need is up: starts what is installed
-/// but not running, installs what can be installed (Tansu, from crates.io),
-/// and fails naming what is missing and how to get it.
+/// but not running, installs what can be installed (Tansu, from crates.io;
+/// the browser, from Debian's packages), and fails naming what is missing
+/// and how to get it.
 fn ensure_services() -> Result<()> {
     let mut missing = Vec::new();
+    ensure_browser(&mut missing);
     if installed("tansu") && !tansu_has_features() {
         eprintln!(
             "xtask: the installed Tansu lacks the `libsql` feature (the broker-restart test \

@@ -83,6 +83,7 @@ pub fn router(
         .route("/openapi.json", get(openapi_json))
         .with_state(api.clone());
     let read = Router::new()
+        .route("/", get(dashboard))
         .route("/alerts", get(list_alerts))
         .route("/alerts/{id}/acknowledge", post(acknowledge))
         .route("/alerts/{id}/resolve", post(resolve))
@@ -223,6 +224,16 @@ fn instant(field: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
 
 /// Liveness: 200 while the process serves, with what each stage is doing
 /// (running, or retrying since …) and the counters.
+/// `GET /`: the operators' dashboard — regional load against capacity per
+/// minute, open alerts with acknowledge / resolve, current tariffs and
+/// their history — one page with its script inline (no build step, no
+/// asset from elsewhere), reading this API and `/events`.
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses((status = 200, description = "The dashboard (HTML)", content_type = "text/html")))]
+async fn dashboard() -> Response {
+    axum::response::Html(include_str!("dashboard.html")).into_response()
+}
+
 /// `GET /openapi.json`: this API as an OpenAPI 3.1 document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json")))]
