@@ -20,7 +20,7 @@ use crate::config::{BusKind, DedupeKind, PipelineConfig};
 use crate::dedupe::{Dedupe, KeyBatch, MemoryDedupe, RedisDedupe};
 use crate::ingest::IngestState;
 use crate::pipeline::{self, Context, Metrics, PipelineError, Plugins, Running};
-use crate::plugins::{Limits, PluginVersion, Runtime};
+use crate::plugins::{Limits, PluginVersion, Registry, Runtime};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -49,11 +49,16 @@ pub struct App {
     /// Where the HTTP server listens (the real port when 0 was asked for).
     pub addr: SocketAddr,
     pub ctx: Context,
-    /// The rule components in use.
+    /// The rule components in use at start.
     pub plugins: Vec<PluginVersion>,
+    /// The plugin slots (swap, rollback, listing); `None` for an
+    /// `ingest`-role process.
+    pub registry: Option<Arc<Registry>>,
     /// The stages; `None` for an `ingest`-role process.
     running: Option<Running>,
     retention: Option<JoinHandle<()>>,
+    /// Plugin alerts and the watched folder.
+    plugin_tasks: Vec<JoinHandle<()>>,
     server: JoinHandle<()>,
     stop_server: oneshot::Sender<()>,
 }
@@ -134,25 +139,34 @@ impl App {
             store: store.clone(),
             metrics: metrics.clone(),
         };
-        let (running, retention, versions) = if config.role.processes() {
+        let mut plugin_tasks = Vec::new();
+        let (running, retention, registry) = if config.role.processes() {
             let runtime = Runtime::new(Limits {
                 call_timeout: Duration::from_millis(config.sandbox.call_timeout_ms),
                 max_memory_bytes: config.sandbox.max_memory_mib << 20,
             })
             .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
             let plugins = Plugins::load(&config, &runtime)?;
-            let versions = vec![
-                plugins.anomaly.version().clone(),
-                plugins.overload.version().clone(),
-                plugins.tariff.version().clone(),
-                plugins.aggregate.version().clone(),
-            ];
+            let registry = plugins.registry.clone();
+            if let Some(events) = registry.take_events() {
+                plugin_tasks.push(tokio::spawn(pipeline::faults::raise_alerts(
+                    ctx.clone(),
+                    events,
+                )));
+            }
+            if let Some(dir) = config.watch_dir() {
+                let debounce = Duration::from_millis(config.admin.watch_debounce_ms);
+                let watch = crate::plugins::watch::spawn(registry.clone(), dir, debounce)
+                    .map_err(|e| AppError::Runtime(e.to_string()))?;
+                plugin_tasks.push(watch);
+            }
             let running = pipeline::start(ctx.clone(), plugins).await?;
             let retention = tokio::spawn(retention_job(ctx.clone()));
-            (Some(running), Some(retention), versions)
+            (Some(running), Some(retention), Some(registry))
         } else {
-            (None, None, Vec::new())
+            (None, None, None)
         };
+        let versions = registry.as_ref().map(|r| r.serving()).unwrap_or_default();
 
         let ingest = IngestState {
             bus: bus.clone(),
@@ -177,7 +191,12 @@ impl App {
             api,
             &config.http,
             config.ingest.retry_after_s,
-        );
+        )
+        .merge(api::admin::router(
+            registry.clone(),
+            &config.admin,
+            &config.http,
+        ));
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| AppError::Listen {
@@ -200,6 +219,8 @@ impl App {
             addr,
             ctx,
             plugins: versions,
+            registry,
+            plugin_tasks,
             running,
             retention,
             server,
@@ -218,6 +239,9 @@ impl App {
         }
         if let Some(running) = self.running {
             running.shutdown().await;
+        }
+        for t in self.plugin_tasks {
+            t.abort();
         }
     }
 }

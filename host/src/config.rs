@@ -99,6 +99,8 @@ pub struct PipelineConfig {
     pub alerts: AlertsConfig,
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// The rule plugins by name: `anomaly`, `overload`, `tariff`, `aggregate`.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
@@ -393,6 +395,60 @@ pub struct PluginConfig {
     /// Handed to the plugin at load time; it may refuse it.
     #[serde(default)]
     pub config: toml::Table,
+    /// What a stage does with a batch whose call failed: `skip` (the rule
+    /// is skipped for that batch; readings are still aggregated and stored)
+    /// or `retry_previous` (the version before the serving one gets the
+    /// batch once).
+    #[serde(default)]
+    pub on_fault: crate::plugins::OnFault,
+    /// Faults in a row after which the plugin is rolled back to its
+    /// previous version (0: never).
+    #[serde(default = "default_auto_rollback_after")]
+    pub auto_rollback_after: u32,
+}
+
+fn default_auto_rollback_after() -> u32 {
+    3
+}
+
+impl PluginConfig {
+    /// The slot's fault handling.
+    pub fn fault_policy(&self) -> crate::plugins::FaultPolicy {
+        crate::plugins::FaultPolicy {
+            on_fault: self.on_fault,
+            auto_rollback_after: self.auto_rollback_after,
+        }
+    }
+}
+
+/// `[admin]`: the admin API (`/admin/plugins`) and the watched plugin
+/// folder, both ways to swap rule plugins while segs runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token of the admin API (env `SEGS_ADMIN_TOKEN` overrides);
+    /// empty: the admin API is off (every admin route answers 404).
+    pub token: String,
+    /// Largest component (or config) body the admin API accepts, bytes.
+    pub max_component_bytes: usize,
+    /// A folder watched for `<plugin>.wasm` files (relative to
+    /// pipeline.toml's folder); a new or changed file is checked and
+    /// swapped in like an admin API push. Empty: no folder is watched.
+    pub watch_dir: PathBuf,
+    /// How long a watched file must be quiet before it is read, ms (a copy
+    /// in progress is not read half-written).
+    pub watch_debounce_ms: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token: String::new(),
+            max_component_bytes: 32 << 20,
+            watch_dir: PathBuf::new(),
+            watch_debounce_ms: 500,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -580,6 +636,10 @@ impl PipelineConfig {
             self.sandbox.max_memory_mib >= 1,
             "sandbox.max_memory_mib: must be at least 1".into(),
         );
+        need(
+            self.admin.max_component_bytes >= 1,
+            "admin.max_component_bytes: must be at least 1".into(),
+        );
         for name in PLUGIN_NAMES {
             need(
                 self.plugins.contains_key(name),
@@ -680,6 +740,9 @@ impl PipelineConfig {
             }
             self.kafka.brokers = brokers;
         }
+        if let Ok(token) = std::env::var("SEGS_ADMIN_TOKEN") {
+            self.admin.token = token;
+        }
         if let Ok(url) = std::env::var("REDIS_URL") {
             if url.trim().is_empty() {
                 return Err(ConfigError::Env {
@@ -704,6 +767,13 @@ impl PipelineConfig {
         self.plugins
             .get(plugin)
             .map(|p| self.base_dir.join(&p.component))
+    }
+
+    /// The watched plugin folder, resolved against the config file's folder;
+    /// `None` when none is configured.
+    pub fn watch_dir(&self) -> Option<PathBuf> {
+        (!self.admin.watch_dir.as_os_str().is_empty())
+            .then(|| self.base_dir.join(&self.admin.watch_dir))
     }
 
     /// Capacity and base price of `region` (the defaults if it is not listed).

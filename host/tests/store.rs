@@ -281,6 +281,7 @@ fn alert(
         timestamp_ms: t(at),
         metadata: json!({"baseline": 4.5, "current": 12.0, "change": 1.67, "type": "SPIKE"}),
         dedupe_key: None,
+        rule: Some(rule("anomaly")),
     }
 }
 
@@ -293,6 +294,16 @@ fn tariff(region: &str, price: f64, from: &str) -> NewTariff {
         change_percent: Some(10.0),
         load_percentage: Some(79.0),
         reason: segs::messages::TariffReason::HighLoad,
+        rule: Some(rule("tariff")),
+    }
+}
+
+/// The provenance every test alert and tariff carries (read back whole).
+fn rule(name: &str) -> segs::messages::RuleRef {
+    segs::messages::RuleRef {
+        name: name.into(),
+        version: 2,
+        sha256: "ab".repeat(32),
     }
 }
 
@@ -606,6 +617,7 @@ async fn a_new_tariff_deactivates_the_previous_one(db: &Db) {
     assert_eq!(second.price_per_kwh, 7.15);
     assert_eq!(second.reason, "HIGH_LOAD");
     assert_eq!(second.load_percentage, Some(79.0));
+    assert_eq!(second.rule, Some(rule("tariff")), "provenance kept");
 
     let history = store
         .tariff_history(Some("Mumbai-North"), 10)
@@ -695,6 +707,7 @@ async fn alert_lifecycle(db: &Db) {
     assert_eq!(row.status, "active");
     assert!(!row.acknowledged);
     assert_eq!(row.metadata, new.metadata);
+    assert_eq!(row.rule, Some(rule("anomaly")), "provenance kept");
 
     // Inserting the same id again changes nothing.
     let mut replay = new.clone();

@@ -14,6 +14,7 @@
 //!
 //! Must not: compute aggregates or run rules.
 
+pub mod admin;
 pub mod serve;
 
 use std::sync::Arc;

@@ -91,6 +91,7 @@ impl Stage for TariffStage {
                     effective_from_ms: row.effective_from_ms,
                     reason: row.reason,
                     timestamp_ms: now,
+                    rule: row.rule.clone(),
                 })
                 .collect();
             keyed(&updates)
@@ -150,6 +151,7 @@ impl TariffStage {
                 return;
             }
         };
+        let rule = self.tariff.served_by().provenance();
         for d in decisions {
             let i = d.index as usize;
             let load = &round[i];
@@ -167,6 +169,7 @@ impl TariffStage {
                 change_percent: Some(d.change_percent),
                 load_percentage: Some(load.load_percentage),
                 reason,
+                rule: Some(rule.clone()),
             });
             self.current.insert(load.region.clone(), d.price_per_kwh);
         }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::messages::{AlertStatus, AlertType, KeyedMessage, Severity, TariffReason};
+use crate::messages::{AlertStatus, AlertType, KeyedMessage, RuleRef, Severity, TariffReason};
 
 pub mod postgres;
 mod rules;
@@ -275,6 +275,9 @@ pub struct NewAlert {
     /// a second one is not an error, it is deduplicated. `None`: never
     /// deduplicated.
     pub dedupe_key: Option<String>,
+    /// The rule version that raised it (columns `rule_name`,
+    /// `rule_version`, `rule_sha256`).
+    pub rule: Option<RuleRef>,
 }
 
 /// A row of `alerts`.
@@ -301,6 +304,9 @@ pub struct AlertRow {
     pub created_at_ms: i64,
     #[serde(rename = "updated_at", with = "rfc3339_ms")]
     pub updated_at_ms: i64,
+    /// The rule version that raised it.
+    #[serde(default)]
+    pub rule: Option<RuleRef>,
 }
 
 /// Filters for [`Store::list_alerts`]; `None` means "any".
@@ -353,6 +359,8 @@ pub struct NewTariff {
     pub change_percent: Option<f64>,
     pub load_percentage: Option<f64>,
     pub reason: TariffReason,
+    /// The tariff rule version that decided it.
+    pub rule: Option<RuleRef>,
 }
 
 /// A row of `tariffs`.
@@ -377,6 +385,9 @@ pub struct TariffRow {
     pub change_percent: Option<f64>,
     pub load_percentage: Option<f64>,
     pub reason: TariffReason,
+    /// The tariff rule version that decided it.
+    #[serde(default)]
+    pub rule: Option<RuleRef>,
 }
 
 /// Filters for the aggregate queries; `None` means "any".

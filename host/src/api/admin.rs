@@ -1,0 +1,236 @@
+//! The admin API: rule plugins swapped, listed and rolled back while segs
+//! runs (`segs plugins …` is a client of it).
+//!
+//! | | |
+//! |---|---|
+//! | `GET /admin/plugins` | every slot: serving version (name, version, sha256, loaded-at, source, calls, faults, mean ns per record) and the earlier ones |
+//! | `PUT /admin/plugins/{name}` | a component as the body (`application/wasm`), optional `?config=<JSON object>`; or `application/json` `{"config": {…}}`: a new config for the serving component |
+//! | `POST /admin/plugins/{name}/rollback` | back to the previous version |
+//!
+//! Every route needs `Authorization: Bearer <admin.token>` (401 without it
+//! or with a wrong one, before the body is read); with no token configured
+//! the admin API is off (404). Bodies over `admin.max_component_bytes` get
+//! 413. A push is checked step by step off the async runtime; a refusal is
+//! 422 naming the step, and the serving version stays.
+//!
+//! Must not: touch a stage; swaps go through the slots.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::timeout::RequestBodyTimeoutLayer;
+
+use crate::config::{AdminConfig, HttpConfig};
+use crate::plugins::{ConfigValue, Registry, SwapError, config_from_json};
+
+#[derive(Clone)]
+struct AdminState {
+    registry: Option<Arc<Registry>>,
+    token: Arc<str>,
+}
+
+/// The admin routes. Without a token they all answer 404 saying how to turn
+/// the admin API on; without a registry (an `ingest`-role process), 404
+/// saying this process runs no plugins.
+pub fn router(registry: Option<Arc<Registry>>, admin: &AdminConfig, http: &HttpConfig) -> Router {
+    let state = AdminState {
+        registry,
+        token: Arc::from(admin.token.as_str()),
+    };
+    Router::new()
+        .route("/admin/plugins", get(list))
+        .route("/admin/plugins/{name}", put(push))
+        .route("/admin/plugins/{name}/rollback", post(rollback))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(admin.max_component_bytes))
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
+            http.body_read_timeout_s,
+        )))
+        .with_state(state)
+}
+
+fn answer(status: StatusCode, code: &str, message: String) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": code, "message": message})),
+    )
+        .into_response()
+}
+
+/// Checks the bearer token before anything else (the body is not read for a
+/// request that is refused).
+async fn authorize(State(s): State<AdminState>, request: Request, next: Next) -> Response {
+    if s.token.is_empty() {
+        return answer(
+            StatusCode::NOT_FOUND,
+            "admin_off",
+            "the admin API is off: set SEGS_ADMIN_TOKEN or admin.token".into(),
+        );
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), s.token.as_bytes()));
+    if !ok {
+        let mut r = answer(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer <token>` is needed".into(),
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
+    if s.registry.is_none() {
+        return answer(
+            StatusCode::NOT_FOUND,
+            "no_plugins",
+            "this process runs no plugins (role ingest)".into(),
+        );
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn registry(s: &AdminState) -> &Arc<Registry> {
+    s.registry
+        .as_ref()
+        .expect("authorize() lets requests through only with a registry")
+}
+
+async fn list(State(s): State<AdminState>) -> Response {
+    axum::Json(json!({ "plugins": registry(&s).list() })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushQuery {
+    /// The plugin's config as a JSON object (URL-encoded).
+    config: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigBody {
+    config: serde_json::Map<String, serde_json::Value>,
+}
+
+fn swap_error(e: SwapError) -> Response {
+    match &e {
+        SwapError::Refused { step, .. } => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            axum::Json(json!({"error": "plugin_refused", "step": step, "message": e.to_string()})),
+        )
+            .into_response(),
+        SwapError::NoPrevious { .. } => answer(StatusCode::CONFLICT, "no_previous", e.to_string()),
+        SwapError::Unknown { .. } => answer(StatusCode::NOT_FOUND, "unknown_plugin", e.to_string()),
+    }
+}
+
+fn bad_config(name: &str, message: String) -> Response {
+    (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        axum::Json(json!({
+            "error": "plugin_refused",
+            "step": "configure",
+            "message": format!("plugin `{name}`: refused at step `configure`: {message}; the running version keeps serving"),
+        })),
+    )
+        .into_response()
+}
+
+async fn push(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    query: Result<Query<PushQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let slot = match registry(&s).get(&name) {
+        Ok(slot) => slot.clone(),
+        Err(e) => return swap_error(e),
+    };
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return answer(StatusCode::BAD_REQUEST, "bad_request", e.body_text()),
+    };
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let parse = |text: &[u8]| -> Result<Vec<(String, ConfigValue)>, Response> {
+        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(text)
+            .map_err(|e| bad_config(&name, format!("config is not a JSON object: {e}")))?;
+        config_from_json(&name, &object).map_err(|e| bad_config(&name, e.to_string()))
+    };
+    let (bytes, config) = if is_json {
+        let body: ConfigBody = match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("a JSON body is {{\"config\": {{…}}}}: {e}"),
+                );
+            }
+        };
+        match config_from_json(&name, &body.config) {
+            Ok(c) => (None, Some(c)),
+            Err(e) => return bad_config(&name, e.to_string()),
+        }
+    } else {
+        if body.is_empty() {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body is the component (application/wasm), or {\"config\": {…}} as application/json".into(),
+            );
+        }
+        let config = match query.config.as_deref().map(|c| parse(c.as_bytes())) {
+            None => None,
+            Some(Ok(c)) => Some(c),
+            Some(Err(r)) => return r,
+        };
+        (Some(body), config)
+    };
+    let swapped = tokio::task::spawn_blocking(move || {
+        slot.swap(bytes.as_deref(), config, "admin".to_owned())
+    })
+    .await;
+    match swapped {
+        Ok(Ok(version)) => axum::Json(json!({ "plugin": version })).into_response(),
+        Ok(Err(e)) => swap_error(e),
+        Err(e) => answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("checking the plugin panicked: {e}"),
+        ),
+    }
+}
+
+async fn rollback(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+    let slot = match registry(&s).get(&name) {
+        Ok(slot) => slot.clone(),
+        Err(e) => return swap_error(e),
+    };
+    match slot.rollback() {
+        Ok(version) => axum::Json(json!({ "plugin": version })).into_response(),
+        Err(e) => swap_error(e),
+    }
+}
