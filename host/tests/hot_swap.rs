@@ -1,0 +1,611 @@
+//! Hot swap of rule plugins while telemetry flows: the admin API (token,
+//! step-named refusals, swap, rollback through the `segs plugins` CLI), the
+//! watched plugin folder, provenance on every decision, and faults (counted,
+//! raised, rolled back after N in a row). Real components, real HTTP, a real
+//! SQLite store.
+//!
+//! Needs `cargo xtask build-plugins` first (`cargo xtask test` does it).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use segs::app::App;
+use segs::config::{PipelineConfig, RegionConfig};
+use segs::messages::AlertType;
+use segs::plugins::{
+    self, AnomalyRule, ConfigValue, FaultPolicy, Limits, OnFault, PluginEvent, Registry, Runtime,
+    Step,
+};
+use segs::simulator::{self, SendTarget, SimConfig, SimStats, Simulator};
+use segs::store::{AggregateQuery, AlertFilter, WindowWidth};
+use serde_json::Value;
+
+const TOKEN: &str = "s3cret-admin-token";
+/// 2025-11-12T06:00:00Z: a fixed start so event time is repeatable.
+const START_MS: i64 = 1_762_927_200_000;
+const OLD_MULTIPLIERS: [f64; 4] = [0.95, 1.00, 1.10, 1.20];
+const NEW_MULTIPLIERS: [f64; 4] = [1.40, 1.50, 1.60, 1.70];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn component(name: &str) -> PathBuf {
+    let path = root().join(format!("target/plugins/{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask build-plugins` (or `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// The same component with a custom section appended: a new build (new
+/// sha256) with the same code.
+fn rebuilt(name: &str, tag: &str) -> Vec<u8> {
+    let mut bytes = std::fs::read(component(name)).unwrap();
+    let label = b"segs-test";
+    let mut payload = vec![label.len() as u8];
+    payload.extend_from_slice(label);
+    payload.extend_from_slice(tag.as_bytes());
+    assert!(payload.len() < 128, "one-byte LEB128 size");
+    bytes.push(0); // custom section
+    bytes.push(payload.len() as u8);
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    plugins::sha256_hex(bytes)
+}
+
+/// The shipped pipeline.toml with its store and journal in `dir`, regions
+/// at 60 % of capacity (the scripted surge crosses 90 %), and the admin
+/// token set.
+fn config(dir: &Path, sim: &Simulator) -> PipelineConfig {
+    component("anomaly");
+    let mut cfg = PipelineConfig::load(&root().join("pipeline.toml")).unwrap();
+    cfg.store.url = format!("sqlite://{}", dir.join("segs.db").display());
+    cfg.ingest.max_reading_age_s = 0;
+    cfg.bus.path = dir.join("segs-bus.db");
+    cfg.admin.token = TOKEN.into();
+    for r in &sim.config().regions {
+        cfg.regions.insert(
+            r.clone(),
+            RegionConfig {
+                capacity_kw: sim.region_base_load(r) / 0.6,
+                base_price_per_kwh: 6.5,
+            },
+        );
+    }
+    cfg
+}
+
+fn sim_config() -> SimConfig {
+    let mut cfg = SimConfig {
+        meters: 100,
+        interval_s: 10,
+        seed: 7,
+        start_ms: START_MS,
+        duplicate_ratio: 0.03,
+        ..SimConfig::default()
+    };
+    cfg.phases = simulator::default_phases(cfg.meters, &cfg.regions, cfg.interval_s);
+    cfg
+}
+
+struct Admin {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Admin {
+    async fn send(&self, req: reqwest::RequestBuilder, token: Option<&str>) -> (u16, Value) {
+        let req = match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let body = r.bytes().await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    async fn list(&self, token: Option<&str>) -> (u16, Value) {
+        let req = self.client.get(format!("{}/admin/plugins", self.base));
+        self.send(req, token).await
+    }
+
+    /// The serving (version, sha256) of `name`.
+    async fn serving(&self, name: &str) -> (u64, String) {
+        let (status, body) = self.list(Some(TOKEN)).await;
+        assert_eq!(status, 200, "{body}");
+        let slot = body["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {body}"))
+            .clone();
+        (
+            slot["serving"]["version"].as_u64().unwrap(),
+            slot["serving"]["sha256"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    async fn push(
+        &self,
+        name: &str,
+        bytes: Vec<u8>,
+        config: Option<&Value>,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let mut url = reqwest::Url::parse(&format!("{}/admin/plugins/{name}", self.base)).unwrap();
+        if let Some(c) = config {
+            url.query_pairs_mut().append_pair("config", &c.to_string());
+        }
+        let req = self
+            .client
+            .put(url)
+            .header("content-type", "application/wasm")
+            .body(bytes);
+        self.send(req, token).await
+    }
+
+    async fn push_config(&self, name: &str, config: &Value) -> (u16, Value) {
+        let req = self
+            .client
+            .put(format!("{}/admin/plugins/{name}", self.base))
+            .header("content-type", "application/json")
+            .body(serde_json::json!({ "config": config }).to_string());
+        self.send(req, Some(TOKEN)).await
+    }
+}
+
+fn tariff_config(m: [f64; 4]) -> Value {
+    serde_json::json!({
+        "low_multiplier": m[0],
+        "normal_multiplier": m[1],
+        "high_multiplier": m[2],
+        "critical_multiplier": m[3],
+    })
+}
+
+/// `segs plugins …` against `base`; (success, stdout + stderr).
+async fn cli(base: &str, token: &str, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_segs"))
+        .arg("plugins")
+        .args(["--url", base, "--token", token])
+        .args(args)
+        .env_remove("SEGS_ADMIN_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn is_one_of(price: f64, multipliers: &[f64]) -> bool {
+    multipliers
+        .iter()
+        .any(|m| (price - 6.5 * m).abs() < 1e-9 * price.max(1.0))
+}
+
+/// The issue's main case: refusals first (no token, wrong token, random
+/// bytes, another world's component, a config the rule refuses) change
+/// nothing; then, while the simulator streams, new price tiers in a new
+/// build go in through `PUT /admin/plugins/tariff`. Every tariff decision
+/// names the version and sha256 that made it and is priced by that
+/// version's tiers; no reading is lost or counted twice; the CLI lists the
+/// versions and rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tariff_swap_while_the_stream_flows_changes_prices_and_loses_no_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_cfg = sim_config();
+    let sim = Simulator::new(sim_cfg.clone()).unwrap();
+    let app = App::start(config(dir.path(), &sim), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let store = app.ctx.store.clone();
+    let base = format!("http://{}", app.addr);
+    let admin = Admin {
+        client: reqwest::Client::new(),
+        base: base.clone(),
+    };
+    let old_sha = sha256(&std::fs::read(component("tariff")).unwrap());
+    assert_eq!(admin.serving("tariff").await, (1, old_sha.clone()));
+
+    // No token, a wrong token: 401, nothing changes.
+    assert_eq!(admin.list(None).await.0, 401);
+    assert_eq!(admin.list(Some("wrong")).await.0, 401);
+    let new_build = rebuilt("tariff", "v2");
+    let new_config = tariff_config(NEW_MULTIPLIERS);
+    for token in [None, Some("wrong")] {
+        let (status, _) = admin
+            .push("tariff", new_build.clone(), Some(&new_config), token)
+            .await;
+        assert_eq!(status, 401);
+    }
+    assert_eq!(admin.serving("tariff").await, (1, old_sha.clone()));
+
+    // Bad components and a bad config are refused, naming the step.
+    let (status, body) = admin
+        .push("tariff", b"definitely not wasm".to_vec(), None, Some(TOKEN))
+        .await;
+    assert_eq!(
+        (status, body["step"].as_str()),
+        (422, Some("compile")),
+        "{body}"
+    );
+    let anomaly = std::fs::read(component("anomaly")).unwrap();
+    let (status, body) = admin.push("tariff", anomaly, None, Some(TOKEN)).await;
+    assert_eq!(
+        (status, body["step"].as_str()),
+        (422, Some("world")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("tariff-rule"),
+        "{body}"
+    );
+    let (status, body) = admin
+        .push_config("tariff", &serde_json::json!({"normal_multiplier": -1.0}))
+        .await;
+    assert_eq!(
+        (status, body["step"].as_str()),
+        (422, Some("configure")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("normal_multiplier"),
+        "{body}"
+    );
+    let (status, body) = admin
+        .push("nonesuch", new_build.clone(), None, Some(TOKEN))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(admin.serving("tariff").await, (1, old_sha.clone()));
+
+    // The stream, and the swap while it flows.
+    let stats = SimStats::new();
+    let target = SendTarget {
+        url: base.clone(),
+        batch_size: 200,
+        rate: Some(4000.0),
+        ticks: Some(72), // 12 simulated minutes
+        ..SendTarget::default()
+    };
+    let streaming = tokio::spawn(simulator::run(sim_cfg.clone(), target, stats.clone()));
+    while stats.accepted.load(Ordering::Relaxed) < 2400 && !streaming.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = admin
+        .push("tariff", new_build.clone(), Some(&new_config), Some(TOKEN))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let new_sha = sha256(&new_build);
+    assert_eq!(body["plugin"]["version"], 2);
+    assert_eq!(body["plugin"]["sha256"], new_sha.as_str());
+    assert_eq!(body["plugin"]["source"], "admin");
+    assert_eq!(admin.serving("tariff").await, (2, new_sha.clone()));
+    streaming.await.unwrap().unwrap();
+
+    // The CLI: a wrong token is refused; list shows both versions.
+    let (ok, text) = cli(&base, "wrong", &["list"]).await;
+    assert!(!ok && text.contains("401"), "{text}");
+    let (ok, text) = cli(&base, TOKEN, &["list"]).await;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&new_sha[..12]) && text.contains(&old_sha[..12]),
+        "{text}"
+    );
+    app.shutdown().await;
+
+    // Nothing lost, nothing counted twice.
+    let accepted = stats.accepted.load(Ordering::Relaxed);
+    assert_eq!(accepted, 7200, "every unique reading accepted");
+    let all = AggregateQuery {
+        limit: 100_000,
+        ..AggregateQuery::default()
+    };
+    let one = store
+        .meter_aggregates(WindowWidth::OneMinute, &all)
+        .await
+        .unwrap();
+    let sum: u64 = one.iter().map(|a| u64::from(a.count)).sum();
+    assert_eq!(sum, accepted, "sum of count in aggregates_1m");
+
+    // Every tariff decision: priced by the tiers of the version it names.
+    let tariffs = store.tariff_history(None, 10_000).await.unwrap();
+    let mut by_version = [0, 0];
+    for t in &tariffs {
+        let rule = t.rule.as_ref().expect("every tariff names its rule");
+        assert_eq!(rule.name, "tariff");
+        match rule.version {
+            1 => {
+                assert_eq!(rule.sha256, old_sha);
+                assert!(is_one_of(t.price_per_kwh, &OLD_MULTIPLIERS), "{t:?}");
+                by_version[0] += 1;
+            }
+            2 => {
+                assert_eq!(rule.sha256, new_sha);
+                assert!(is_one_of(t.price_per_kwh, &NEW_MULTIPLIERS), "{t:?}");
+                by_version[1] += 1;
+            }
+            v => panic!("no version {v} was installed: {t:?}"),
+        }
+    }
+    assert!(by_version[1] > 0, "decisions after the swap: {tariffs:?}");
+    // Versions only move forward in effective time: no window was priced
+    // by the old tiers after one was priced by the new.
+    let mut ordered = tariffs.clone();
+    ordered.sort_by_key(|t| (t.effective_from_ms, t.tariff_id.clone()));
+    let first_new = ordered
+        .iter()
+        .position(|t| t.rule.as_ref().unwrap().version == 2)
+        .unwrap();
+    assert!(
+        ordered[first_new..]
+            .iter()
+            .all(|t| t.rule.as_ref().unwrap().version == 2),
+        "{ordered:?}"
+    );
+
+    // Alerts name their rule too.
+    let alerts = store
+        .list_alerts(&AlertFilter {
+            limit: 1000,
+            ..AlertFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(!alerts.is_empty());
+    for a in &alerts {
+        let rule = a.rule.as_ref().expect("every alert names its rule");
+        let want = match a.alert_type {
+            AlertType::Anomaly => "anomaly",
+            AlertType::Overload => "overload",
+            other => panic!("unexpected {other} alert: {a:?}"),
+        };
+        assert_eq!((rule.name.as_str(), rule.version), (want, 1), "{a:?}");
+        assert_eq!(rule.sha256.len(), 64);
+    }
+}
+
+/// A rollback through the CLI puts the earlier version back; a second one
+/// has nowhere to go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_pushes_and_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::new(sim_config()).unwrap();
+    let app = App::start(config(dir.path(), &sim), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let base = format!("http://{}", app.addr);
+    let admin = Admin {
+        client: reqwest::Client::new(),
+        base: base.clone(),
+    };
+    let old = admin.serving("overload").await;
+
+    let file = dir.path().join("overload-v2.wasm");
+    std::fs::write(&file, rebuilt("overload", "v2")).unwrap();
+    let (ok, text) = cli(
+        &base,
+        TOKEN,
+        &[
+            "push",
+            "overload",
+            file.to_str().unwrap(),
+            "--config",
+            r#"{"threshold_percent": 80.0}"#,
+        ],
+    )
+    .await;
+    assert!(ok, "{text}");
+    assert!(text.contains("overload v2"), "{text}");
+    assert_eq!(admin.serving("overload").await.0, 2);
+
+    // Config only: the serving component with a new config is version 3.
+    let (ok, text) = cli(
+        &base,
+        TOKEN,
+        &[
+            "push",
+            "overload",
+            "--config",
+            r#"{"consecutive_windows": 3}"#,
+        ],
+    )
+    .await;
+    assert!(ok, "{text}");
+    let (v, sha) = admin.serving("overload").await;
+    assert_eq!(v, 3);
+    assert_eq!(sha, sha256(&rebuilt("overload", "v2")));
+
+    // Bad input through the CLI names the step.
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm\x0d\0\x01\0garbage").unwrap();
+    let (ok, text) = cli(&base, TOKEN, &["push", "overload", junk.to_str().unwrap()]).await;
+    assert!(!ok && text.contains("`compile`"), "{text}");
+
+    for expected in [2, 1] {
+        let (ok, text) = cli(&base, TOKEN, &["rollback", "overload"]).await;
+        assert!(ok, "{text}");
+        assert_eq!(admin.serving("overload").await.0, expected);
+    }
+    assert_eq!(admin.serving("overload").await, old);
+    let (ok, text) = cli(&base, TOKEN, &["rollback", "overload"]).await;
+    assert!(!ok && text.contains("no previous version"), "{text}");
+    app.shutdown().await;
+}
+
+/// Without a token the admin API is off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_admin_api_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::new(sim_config()).unwrap();
+    let mut cfg = config(dir.path(), &sim);
+    cfg.admin.token.clear();
+    let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let admin = Admin {
+        client: reqwest::Client::new(),
+        base: format!("http://{}", app.addr),
+    };
+    let (status, body) = admin.list(Some("anything")).await;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "admin_off");
+    let (status, _) = admin
+        .push("tariff", rebuilt("tariff", "x"), None, Some(""))
+        .await;
+    assert_eq!(status, 404);
+    app.shutdown().await;
+}
+
+/// A component copied into the watched folder is swapped in; junk there is
+/// refused and the serving version stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watched_folder_swaps_a_new_component_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let watched = dir.path().join("plugins");
+    std::fs::create_dir(&watched).unwrap();
+    let sim = Simulator::new(sim_config()).unwrap();
+    let mut cfg = config(dir.path(), &sim);
+    cfg.admin.watch_dir = watched.clone();
+    cfg.admin.watch_debounce_ms = 100;
+    let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let registry = app.registry.clone().unwrap();
+    let serving = |name: &str| registry.get(name).unwrap().serving();
+    let anomaly_v1 = serving("anomaly");
+
+    std::fs::write(watched.join("anomaly.wasm"), b"not a component").unwrap();
+    let build = rebuilt("tariff", "watched");
+    std::fs::write(watched.join("tariff.wasm"), &build).unwrap();
+    // Bounded so a broken watch fails instead of hanging; not a speed check.
+    let mut waited = Duration::ZERO;
+    while serving("tariff").version != 2 {
+        assert!(
+            waited < Duration::from_secs(120),
+            "the watched tariff.wasm was never swapped in"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    }
+    let v = serving("tariff");
+    assert_eq!(v.sha256, sha256(&build));
+    assert!(v.source.starts_with("watch:"), "{v:?}");
+    assert_eq!(serving("anomaly"), anomaly_v1, "junk changes nothing");
+    app.shutdown().await;
+}
+
+fn batch(n: usize) -> plugins::anomaly::ReadingBatch {
+    plugins::anomaly::ReadingBatch {
+        power_kw: (0..n)
+            .map(|i| if i % 100 == 0 { 20.0 } else { 5.0 })
+            .collect(),
+        baseline_kw: vec![5.0; n],
+        sample_count: vec![50; n],
+    }
+}
+
+/// Faults fail their call only, are counted on the version that made them,
+/// come out as events (raised as PLUGIN_FAULT alerts), and after N in a row
+/// the slot rolls back (a PLUGIN_ROLLBACK alert); the rolled-back version
+/// serves the next batch. The fault is a real memory blow-up under a 2 MiB
+/// cap.
+#[test]
+fn faults_are_counted_raised_and_rolled_back_after_n_in_a_row() {
+    let rt = Runtime::new(Limits {
+        max_memory_bytes: 2 << 20,
+        ..Limits::default()
+    })
+    .unwrap();
+    let mut registry = Registry::default();
+    let events = registry.take_events().unwrap();
+    let mut events = events;
+    let policy = FaultPolicy {
+        on_fault: OnFault::Skip,
+        auto_rollback_after: 2,
+    };
+    let slot = registry
+        .load::<<AnomalyRule as Handle>::W>(&rt, "anomaly", &component("anomaly"), vec![], policy)
+        .unwrap();
+    let mut rule = slot.instance().unwrap();
+    let control = registry.get("anomaly").unwrap();
+    let v2 = control
+        .swap(
+            None,
+            Some(vec![("min_sample_size".into(), ConfigValue::Integer(5))]),
+            "test".into(),
+        )
+        .unwrap();
+    assert_eq!(v2.version, 2);
+    assert!(v2.source.ends_with("+config"), "{v2:?}");
+
+    assert_eq!(rule.detect(&batch(1000)).unwrap().len(), 10);
+    assert_eq!(rule.served_by().version, 2, "the handle moved to v2");
+    for _ in 0..2 {
+        let err = rule.detect(&batch(500_000)).unwrap_err();
+        assert!(matches!(err, plugins::PluginError::Trap { .. }), "{err:?}");
+    }
+    let listing = control.listing();
+    assert_eq!(listing.serving.version, 1, "rolled back after 2 in a row");
+    assert!(listing.previous.is_empty());
+    // The next batch runs on v1.
+    assert_eq!(rule.detect(&batch(1000)).unwrap().len(), 10);
+    assert_eq!(rule.served_by().version, 1);
+    assert_eq!(control.listing().serving.calls, 1);
+
+    let mut got = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        got.push(e);
+    }
+    assert_eq!(got.len(), 3, "{got:?}");
+    for e in &got[..2] {
+        let PluginEvent::Fault { version, call, .. } = e else {
+            panic!("{e:?}");
+        };
+        assert_eq!((version.version, *call), (2, "detect"));
+        let alert = segs::pipeline::faults::alert(e);
+        assert_eq!(alert.alert_type, AlertType::PluginFault);
+        assert_eq!(alert.rule.as_ref().unwrap().version, 2);
+    }
+    let PluginEvent::RolledBack {
+        from, to, faults, ..
+    } = &got[2]
+    else {
+        panic!("{:?}", got[2]);
+    };
+    assert_eq!((from.version, to.version, *faults), (2, 1, 2));
+    let alert = segs::pipeline::faults::alert(&got[2]);
+    assert_eq!(alert.alert_type, AlertType::PluginRollback);
+    assert!(alert.message.contains("from v2 to v1"), "{}", alert.message);
+
+    // A swap refused at `sample`-or-earlier leaves v1 serving.
+    let tariff = std::fs::read(component("tariff")).unwrap();
+    let err = control
+        .swap(Some(&tariff), None, "test".into())
+        .unwrap_err();
+    assert_eq!(err.step(), Some(Step::World), "{err}");
+    assert_eq!(control.listing().serving.version, 1);
+}
+
+/// Names the world type of a handle alias.
+trait Handle {
+    type W: plugins::World;
+}
+impl<W: plugins::World> Handle for plugins::Plugin<W> {
+    type W = W;
+}
