@@ -174,10 +174,10 @@ async fn push(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let parse = |text: &[u8]| -> Result<Vec<(String, ConfigValue)>, Response> {
+    let parse = |text: &[u8]| -> Result<Vec<(String, ConfigValue)>, String> {
         let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(text)
-            .map_err(|e| bad_config(&name, format!("config is not a JSON object: {e}")))?;
-        config_from_json(&name, &object).map_err(|e| bad_config(&name, e.to_string()))
+            .map_err(|e| format!("config is not a JSON object: {e}"))?;
+        config_from_json(&name, &object).map_err(|e| e.to_string())
     };
     let (bytes, config) = if is_json {
         let body: ConfigBody = match serde_json::from_slice(&body) {
@@ -205,7 +205,7 @@ async fn push(
         let config = match query.config.as_deref().map(|c| parse(c.as_bytes())) {
             None => None,
             Some(Ok(c)) => Some(c),
-            Some(Err(r)) => return r,
+            Some(Err(message)) => return bad_config(&name, message),
         };
         (Some(body), config)
     };
