@@ -287,10 +287,15 @@ async fn a_tariff_swap_while_the_stream_flows_changes_prices_and_loses_no_readin
     while stats.accepted.load(Ordering::Relaxed) < 2400 && !streaming.is_finished() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let accepted_at_swap = stats.accepted.load(Ordering::Relaxed);
     let (status, body) = admin
         .push("tariff", new_build.clone(), Some(&new_config), Some(TOKEN))
         .await;
     assert_eq!(status, 200, "{body}");
+    eprintln!(
+        "swapped after {accepted_at_swap} readings were accepted, {} by the time it served",
+        stats.accepted.load(Ordering::Relaxed)
+    );
     let new_sha = sha256(&new_build);
     assert_eq!(body["plugin"]["version"], 2);
     assert_eq!(body["plugin"]["sha256"], new_sha.as_str());
@@ -344,20 +349,17 @@ async fn a_tariff_swap_while_the_stream_flows_changes_prices_and_loses_no_readin
         }
     }
     assert!(by_version[1] > 0, "decisions after the swap: {tariffs:?}");
-    // Versions only move forward in effective time: no window was priced
-    // by the old tiers after one was priced by the new.
-    let mut ordered = tariffs.clone();
-    ordered.sort_by_key(|t| (t.effective_from_ms, t.tariff_id.clone()));
-    let first_new = ordered
-        .iter()
-        .position(|t| t.rule.as_ref().unwrap().version == 2)
-        .unwrap();
-    assert!(
-        ordered[first_new..]
+    // A region's windows are priced in order: once one was priced by the
+    // new version, none after it was priced by the old.
+    for region in &sim_cfg.regions {
+        let mut ordered: Vec<_> = tariffs.iter().filter(|t| &t.region == region).collect();
+        ordered.sort_by_key(|t| t.effective_from_ms);
+        let versions: Vec<u64> = ordered
             .iter()
-            .all(|t| t.rule.as_ref().unwrap().version == 2),
-        "{ordered:?}"
-    );
+            .map(|t| t.rule.as_ref().unwrap().version)
+            .collect();
+        assert!(versions.is_sorted(), "{region}: {versions:?}");
+    }
 
     // Alerts name their rule too.
     let alerts = store
@@ -608,4 +610,40 @@ trait Handle {
 }
 impl<W: plugins::World> Handle for plugins::Plugin<W> {
     type W = W;
+}
+
+/// `retry_previous`: the batch the serving version failed goes to the
+/// version before it; when that fails too, the call fails, and each fault
+/// is counted on the version that made it.
+#[test]
+fn retry_previous_gives_the_failed_batch_to_the_previous_version() {
+    let rt = Runtime::new(Limits {
+        max_memory_bytes: 2 << 20,
+        ..Limits::default()
+    })
+    .unwrap();
+    let mut registry = Registry::default();
+    let policy = FaultPolicy {
+        on_fault: OnFault::RetryPrevious,
+        auto_rollback_after: 0,
+    };
+    let slot = registry
+        .load::<<AnomalyRule as Handle>::W>(&rt, "anomaly", &component("anomaly"), vec![], policy)
+        .unwrap();
+    let mut rule = slot.instance().unwrap();
+    let control = registry.get("anomaly").unwrap();
+    control
+        .swap(Some(&rebuilt("anomaly", "v2")), None, "test".into())
+        .unwrap();
+    // Both versions blow the 2 MiB cap on this batch.
+    let err = rule.detect(&batch(500_000)).unwrap_err();
+    assert!(matches!(err, plugins::PluginError::Trap { .. }), "{err:?}");
+    let listing = control.listing();
+    assert_eq!(listing.serving.version, 2, "auto rollback is off");
+    assert_eq!((listing.serving.calls, listing.serving.faults), (1, 1));
+    let v1 = &listing.previous[0];
+    assert_eq!((v1.version, v1.calls, v1.faults), (1, 1, 1), "v1 was tried");
+    // The next batch runs on the serving version again.
+    assert_eq!(rule.detect(&batch(1000)).unwrap().len(), 10);
+    assert_eq!(rule.served_by().version, 2);
 }
