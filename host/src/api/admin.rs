@@ -8,7 +8,7 @@
 //! | `POST /admin/plugins/{name}/rollback` | back to the previous version |
 //!
 //! Every route needs `Authorization: Bearer <admin.token>` (401 without it
-//! or with a wrong one, before the body is read); with no token configured
+//! or with a wrong one; the body is drained, never used); with no token configured
 //! the admin API is off (404). Bodies over `admin.max_component_bytes` get
 //! 413. A push is checked step by step off the async runtime; a refusal is
 //! 422 naming the step, and the serving version stays.
@@ -36,6 +36,7 @@ use crate::plugins::{ConfigValue, Registry, SwapError, config_from_json};
 struct AdminState {
     registry: Option<Arc<Registry>>,
     token: Arc<str>,
+    max_body: usize,
 }
 
 /// The admin routes. Without a token they all answer 404 saying how to turn
@@ -45,6 +46,7 @@ pub fn router(registry: Option<Arc<Registry>>, admin: &AdminConfig, http: &HttpC
     let state = AdminState {
         registry,
         token: Arc::from(admin.token.as_str()),
+        max_body: admin.max_component_bytes,
     };
     Router::new()
         .route("/admin/plugins", get(list))
@@ -66,10 +68,13 @@ fn answer(status: StatusCode, code: &str, message: String) -> Response {
         .into_response()
 }
 
-/// Checks the bearer token before anything else (the body is not read for a
-/// request that is refused).
+/// Checks the bearer token before anything else: a refused request's body
+/// is read and dropped (within the size cap and the body read timeout), not
+/// kept or looked at, so that the client, still sending, gets its 401
+/// instead of a broken connection.
 async fn authorize(State(s): State<AdminState>, request: Request, next: Next) -> Response {
     if s.token.is_empty() {
+        let _ = axum::body::to_bytes(request.into_body(), s.max_body).await;
         return answer(
             StatusCode::NOT_FOUND,
             "admin_off",
@@ -83,6 +88,7 @@ async fn authorize(State(s): State<AdminState>, request: Request, next: Next) ->
         .and_then(|v| v.strip_prefix("Bearer "));
     let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), s.token.as_bytes()));
     if !ok {
+        let _ = axum::body::to_bytes(request.into_body(), s.max_body).await;
         let mut r = answer(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
