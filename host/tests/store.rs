@@ -1250,9 +1250,14 @@ async fn rows_serialize_with_the_seeds_column_names(db: &Db) {
             "metadata",
             "created_at",
             "updated_at",
+            "rule",
         ])
     );
     assert_eq!(v["id"], new.id.to_string());
+    assert_eq!(
+        v["rule"],
+        json!({"name": "anomaly", "version": 2, "sha256": "ab".repeat(32)})
+    );
     assert_eq!(v["type"], "ANOMALY");
     assert_eq!(v["timestamp"], "2025-11-12T06:30:00.000Z");
     assert_eq!(v["acknowledged"], false);
@@ -1309,6 +1314,7 @@ async fn rows_serialize_with_the_seeds_column_names(db: &Db) {
             "change_percent",
             "load_percentage",
             "reason",
+            "rule",
         ])
     );
     assert_eq!(v["effective_from"], "2025-11-12T06:00:00.000Z");
@@ -1550,7 +1556,9 @@ async fn postgres_migrates_once_and_checks_both_modes() {
             .fetch_one(again.pool())
             .await
             .unwrap();
-        assert_eq!(migrations, 2);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/postgres");
+        let files = std::fs::read_dir(dir).unwrap().count() as i64;
+        assert_eq!(migrations, files, "every migration applied once");
     })
     .await;
 }
