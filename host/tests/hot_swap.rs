@@ -212,6 +212,7 @@ async fn a_tariff_swap_while_the_stream_flows_changes_prices_and_loses_no_readin
         .await
         .unwrap();
     let store = app.ctx.store.clone();
+    let bus = app.ctx.bus.clone();
     let base = format!("http://{}", app.addr);
     let admin = Admin {
         client: reqwest::Client::new(),
@@ -359,6 +360,21 @@ async fn a_tariff_swap_while_the_stream_flows_changes_prices_and_loses_no_readin
             .map(|t| t.rule.as_ref().unwrap().version)
             .collect();
         assert!(versions.is_sorted(), "{region}: {versions:?}");
+    }
+
+    // The published tariff_updates name the same rule as the stored rows.
+    let published = bus
+        .recent_records(segs::bus::Topic::TariffUpdates, 0)
+        .await
+        .unwrap();
+    assert_eq!(published.len(), tariffs.len());
+    for record in &published {
+        let update: segs::messages::TariffUpdate = segs::messages::decode(&record.value).unwrap();
+        let row = tariffs
+            .iter()
+            .find(|t| t.tariff_id == update.tariff_id)
+            .unwrap();
+        assert_eq!(update.rule, row.rule, "{update:?}");
     }
 
     // Alerts name their rule too.
