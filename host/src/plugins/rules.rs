@@ -287,10 +287,12 @@ impl<W: World> Instance<W> {
         self.instance = None;
         self.store = runtime.new_store();
         self.store.set_epoch_deadline(runtime.deadline_ticks());
-        let instance = W::instantiate(&build.pre, &mut self.store)
+        let store = &mut self.store;
+        let instance = outside_async(|| W::instantiate(&build.pre, store))
             .map_err(|e| trap(runtime, &build.version.name, "instantiate", e))?;
         self.store.set_epoch_deadline(runtime.deadline_ticks());
-        match instance.configure(&mut self.store, &build.config) {
+        let store = &mut self.store;
+        match outside_async(|| instance.configure(store, &build.config)) {
             Ok(Ok(())) => {}
             Ok(Err(message)) => {
                 return Err(PluginError::Config {
@@ -321,7 +323,8 @@ impl<W: World> Instance<W> {
             unreachable!("instantiate() either sets the instance or fails")
         };
         self.store.set_epoch_deadline(runtime.deadline_ticks());
-        let out = f(instance, &mut self.store).map_err(|e| {
+        let store = &mut self.store;
+        let out = outside_async(|| f(instance, store)).map_err(|e| {
             self.instance = None;
             trap(runtime, &build.version.name, call, e)
         })?;
@@ -334,6 +337,21 @@ impl<W: World> Instance<W> {
             });
         }
         Ok(out)
+    }
+}
+
+/// Runs guest code off the async runtime's worker: a guest that writes to
+/// its (closed) stdio — a Rust guest does when it panics or runs out of
+/// memory — reaches WASI host code that blocks on the Tokio runtime, which
+/// panics on a worker thread and would take the calling stage down with
+/// it. On a multi-threaded runtime the call runs in `block_in_place`; on a
+/// blocking-pool thread or outside a runtime it just runs.
+pub(super) fn outside_async<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
