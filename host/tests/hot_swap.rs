@@ -15,7 +15,7 @@ use segs::config::{PipelineConfig, RegionConfig};
 use segs::messages::AlertType;
 use segs::plugins::{
     self, AnomalyRule, ConfigValue, FaultPolicy, Limits, OnFault, PluginEvent, Registry, Runtime,
-    Step,
+    Step, TariffRule,
 };
 use segs::simulator::{self, SendTarget, SimConfig, SimStats, Simulator};
 use segs::store::{AggregateQuery, AlertFilter, WindowWidth};
@@ -662,4 +662,203 @@ fn retry_previous_gives_the_failed_batch_to_the_previous_version() {
     // The next batch runs on the serving version again.
     assert_eq!(rule.detect(&batch(1000)).unwrap().len(), 10);
     assert_eq!(rule.served_by().version, 2);
+}
+
+/// The hostile fixture with `mode` (and no band: it misbehaves on every
+/// call).
+fn hostile(mode: &str) -> Vec<(String, ConfigValue)> {
+    vec![("mode".into(), ConfigValue::Text(mode.into()))]
+}
+
+/// A component that refuses its config, traps, spins, allocates without
+/// bound, prices NaN or answers for a region that is not there is refused
+/// at swap time, naming the step; the serving version stays.
+#[test]
+fn hostile_components_are_refused_at_swap_time() {
+    let rt = Runtime::new(Limits::default()).unwrap();
+    let mut registry = Registry::default();
+    registry
+        .load::<<TariffRule as Handle>::W>(
+            &rt,
+            "tariff",
+            &component("tariff"),
+            vec![],
+            FaultPolicy::default(),
+        )
+        .unwrap();
+    let control = registry.get("tariff").unwrap();
+    let bytes = std::fs::read(component("hostile")).unwrap();
+    for (mode, step, says) in [
+        ("refuse", Step::Configure, "refuses every config"),
+        ("trap", Step::Sample, "sample"),
+        ("loop", Step::Sample, "timed out"),
+        ("alloc", Step::Sample, "sample"),
+        ("nan", Step::Sample, "NaN"),
+        ("bad_index", Step::Sample, "index 4 of 4"),
+    ] {
+        let err = control
+            .swap(Some(&bytes), Some(hostile(mode)), "test".into())
+            .unwrap_err();
+        assert_eq!(err.step(), Some(step), "{mode}: {err}");
+        assert!(err.to_string().contains(says), "{mode}: {err}");
+        assert_eq!(control.listing().serving.version, 1, "{mode}");
+    }
+    // Well-behaved, it is accepted.
+    let v = control
+        .swap(Some(&bytes), Some(hostile("none")), "test".into())
+        .unwrap();
+    assert_eq!(v.version, 2);
+}
+
+/// A component that passes its checks and then traps on the stream's data
+/// (loads inside its band) fails those calls only: readings are still
+/// counted, the faults show in `GET /admin/plugins` and as a PLUGIN_FAULT
+/// alert (deduplicated), after 3 in a row the tariff rule is rolled back
+/// (a PLUGIN_ROLLBACK alert) and the previous version prices the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_that_traps_on_the_stream_is_contained_and_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim_cfg = sim_config();
+    let sim = Simulator::new(sim_cfg.clone()).unwrap();
+    let mut cfg = config(dir.path(), &sim);
+    // Every region at 65 % of capacity, inside the fixture's band (the
+    // host's sample batch, at 10, 55, 80 and 95 %, is outside it).
+    for r in &sim_cfg.regions {
+        cfg.regions.get_mut(r).unwrap().capacity_kw = sim.region_base_load(r) / 0.65;
+    }
+    let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let store = app.ctx.store.clone();
+    let base = format!("http://{}", app.addr);
+    let admin = Admin {
+        client: reqwest::Client::new(),
+        base: base.clone(),
+    };
+    let old_sha = admin.serving("tariff").await.1;
+    let fixture = std::fs::read(component("hostile")).unwrap();
+    let band = serde_json::json!({"mode": "trap", "band_from": 56.0, "band_to": 79.0});
+    let (status, body) = admin
+        .push("tariff", fixture.clone(), Some(&band), Some(TOKEN))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["plugin"]["version"], 2);
+
+    let stats = SimStats::new();
+    let target = SendTarget {
+        url: base.clone(),
+        batch_size: 200,
+        ticks: Some(72),
+        ..SendTarget::default()
+    };
+    simulator::run(sim_cfg, target, stats.clone())
+        .await
+        .unwrap();
+    let health = admin
+        .client
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200, "segs keeps answering");
+
+    // Bounded so a broken rollback fails instead of hanging; not a speed
+    // check.
+    let mut waited = Duration::ZERO;
+    let rolled_back = loop {
+        let (_, body) = admin.list(Some(TOKEN)).await;
+        let tariff = body["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "tariff")
+            .unwrap()
+            .clone();
+        let rollback_stored = store
+            .list_alerts(&AlertFilter {
+                alert_type: Some("PLUGIN_ROLLBACK".into()),
+                ..AlertFilter::default()
+            })
+            .await
+            .unwrap();
+        if tariff["serving"]["version"] == 1 && !rollback_stored.is_empty() {
+            break tariff;
+        }
+        assert!(
+            waited < Duration::from_secs(120),
+            "no rollback: {tariff} {:?}",
+            store.regional_aggregates(&AggregateQuery::default()).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += Duration::from_millis(50);
+    };
+    assert_eq!(rolled_back["serving"]["sha256"], old_sha.as_str());
+    let retired = &rolled_back["retired"][0];
+    assert_eq!(retired["version"], 2, "{rolled_back}");
+    assert!(
+        retired["faults"].as_u64().unwrap() >= 3,
+        "rolled back after 3 in a row: {rolled_back}"
+    );
+    assert_eq!(retired["sha256"], sha256(&fixture).as_str());
+    app.shutdown().await;
+
+    let accepted = stats.accepted.load(Ordering::Relaxed);
+    assert_eq!(accepted, 7200);
+    let one = store
+        .meter_aggregates(
+            WindowWidth::OneMinute,
+            &AggregateQuery {
+                limit: 100_000,
+                ..AggregateQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        one.iter().map(|a| u64::from(a.count)).sum::<u64>(),
+        accepted,
+        "a failing rule loses no reading"
+    );
+
+    let alerts = |t: &str| {
+        let store = store.clone();
+        let t = t.to_owned();
+        async move {
+            store
+                .list_alerts(&AlertFilter {
+                    alert_type: Some(t),
+                    ..AlertFilter::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let faults = alerts("PLUGIN_FAULT").await;
+    assert!(!faults.is_empty());
+    assert!(faults.len() < 3, "deduplicated: {faults:?}");
+    let fault = &faults[0];
+    assert_eq!(fault.rule.as_ref().unwrap().version, 2);
+    assert_eq!(fault.metadata["plugin"], "tariff");
+    assert_eq!(fault.metadata["call"], "price");
+    let rollbacks = alerts("PLUGIN_ROLLBACK").await;
+    assert_eq!(rollbacks.len(), 1, "{rollbacks:?}");
+    assert_eq!(rollbacks[0].metadata["rolled_back_from"], 2);
+    assert_eq!(rollbacks[0].rule.as_ref().unwrap().version, 1);
+
+    // The failing version decided only where it did not trap (a round of
+    // regions all outside its band: the surged region); the rolled-back
+    // one priced on.
+    let tariffs = store.tariff_history(None, 10_000).await.unwrap();
+    for t in &tariffs {
+        if t.rule.as_ref().unwrap().version == 2 {
+            let load = t.load_percentage.unwrap();
+            assert!(!(56.0..=79.0).contains(&load), "{t:?}");
+        }
+    }
+    assert!(
+        tariffs
+            .iter()
+            .any(|t| t.rule.as_ref().unwrap().version == 1),
+        "{tariffs:?}"
+    );
 }

@@ -194,6 +194,9 @@ struct SlotState<W: World> {
     current: Arc<Build<W>>,
     /// Earlier versions, oldest first.
     history: Vec<Arc<Build<W>>>,
+    /// Versions rolled back from, oldest first: listed with their
+    /// counters, never served again.
+    retired: Vec<Arc<Build<W>>>,
     next_version: u64,
 }
 
@@ -259,6 +262,7 @@ impl<W: World> Slot<W> {
                     stats: Stats::default(),
                 }),
                 history: Vec::new(),
+                retired: Vec::new(),
                 next_version: 2,
             }),
             consecutive: AtomicU32::new(0),
@@ -351,7 +355,8 @@ impl<W: World> Slot<W> {
         Ok((*version).clone())
     }
 
-    /// Goes back to the version before the serving one (which is dropped).
+    /// Goes back to the version before the serving one (which is retired:
+    /// still listed, never served again).
     pub fn rollback(&self) -> Result<PluginVersion, SwapError> {
         let mut st = self.state.lock();
         let (from, to) = self.rollback_locked(&mut st)?;
@@ -375,7 +380,12 @@ impl<W: World> Slot<W> {
         let from = std::mem::replace(&mut st.current, previous);
         self.consecutive.store(0, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::AcqRel);
-        Ok(((*from.version).clone(), (*st.current.version).clone()))
+        let versions = ((*from.version).clone(), (*st.current.version).clone());
+        st.retired.push(from);
+        if st.retired.len() > HISTORY {
+            st.retired.remove(0);
+        }
+        Ok(versions)
     }
 
     pub(super) fn succeeded(&self) {
@@ -536,6 +546,8 @@ pub struct SlotListing {
     pub serving: VersionListing,
     /// Earlier versions a rollback goes back to, newest first.
     pub previous: Vec<VersionListing>,
+    /// Versions rolled back from (by hand or after faults), newest first.
+    pub retired: Vec<VersionListing>,
     pub consecutive_faults: u32,
     pub on_fault: OnFault,
     pub auto_rollback_after: u32,
@@ -587,6 +599,7 @@ impl<W: World> SlotControl for Slot<W> {
             world: W::WORLD.to_owned(),
             serving: listing(&st.current),
             previous: st.history.iter().rev().map(|b| listing(b)).collect(),
+            retired: st.retired.iter().rev().map(|b| listing(b)).collect(),
             consecutive_faults: self.consecutive.load(Ordering::Relaxed),
             on_fault: self.policy.on_fault,
             auto_rollback_after: self.policy.auto_rollback_after,
