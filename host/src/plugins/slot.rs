@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use wasmtime::component::Component;
 
-use super::rules::{SampleError, World, trap};
+use super::rules::{SampleError, World, outside_async, trap};
 use super::{ConfigValue, Plugin, PluginError, PluginVersion, Runtime, sha256_hex};
 
 /// How many earlier versions a slot keeps for rollback.
@@ -241,7 +241,8 @@ impl<W: World> Slot<W> {
         })?;
         let source = format!("file:{}", path.display());
         let checked =
-            check::<W>(runtime, name, Some(&bytes), None, config, source).map_err(|(_, e)| e)?;
+            outside_async(|| check::<W>(runtime, name, Some(&bytes), None, config, source))
+                .map_err(|(_, e)| e)?;
         let version = PluginVersion {
             name: name.to_owned(),
             version: 1,
@@ -316,12 +317,14 @@ impl<W: World> Slot<W> {
             Some(_) => None,
             None => Some((current.pre.clone(), current.version.sha256.clone())),
         };
-        let checked = check::<W>(&self.runtime, &self.name, bytes, compiled, config, source)
-            .map_err(|(step, source)| SwapError::Refused {
-                name: self.name.clone(),
-                step,
-                source,
-            })?;
+        let checked = outside_async(|| {
+            check::<W>(&self.runtime, &self.name, bytes, compiled, config, source)
+        })
+        .map_err(|(step, source)| SwapError::Refused {
+            name: self.name.clone(),
+            step,
+            source,
+        })?;
         let mut st = self.state.lock();
         let version = Arc::new(PluginVersion {
             name: self.name.clone(),
