@@ -20,6 +20,7 @@ use crate::config::{BusKind, DedupeKind, PipelineConfig};
 use crate::dedupe::{Dedupe, KeyBatch, MemoryDedupe, RedisDedupe};
 use crate::ingest::IngestState;
 use crate::pipeline::{self, Context, Metrics, PipelineError, Plugins, Running};
+use crate::plugins::share::Sharing;
 use crate::plugins::{Limits, PluginVersion, Registry, Runtime};
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +141,7 @@ impl App {
             metrics: metrics.clone(),
         };
         let mut plugin_tasks = Vec::new();
+        let mut sharing = None;
         let (running, retention, registry) = if config.role.processes() {
             let runtime = Runtime::new(Limits {
                 call_timeout: Duration::from_millis(config.sandbox.call_timeout_ms),
@@ -154,10 +156,25 @@ impl App {
                     events,
                 )));
             }
+            if config.admin.follow_interval_ms > 0 {
+                let shared = Arc::new(Sharing::new(store.clone()));
+                let every = Duration::from_millis(config.admin.follow_interval_ms);
+                let follow = shared
+                    .clone()
+                    .follow(registry.clone(), every)
+                    .await
+                    .map_err(|source| AppError::Store {
+                        url: crate::store::redact_url(&config.store.url),
+                        source,
+                    })?;
+                plugin_tasks.push(follow);
+                sharing = Some(shared);
+            }
             if let Some(dir) = config.watch_dir() {
                 let debounce = Duration::from_millis(config.admin.watch_debounce_ms);
-                let watch = crate::plugins::watch::spawn(registry.clone(), dir, debounce)
-                    .map_err(|e| AppError::Runtime(e.to_string()))?;
+                let watch =
+                    crate::plugins::watch::spawn(registry.clone(), sharing.clone(), dir, debounce)
+                        .map_err(|e| AppError::Runtime(e.to_string()))?;
                 plugin_tasks.push(watch);
             }
             let running = pipeline::start(ctx.clone(), plugins).await?;
@@ -194,6 +211,7 @@ impl App {
         )
         .merge(api::admin::router(
             registry.clone(),
+            sharing,
             &config.admin,
             &config.http,
         ));

@@ -438,6 +438,10 @@ pub struct AdminConfig {
     /// How long a watched file must be quiet before it is read, ms (a copy
     /// in progress is not read half-written).
     pub watch_debounce_ms: u64,
+    /// How often this process looks in the store for plugin versions other
+    /// processes swapped in (and installs them), ms; 0: swaps are not
+    /// shared (neither recorded nor followed).
+    pub follow_interval_ms: u64,
 }
 
 impl Default for AdminConfig {
@@ -447,6 +451,7 @@ impl Default for AdminConfig {
             max_component_bytes: 32 << 20,
             watch_dir: PathBuf::new(),
             watch_debounce_ms: 500,
+            follow_interval_ms: 1000,
         }
     }
 }

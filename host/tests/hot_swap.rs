@@ -862,3 +862,86 @@ async fn a_rule_that_traps_on_the_stream_is_contained_and_rolled_back() {
         "{tariffs:?}"
     );
 }
+
+/// Swaps reach the other processes on the same store: a `PUT` is recorded
+/// in `plugin_versions` (with this process as its origin), and a version
+/// another process recorded is installed here through the same checks —
+/// a good one serves, a bad one is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaps_recorded_by_another_process_are_installed_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::new(sim_config()).unwrap();
+    let mut cfg = config(dir.path(), &sim);
+    cfg.admin.follow_interval_ms = 50;
+    let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let store = app.ctx.store.clone();
+    let registry = app.registry.clone().unwrap();
+    let admin = Admin {
+        client: reqwest::Client::new(),
+        base: format!("http://{}", app.addr),
+    };
+
+    // A swap here is recorded for the others.
+    let build = rebuilt("tariff", "shared");
+    let (status, body) = admin.push("tariff", build.clone(), None, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let recorded = store.plugin_versions_after(0).await.unwrap();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(body["shared_seq"], recorded[0].seq);
+    assert_eq!(
+        (recorded[0].plugin.as_str(), recorded[0].sha256.clone()),
+        ("tariff", sha256(&build))
+    );
+    assert_eq!(recorded[0].component, build);
+
+    // Another process's swaps: a bad one, then a good one with a config.
+    let other =
+        |plugin: &str, component: Vec<u8>, config: Value| segs::store::SharedPluginVersion {
+            seq: 0,
+            plugin: plugin.into(),
+            sha256: sha256(&component),
+            component,
+            config,
+            source: "admin".into(),
+            origin: "another-process".into(),
+        };
+    let anomaly_v1 = registry.get("anomaly").unwrap().serving();
+    store
+        .publish_plugin_version(&other("anomaly", b"junk".to_vec(), serde_json::json!({})))
+        .await
+        .unwrap();
+    let good = rebuilt("overload", "other");
+    store
+        .publish_plugin_version(&other(
+            "overload",
+            good.clone(),
+            serde_json::json!({"threshold_percent": 85.0}),
+        ))
+        .await
+        .unwrap();
+    // Bounded so a broken follower fails instead of hanging; not a speed
+    // check.
+    let mut waited = Duration::ZERO;
+    while registry.get("overload").unwrap().serving().version != 2 {
+        assert!(
+            waited < Duration::from_secs(60),
+            "the other process's overload swap never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    let overload = registry.get("overload").unwrap();
+    let v = overload.serving();
+    assert_eq!(v.sha256, sha256(&good));
+    assert!(v.source.starts_with("shared:"), "{v:?}");
+    let (_, config) = overload.serving_artifact();
+    assert_eq!(
+        plugins::config_to_json(&config),
+        serde_json::json!({"threshold_percent": 85.0})
+    );
+    // Rows are installed in order: the junk one came first and was refused.
+    assert_eq!(registry.get("anomaly").unwrap().serving(), anomaly_v1);
+    app.shutdown().await;
+}

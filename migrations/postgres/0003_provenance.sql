@@ -13,3 +13,17 @@ ALTER TABLE tariffs
 ALTER TABLE alerts DROP CONSTRAINT IF EXISTS alerts_type_check;
 ALTER TABLE alerts ADD CONSTRAINT alerts_type_check
     CHECK (type IN ('ANOMALY', 'OVERLOAD', 'PLUGIN_FAULT', 'PLUGIN_ROLLBACK'));
+
+-- Plugin versions installed through one process (admin API, watched
+-- folder), for the other processes sharing this store to install too.
+CREATE TABLE plugin_versions (
+    seq        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    plugin     TEXT NOT NULL,
+    sha256     TEXT NOT NULL,
+    component  BYTEA NOT NULL,
+    config     JSONB NOT NULL DEFAULT '{}',
+    source     TEXT NOT NULL,
+    -- The process that installed it (it does not install it again).
+    origin     TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);

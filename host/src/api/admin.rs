@@ -30,11 +30,13 @@ use serde_json::json;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::config::{AdminConfig, HttpConfig};
-use crate::plugins::{ConfigValue, Registry, SwapError, config_from_json};
+use crate::plugins::share::Sharing;
+use crate::plugins::{ConfigValue, Registry, SlotControl, SwapError, config_from_json};
 
 #[derive(Clone)]
 struct AdminState {
     registry: Option<Arc<Registry>>,
+    sharing: Option<Arc<Sharing>>,
     token: Arc<str>,
     max_body: usize,
 }
@@ -42,9 +44,15 @@ struct AdminState {
 /// The admin routes. Without a token they all answer 404 saying how to turn
 /// the admin API on; without a registry (an `ingest`-role process), 404
 /// saying this process runs no plugins.
-pub fn router(registry: Option<Arc<Registry>>, admin: &AdminConfig, http: &HttpConfig) -> Router {
+pub fn router(
+    registry: Option<Arc<Registry>>,
+    sharing: Option<Arc<Sharing>>,
+    admin: &AdminConfig,
+    http: &HttpConfig,
+) -> Router {
     let state = AdminState {
         registry,
+        sharing,
         token: Arc::from(admin.token.as_str()),
         max_body: admin.max_component_bytes,
     };
@@ -215,12 +223,16 @@ async fn push(
         };
         (Some(body), config)
     };
+    let installer = slot.clone();
     let swapped = tokio::task::spawn_blocking(move || {
-        slot.swap(bytes.as_deref(), config, "admin".to_owned())
+        installer.swap(bytes.as_deref(), config, "admin".to_owned())
     })
     .await;
     match swapped {
-        Ok(Ok(version)) => axum::Json(json!({ "plugin": version })).into_response(),
+        Ok(Ok(version)) => {
+            let shared = share(&s, &*slot, "admin").await;
+            axum::Json(json!({ "plugin": version, "shared_seq": shared })).into_response()
+        }
         Ok(Err(e)) => swap_error(e),
         Err(e) => answer(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -236,7 +248,24 @@ async fn rollback(State(s): State<AdminState>, Path(name): Path<String>) -> Resp
         Err(e) => return swap_error(e),
     };
     match slot.rollback() {
-        Ok(version) => axum::Json(json!({ "plugin": version })).into_response(),
+        Ok(version) => {
+            let shared = share(&s, &*slot, "rollback").await;
+            axum::Json(json!({ "plugin": version, "shared_seq": shared })).into_response()
+        }
         Err(e) => swap_error(e),
+    }
+}
+
+/// Records the slot's new serving version for the other processes; its
+/// seq, or `None` (logged) when it could not be recorded: the swap here
+/// stands either way.
+async fn share(s: &AdminState, slot: &dyn SlotControl, source: &str) -> Option<i64> {
+    let sharing = s.sharing.as_ref()?;
+    match sharing.publish(slot, source).await {
+        Ok(seq) => Some(seq),
+        Err(e) => {
+            tracing::error!(plugin = slot.name(), error = %e, "recording the swap for the other processes failed");
+            None
+        }
     }
 }

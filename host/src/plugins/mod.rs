@@ -18,6 +18,7 @@
 
 mod bindings;
 mod rules;
+pub mod share;
 pub mod slot;
 pub mod watch;
 
@@ -320,6 +321,26 @@ pub fn config_from_json(
             Ok((key.clone(), v))
         })
         .collect()
+}
+
+/// The WIT config list as a JSON object (what [`config_from_json`] reads).
+pub fn config_to_json(config: &[(String, ConfigValue)]) -> serde_json::Value {
+    use serde_json::Value;
+    let object = config
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                ConfigValue::Float(f) => {
+                    serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number)
+                }
+                ConfigValue::Integer(i) => Value::from(*i),
+                ConfigValue::Boolean(b) => Value::Bool(*b),
+                ConfigValue::Text(s) => Value::String(s.clone()),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    Value::Object(object)
 }
 
 #[cfg(test)]

@@ -177,6 +177,8 @@ impl Stats {
 /// is and its counters. Shared by every stage's handle on the slot.
 pub struct Build<W: World> {
     pub(super) pre: W::Pre,
+    /// The component's bytes (shared with other processes on a swap).
+    pub(super) bytes: Arc<[u8]>,
     pub(super) config: Vec<(String, ConfigValue)>,
     pub(super) version: Arc<PluginVersion>,
     pub(super) stats: Stats,
@@ -185,6 +187,7 @@ pub struct Build<W: World> {
 /// A version that passed every check, not yet installed.
 struct Checked<W: World> {
     pre: W::Pre,
+    bytes: Arc<[u8]>,
     config: Vec<(String, ConfigValue)>,
     sha256: String,
     source: String,
@@ -258,6 +261,7 @@ impl<W: World> Slot<W> {
             state: Mutex::new(SlotState {
                 current: Arc::new(Build {
                     pre: checked.pre,
+                    bytes: checked.bytes,
                     config: checked.config,
                     version: Arc::new(version),
                     stats: Stats::default(),
@@ -315,7 +319,11 @@ impl<W: World> Slot<W> {
         let config = config.unwrap_or_else(|| current.config.clone());
         let compiled = match bytes {
             Some(_) => None,
-            None => Some((current.pre.clone(), current.version.sha256.clone())),
+            None => Some((
+                current.pre.clone(),
+                current.version.sha256.clone(),
+                current.bytes.clone(),
+            )),
         };
         let checked = outside_async(|| {
             check::<W>(&self.runtime, &self.name, bytes, compiled, config, source)
@@ -336,6 +344,7 @@ impl<W: World> Slot<W> {
         st.next_version += 1;
         let build = Arc::new(Build {
             pre: checked.pre,
+            bytes: checked.bytes,
             config: checked.config,
             version: version.clone(),
             stats: Stats::default(),
@@ -457,12 +466,12 @@ fn check<W: World>(
     runtime: &Runtime,
     name: &str,
     bytes: Option<&[u8]>,
-    compiled: Option<(W::Pre, String)>,
+    compiled: Option<(W::Pre, String, Arc<[u8]>)>,
     config: Vec<(String, ConfigValue)>,
     source: String,
 ) -> Result<Checked<W>, (Step, PluginError)> {
     let origin = Path::new(&source);
-    let (pre, sha256, source) = match (bytes, compiled) {
+    let (pre, sha256, bytes, source) = match (bytes, compiled) {
         (Some(bytes), _) => {
             let component: Component = runtime
                 .compile(name, origin, W::WORLD, bytes)
@@ -478,9 +487,9 @@ fn check<W: World>(
                     },
                 )
             })?;
-            (pre, sha256_hex(bytes), source)
+            (pre, sha256_hex(bytes), Arc::from(bytes), source)
         }
-        (None, Some((pre, sha256))) => (pre, sha256, format!("{source}+config")),
+        (None, Some((pre, sha256, bytes))) => (pre, sha256, bytes, format!("{source}+config")),
         (None, None) => unreachable!("a swap has a component or reuses the serving one"),
     };
     let mut store = runtime.new_store();
@@ -515,6 +524,7 @@ fn check<W: World>(
     })?;
     Ok(Checked {
         pre,
+        bytes,
         config,
         sha256,
         source,
@@ -588,6 +598,8 @@ pub trait SlotControl: Send + Sync {
     fn rollback(&self) -> Result<PluginVersion, SwapError>;
     /// The serving version.
     fn serving(&self) -> PluginVersion;
+    /// The serving version's component bytes and config.
+    fn serving_artifact(&self) -> (Arc<[u8]>, Vec<(String, ConfigValue)>);
 }
 
 impl<W: World> SlotControl for Slot<W> {
@@ -624,6 +636,11 @@ impl<W: World> SlotControl for Slot<W> {
 
     fn serving(&self) -> PluginVersion {
         (*self.current().1.version).clone()
+    }
+
+    fn serving_artifact(&self) -> (Arc<[u8]>, Vec<(String, ConfigValue)>) {
+        let (_, build) = self.current();
+        (build.bytes.clone(), build.config.clone())
     }
 }
 

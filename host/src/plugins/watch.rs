@@ -17,6 +17,7 @@ use notify_debouncer_mini::{DebounceEventResult, new_debouncer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::share::Sharing;
 use super::{Registry, sha256_hex};
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,7 @@ pub enum WatchError {
 /// Starts watching `dir`; the task runs until aborted.
 pub fn spawn(
     registry: Arc<Registry>,
+    sharing: Option<Arc<Sharing>>,
     dir: PathBuf,
     debounce: Duration,
 ) -> Result<JoinHandle<()>, WatchError> {
@@ -59,11 +61,22 @@ pub fn spawn(
                 let Some(name) = plugin_name(&path) else {
                     continue;
                 };
-                let registry = registry.clone();
-                let swapped =
-                    tokio::task::spawn_blocking(move || swap_file(&registry, &name, &path)).await;
-                if let Err(e) = swapped {
-                    tracing::error!(error = %e, "swapping a watched plugin panicked");
+                let in_task = registry.clone();
+                let source = format!("watch:{}", path.display());
+                let swapped = tokio::task::spawn_blocking(move || {
+                    swap_file(&in_task, &name, &path).then_some(name)
+                })
+                .await;
+                match swapped {
+                    Ok(Some(name)) => {
+                        if let (Some(sharing), Ok(slot)) = (&sharing, registry.get(&name))
+                            && let Err(e) = sharing.publish(&**slot, &source).await
+                        {
+                            tracing::error!(plugin = name, error = %e, "recording the swap for the other processes failed");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "swapping a watched plugin panicked"),
                 }
             }
         }
@@ -78,27 +91,32 @@ fn plugin_name(path: &Path) -> Option<String> {
     Some(path.file_stem()?.to_str()?.to_owned())
 }
 
-fn swap_file(registry: &Registry, name: &str, path: &Path) {
+/// Whether a new version was swapped in.
+fn swap_file(registry: &Registry, name: &str, path: &Path) -> bool {
     let Ok(slot) = registry.get(name) else {
         tracing::warn!(file = %path.display(), "watched folder: no plugin of that name; ignored");
-        return;
+        return false;
     };
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         // Removed or renamed away: nothing to swap in.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
         Err(e) => {
             tracing::warn!(plugin = name, file = %path.display(), step = "read", error = %e, "watched plugin refused");
-            return;
+            return false;
         }
     };
     if sha256_hex(&bytes) == slot.serving().sha256 {
-        return;
+        return false;
     }
     match slot.swap(Some(&bytes), None, format!("watch:{}", path.display())) {
         Ok(v) => {
-            tracing::info!(plugin = name, version = v.version, sha256 = %v.sha256, "watched plugin swapped in")
+            tracing::info!(plugin = name, version = v.version, sha256 = %v.sha256, "watched plugin swapped in");
+            true
         }
-        Err(e) => tracing::warn!(plugin = name, error = %e, "watched plugin refused"),
+        Err(e) => {
+            tracing::warn!(plugin = name, error = %e, "watched plugin refused");
+            false
+        }
     }
 }

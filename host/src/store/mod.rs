@@ -390,6 +390,24 @@ pub struct TariffRow {
     pub rule: Option<RuleRef>,
 }
 
+/// A plugin version one process installed (`plugin_versions`), for the
+/// other processes on the same store to install too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedPluginVersion {
+    /// Allocated by the store, increasing; ignored when publishing.
+    pub seq: i64,
+    pub plugin: String,
+    pub sha256: String,
+    /// The component's bytes.
+    pub component: Vec<u8>,
+    /// The plugin's config, a JSON object of scalars.
+    pub config: serde_json::Value,
+    /// How it was installed: `admin`, `watch:<path>`, `rollback`.
+    pub source: String,
+    /// The process that installed it.
+    pub origin: String,
+}
+
 /// Filters for the aggregate queries; `None` means "any".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AggregateQuery {
@@ -662,6 +680,13 @@ pub trait Store: Send + Sync {
     /// writer still holding the old epoch is fenced off. Returns the new
     /// epoch and the checkpoint as last saved (`None` if there is none yet).
     async fn claim_checkpoint(&self, group: &str) -> Result<(i64, Option<Checkpoint>), StoreError>;
+
+    /// Records a plugin version this process installed; returns its seq.
+    async fn publish_plugin_version(&self, v: &SharedPluginVersion) -> Result<i64, StoreError>;
+
+    /// The plugin versions recorded after `seq`, in seq order.
+    async fn plugin_versions_after(&self, seq: i64)
+    -> Result<Vec<SharedPluginVersion>, StoreError>;
 }
 
 // ------------------------------------------------------------------ open

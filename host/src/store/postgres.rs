@@ -1314,6 +1314,51 @@ impl Store for PostgresStore {
         load_checkpoint(&mut conn, group).await
     }
 
+    async fn publish_plugin_version(
+        &self,
+        v: &crate::store::SharedPluginVersion,
+    ) -> Result<i64, StoreError> {
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO plugin_versions (plugin, sha256, component, config, source, origin) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+        )
+        .bind(&v.plugin)
+        .bind(&v.sha256)
+        .bind(&v.component)
+        .bind(&v.config)
+        .bind(&v.source)
+        .bind(&v.origin)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(seq)
+    }
+
+    async fn plugin_versions_after(
+        &self,
+        seq: i64,
+    ) -> Result<Vec<crate::store::SharedPluginVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, plugin, sha256, component, config, source, origin \
+             FROM plugin_versions WHERE seq > $1 ORDER BY seq",
+        )
+        .bind(seq)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(crate::store::SharedPluginVersion {
+                    seq: row.try_get("seq")?,
+                    plugin: row.try_get("plugin")?,
+                    sha256: row.try_get("sha256")?,
+                    component: row.try_get("component")?,
+                    config: row.try_get("config")?,
+                    source: row.try_get("source")?,
+                    origin: row.try_get("origin")?,
+                })
+            })
+            .collect()
+    }
+
     async fn claim_checkpoint(&self, group: &str) -> Result<(i64, Option<Checkpoint>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let epoch: i64 = sqlx::query_scalar(
