@@ -159,6 +159,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends! {
+    plugin_versions_are_shared_in_order: memory,
     a_late_window_merges_into_the_stored_one: file,
     duplicate_keys_within_one_call_are_merged_not_double_applied: memory,
     aggregate_queries_filter_and_order: memory,
@@ -597,6 +598,42 @@ async fn regional_windows_are_replaced_on_conflict(db: &Db) {
 }
 
 // --------------------------------------------------------------- tariffs
+
+async fn plugin_versions_are_shared_in_order(db: &Db) {
+    let store = db.open().await;
+    assert!(store.plugin_versions_after(0).await.unwrap().is_empty());
+    let v = |plugin: &str, bytes: &[u8]| segs::store::SharedPluginVersion {
+        seq: 0,
+        plugin: plugin.into(),
+        sha256: "cd".repeat(32),
+        component: bytes.to_vec(),
+        config: json!({"threshold_percent": 85.0, "mode": "x", "n": 3, "on": true}),
+        source: "admin".into(),
+        origin: "p1".into(),
+    };
+    let first = store
+        .publish_plugin_version(&v("tariff", b"\0asm one"))
+        .await
+        .unwrap();
+    let second = store
+        .publish_plugin_version(&v("overload", b"\0asm two"))
+        .await
+        .unwrap();
+    assert!(second > first);
+    let all = store.plugin_versions_after(0).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        all[0],
+        segs::store::SharedPluginVersion {
+            seq: first,
+            ..v("tariff", b"\0asm one")
+        }
+    );
+    let after = store.plugin_versions_after(first).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].plugin, "overload");
+    assert_eq!(after[0].component, b"\0asm two");
+}
 
 async fn a_new_tariff_deactivates_the_previous_one(db: &Db) {
     let store = db.open().await;
