@@ -146,6 +146,8 @@ impl App {
             let runtime = Runtime::new(Limits {
                 call_timeout: Duration::from_millis(config.sandbox.call_timeout_ms),
                 max_memory_bytes: config.sandbox.max_memory_mib << 20,
+                max_instances: config.sandbox.max_instances,
+                max_tables: config.sandbox.max_tables,
             })
             .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
             let plugins = Plugins::load(&config, &runtime)?;

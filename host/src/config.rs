@@ -376,6 +376,21 @@ pub struct SandboxConfig {
     pub call_timeout_ms: u64,
     /// Largest linear memory of one plugin instance, MiB.
     pub max_memory_mib: usize,
+    /// Most component instances (and memories) one plugin may create.
+    pub max_instances: usize,
+    /// Most tables one plugin may create.
+    pub max_tables: usize,
+}
+
+/// `[plugins.<name>.sandbox]`: this plugin's own limits, each defaulting to
+/// `[sandbox]`'s.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxOverride {
+    pub call_timeout_ms: Option<u64>,
+    pub max_memory_mib: Option<usize>,
+    pub max_instances: Option<usize>,
+    pub max_tables: Option<usize>,
 }
 
 impl Default for SandboxConfig {
@@ -383,6 +398,8 @@ impl Default for SandboxConfig {
         SandboxConfig {
             call_timeout_ms: 500,
             max_memory_mib: 64,
+            max_instances: 16,
+            max_tables: 64,
         }
     }
 }
@@ -405,6 +422,9 @@ pub struct PluginConfig {
     /// previous version (0: never).
     #[serde(default = "default_auto_rollback_after")]
     pub auto_rollback_after: u32,
+    /// Limits of this plugin that differ from `[sandbox]`.
+    #[serde(default)]
+    pub sandbox: SandboxOverride,
 }
 
 fn default_auto_rollback_after() -> u32 {
@@ -642,6 +662,24 @@ impl PipelineConfig {
             "sandbox.max_memory_mib: must be at least 1".into(),
         );
         need(
+            self.sandbox.max_instances >= 1 && self.sandbox.max_tables >= 1,
+            "sandbox.max_instances, sandbox.max_tables: must be at least 1".into(),
+        );
+        for (name, plugin) in &self.plugins {
+            let o = &plugin.sandbox;
+            for (field, value) in [
+                ("call_timeout_ms", o.call_timeout_ms.map(|v| v as usize)),
+                ("max_memory_mib", o.max_memory_mib),
+                ("max_instances", o.max_instances),
+                ("max_tables", o.max_tables),
+            ] {
+                need(
+                    value != Some(0),
+                    format!("plugins.{name}.sandbox.{field}: must be at least 1"),
+                );
+            }
+        }
+        need(
             self.admin.max_component_bytes >= 1,
             "admin.max_component_bytes: must be at least 1".into(),
         );
@@ -779,6 +817,25 @@ impl PipelineConfig {
     pub fn watch_dir(&self) -> Option<PathBuf> {
         (!self.admin.watch_dir.as_os_str().is_empty())
             .then(|| self.base_dir.join(&self.admin.watch_dir))
+    }
+
+    /// The sandbox limits of plugin `name`: its own where it sets them,
+    /// `[sandbox]`'s otherwise.
+    pub fn plugin_limits(&self, name: &str) -> crate::plugins::Limits {
+        let d = &self.sandbox;
+        let o = self
+            .plugins
+            .get(name)
+            .map(|p| p.sandbox.clone())
+            .unwrap_or_default();
+        crate::plugins::Limits {
+            call_timeout: std::time::Duration::from_millis(
+                o.call_timeout_ms.unwrap_or(d.call_timeout_ms),
+            ),
+            max_memory_bytes: o.max_memory_mib.unwrap_or(d.max_memory_mib) << 20,
+            max_instances: o.max_instances.unwrap_or(d.max_instances),
+            max_tables: o.max_tables.unwrap_or(d.max_tables),
+        }
     }
 
     /// Capacity and base price of `region` (the defaults if it is not listed).

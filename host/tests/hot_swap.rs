@@ -945,3 +945,27 @@ async fn swaps_recorded_by_another_process_are_installed_here() {
     assert_eq!(registry.get("anomaly").unwrap().serving(), anomaly_v1);
     app.shutdown().await;
 }
+
+/// A plugin's own sandbox limits apply to it alone: 1 MiB of memory is too
+/// little for the tariff component (refused at start, naming it), while
+/// the others keep `[sandbox]`'s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugins_own_sandbox_limits_apply_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::new(sim_config()).unwrap();
+    let mut cfg = config(dir.path(), &sim);
+    cfg.plugins
+        .get_mut("tariff")
+        .unwrap()
+        .sandbox
+        .max_memory_mib = Some(1);
+    let limits = cfg.plugin_limits("tariff");
+    assert_eq!(limits.max_memory_bytes, 1 << 20);
+    assert_eq!(cfg.plugin_limits("anomaly").max_memory_bytes, 64 << 20);
+    let err = App::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .err()
+        .expect("1 MiB is too little for the tariff rule")
+        .to_string();
+    assert!(err.contains("tariff"), "{err}");
+}

@@ -147,7 +147,8 @@ impl Plugins {
                 .component_path(name)
                 .ok_or(PipelineError::MissingPlugin(name))?;
             let cfg = config_from_toml(name, &plugin.config)?;
-            let slot = registry.load::<W>(runtime, name, &path, cfg, plugin.fault_policy())?;
+            let runtime = runtime.with_limits(config.plugin_limits(name));
+            let slot = registry.load::<W>(&runtime, name, &path, cfg, plugin.fault_policy())?;
             Ok(slot.instance()?)
         }
         let anomaly = slot(&mut registry, config, runtime, "anomaly")?;

@@ -50,6 +50,11 @@ pub struct Limits {
     pub call_timeout: Duration,
     /// Largest linear memory a guest may grow to, in bytes.
     pub max_memory_bytes: usize,
+    /// Most component instances one guest may create (a component built by
+    /// componentize-py or jco nests several).
+    pub max_instances: usize,
+    /// Most tables one guest may create.
+    pub max_tables: usize,
 }
 
 impl Default for Limits {
@@ -57,6 +62,8 @@ impl Default for Limits {
         Limits {
             call_timeout: Duration::from_millis(500),
             max_memory_bytes: 64 << 20,
+            max_instances: 16,
+            max_tables: 64,
         }
     }
 }
@@ -159,6 +166,14 @@ impl Runtime {
         self.limits
     }
 
+    /// The same engine and linker with other limits (a plugin's own).
+    pub fn with_limits(&self, limits: Limits) -> Runtime {
+        Runtime {
+            limits,
+            ..self.clone()
+        }
+    }
+
     /// Compiles component bytes. Compilation is the slow part of a load
     /// (tens to hundreds of milliseconds): keep it off the async runtime.
     fn compile(
@@ -190,9 +205,9 @@ impl Runtime {
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(self.limits.max_memory_bytes)
-                .instances(4)
-                .tables(16)
-                .memories(4)
+                .instances(self.limits.max_instances)
+                .tables(self.limits.max_tables)
+                .memories(self.limits.max_instances)
                 .build(),
         };
         let mut store = Store::new(&self.engine, state);
