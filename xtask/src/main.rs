@@ -405,5 +405,10 @@ fn bench(extra: &[String]) -> Result<()> {
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "segs", "--bench", "pipeline", "--"]);
     cmd.args(extra);
+    run(cmd)?;
+    // The time a hot swap takes (`cargo xtask bench swap` for it alone).
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "segs", "--bench", "hot_swap", "--"]);
+    cmd.args(extra);
     run(cmd)
 }
