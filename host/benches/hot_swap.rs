@@ -86,7 +86,10 @@ fn measure<W: World>(rt: &Runtime, name: &str, mut call: impl FnMut(&mut Plugin<
 }
 
 fn main() {
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     if !filter.is_empty() && !filter.iter().any(|f| "swap".contains(f.as_str())) {
         return;
     }
