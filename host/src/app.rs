@@ -143,13 +143,15 @@ impl App {
         let mut plugin_tasks = Vec::new();
         let mut sharing = None;
         let (running, retention, registry) = if config.role.processes() {
-            let runtime = Runtime::new(Limits {
+            let limits = Limits {
                 call_timeout: Duration::from_millis(config.sandbox.call_timeout_ms),
                 max_memory_bytes: config.sandbox.max_memory_mib << 20,
                 max_instances: config.sandbox.max_instances,
                 max_tables: config.sandbox.max_tables,
-            })
-            .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
+            };
+            let runtime =
+                Runtime::with_compile_cache(limits, config.compile_cache_dir().as_deref())
+                    .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
             let plugins = Plugins::load(&config, &runtime)?;
             let registry = plugins.registry.clone();
             if let Some(events) = registry.take_events() {

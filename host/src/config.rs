@@ -380,6 +380,10 @@ pub struct SandboxConfig {
     pub max_instances: usize,
     /// Most tables one plugin may create.
     pub max_tables: usize,
+    /// Where compiled components are cached (relative to pipeline.toml's
+    /// folder), keyed by content: a restart or a swap back to a component
+    /// seen before is not a recompile. Empty: no cache.
+    pub compile_cache_dir: PathBuf,
 }
 
 /// `[plugins.<name>.sandbox]`: this plugin's own limits, each defaulting to
@@ -400,6 +404,7 @@ impl Default for SandboxConfig {
             max_memory_mib: 64,
             max_instances: 16,
             max_tables: 64,
+            compile_cache_dir: PathBuf::new(),
         }
     }
 }
@@ -810,6 +815,13 @@ impl PipelineConfig {
         self.plugins
             .get(plugin)
             .map(|p| self.base_dir.join(&p.component))
+    }
+
+    /// The compiled-component cache folder, resolved against the config
+    /// file's folder; `None` when none is configured.
+    pub fn compile_cache_dir(&self) -> Option<PathBuf> {
+        (!self.sandbox.compile_cache_dir.as_os_str().is_empty())
+            .then(|| self.base_dir.join(&self.sandbox.compile_cache_dir))
     }
 
     /// The watched plugin folder, resolved against the config file's folder;

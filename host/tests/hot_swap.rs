@@ -969,3 +969,37 @@ async fn a_plugins_own_sandbox_limits_apply_to_it() {
         .to_string();
     assert!(err.contains("tariff"), "{err}");
 }
+
+/// With `sandbox.compile_cache_dir`, compiled components are kept there
+/// (keyed by content), so the next start or a swap back does not recompile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_components_are_cached_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = Simulator::new(sim_config()).unwrap();
+    let mut cfg = config(dir.path(), &sim);
+    let cache = dir.path().join("plugin-cache");
+    cfg.sandbox.compile_cache_dir = cache.clone();
+    let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    app.shutdown().await;
+    let files = walk(&cache);
+    assert!(
+        files >= 4,
+        "{files} cached artifacts in {}",
+        cache.display()
+    );
+}
+
+fn walk(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| {
+                    let p = e.unwrap().path();
+                    if p.is_dir() { walk(&p) } else { 1 }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

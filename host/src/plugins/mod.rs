@@ -147,7 +147,22 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(limits: Limits) -> Result<Runtime, wasmtime::Error> {
+        Runtime::with_compile_cache(limits, None)
+    }
+
+    /// A runtime whose compiled components are kept in `cache_dir` (keyed by
+    /// the component's content and the engine's settings), so a restart or
+    /// a swap back to a component compiled before is not a recompile.
+    pub fn with_compile_cache(
+        limits: Limits,
+        cache_dir: Option<&Path>,
+    ) -> Result<Runtime, wasmtime::Error> {
         let mut config = wasmtime::Config::new();
+        if let Some(dir) = cache_dir {
+            let mut cache = wasmtime::CacheConfig::new();
+            cache.with_directory(dir);
+            config.cache(Some(wasmtime::Cache::new(cache)?));
+        }
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
