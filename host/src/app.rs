@@ -20,7 +20,8 @@ use crate::config::{BusKind, DedupeKind, PipelineConfig};
 use crate::dedupe::{Dedupe, KeyBatch, MemoryDedupe, RedisDedupe};
 use crate::ingest::IngestState;
 use crate::pipeline::{self, Context, Metrics, PipelineError, Plugins, Running};
-use crate::plugins::{Limits, PluginVersion, Runtime};
+use crate::plugins::share::Sharing;
+use crate::plugins::{Limits, PluginVersion, Registry, Runtime};
 use crate::shared::SharedRuleState;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,11 +51,16 @@ pub struct App {
     /// Where the HTTP server listens (the real port when 0 was asked for).
     pub addr: SocketAddr,
     pub ctx: Context,
-    /// The rule components in use.
+    /// The rule components in use at start.
     pub plugins: Vec<PluginVersion>,
+    /// The plugin slots (swap, rollback, listing); `None` for an
+    /// `ingest`-role process.
+    pub registry: Option<Arc<Registry>>,
     /// The stages; `None` for an `ingest`-role process.
     running: Option<Running>,
     retention: Option<JoinHandle<()>>,
+    /// Plugin alerts and the watched folder.
+    plugin_tasks: Vec<JoinHandle<()>>,
     server: JoinHandle<()>,
     stop_server: oneshot::Sender<()>,
 }
@@ -141,25 +147,54 @@ impl App {
             shared,
             live: Arc::new(crate::live::LiveFeed::new()),
         };
-        let (running, retention, versions) = if config.role.processes() {
-            let runtime = Runtime::new(Limits {
+        let mut plugin_tasks = Vec::new();
+        let mut sharing = None;
+        let (running, retention, registry) = if config.role.processes() {
+            let limits = Limits {
                 call_timeout: Duration::from_millis(config.sandbox.call_timeout_ms),
                 max_memory_bytes: config.sandbox.max_memory_mib << 20,
-            })
-            .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
+                max_instances: config.sandbox.max_instances,
+                max_tables: config.sandbox.max_tables,
+            };
+            let runtime =
+                Runtime::with_compile_cache(limits, config.compile_cache_dir().as_deref())
+                    .map_err(|e| AppError::Runtime(format!("{e:#}")))?;
             let plugins = Plugins::load(&config, &runtime)?;
-            let versions = vec![
-                plugins.anomaly.version().clone(),
-                plugins.overload.version().clone(),
-                plugins.tariff.version().clone(),
-                plugins.aggregate.version().clone(),
-            ];
+            let registry = plugins.registry.clone();
+            if let Some(events) = registry.take_events() {
+                plugin_tasks.push(tokio::spawn(pipeline::faults::raise_alerts(
+                    ctx.clone(),
+                    events,
+                )));
+            }
+            if config.admin.follow_interval_ms > 0 {
+                let shared = Arc::new(Sharing::new(store.clone()));
+                let every = Duration::from_millis(config.admin.follow_interval_ms);
+                let follow = shared
+                    .clone()
+                    .follow(registry.clone(), every)
+                    .await
+                    .map_err(|source| AppError::Store {
+                        url: crate::store::redact_url(&config.store.url),
+                        source,
+                    })?;
+                plugin_tasks.push(follow);
+                sharing = Some(shared);
+            }
+            if let Some(dir) = config.watch_dir() {
+                let debounce = Duration::from_millis(config.admin.watch_debounce_ms);
+                let watch =
+                    crate::plugins::watch::spawn(registry.clone(), sharing.clone(), dir, debounce)
+                        .map_err(|e| AppError::Runtime(e.to_string()))?;
+                plugin_tasks.push(watch);
+            }
             let running = pipeline::start(ctx.clone(), plugins).await?;
             let retention = tokio::spawn(retention_job(ctx.clone()));
-            (Some(running), Some(retention), versions)
+            (Some(running), Some(retention), Some(registry))
         } else {
-            (None, None, Vec::new())
+            (None, None, None)
         };
+        let versions = registry.as_ref().map(|r| r.serving()).unwrap_or_default();
 
         let ingest = IngestState {
             bus: bus.clone(),
@@ -185,7 +220,13 @@ impl App {
             api,
             &config.http,
             config.ingest.retry_after_s,
-        );
+        )
+        .merge(api::admin::router(
+            registry.clone(),
+            sharing,
+            &config.admin,
+            &config.http,
+        ));
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| AppError::Listen {
@@ -208,6 +249,8 @@ impl App {
             addr,
             ctx,
             plugins: versions,
+            registry,
+            plugin_tasks,
             running,
             retention,
             server,
@@ -228,10 +271,14 @@ impl App {
         if let Some(retention) = self.retention {
             retention.abort();
         }
-        match self.running {
+        let unfinished = match self.running {
             Some(running) => running.shutdown().await,
             None => Vec::new(),
+        };
+        for t in self.plugin_tasks {
+            t.abort();
         }
+        unfinished
     }
 }
 

@@ -267,6 +267,7 @@ mod tests {
             change_percent: None,
             load_percentage: None,
             reason: crate::messages::TariffReason::HighLoad,
+            rule: None,
         }
     }
 

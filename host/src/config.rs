@@ -103,6 +103,8 @@ pub struct PipelineConfig {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub notify: NotifyConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// The rule plugins by name: `anomaly`, `overload`, `tariff`, `aggregate`.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
@@ -472,6 +474,25 @@ pub struct SandboxConfig {
     pub call_timeout_ms: u64,
     /// Largest linear memory of one plugin instance, MiB.
     pub max_memory_mib: usize,
+    /// Most component instances (and memories) one plugin may create.
+    pub max_instances: usize,
+    /// Most tables one plugin may create.
+    pub max_tables: usize,
+    /// Where compiled components are cached (relative to pipeline.toml's
+    /// folder), keyed by content: a restart or a swap back to a component
+    /// seen before is not a recompile. Empty: no cache.
+    pub compile_cache_dir: PathBuf,
+}
+
+/// `[plugins.<name>.sandbox]`: this plugin's own limits, each defaulting to
+/// `[sandbox]`'s.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxOverride {
+    pub call_timeout_ms: Option<u64>,
+    pub max_memory_mib: Option<usize>,
+    pub max_instances: Option<usize>,
+    pub max_tables: Option<usize>,
 }
 
 impl Default for SandboxConfig {
@@ -479,6 +500,9 @@ impl Default for SandboxConfig {
         SandboxConfig {
             call_timeout_ms: 500,
             max_memory_mib: 64,
+            max_instances: 16,
+            max_tables: 64,
+            compile_cache_dir: PathBuf::new(),
         }
     }
 }
@@ -491,6 +515,68 @@ pub struct PluginConfig {
     /// Handed to the plugin at load time; it may refuse it.
     #[serde(default)]
     pub config: toml::Table,
+    /// What a stage does with a batch whose call failed: `skip` (the rule
+    /// is skipped for that batch; readings are still aggregated and stored)
+    /// or `retry_previous` (the version before the serving one gets the
+    /// batch once).
+    #[serde(default)]
+    pub on_fault: crate::plugins::OnFault,
+    /// Faults in a row after which the plugin is rolled back to its
+    /// previous version (0: never).
+    #[serde(default = "default_auto_rollback_after")]
+    pub auto_rollback_after: u32,
+    /// Limits of this plugin that differ from `[sandbox]`.
+    #[serde(default)]
+    pub sandbox: SandboxOverride,
+}
+
+fn default_auto_rollback_after() -> u32 {
+    3
+}
+
+impl PluginConfig {
+    /// The slot's fault handling.
+    pub fn fault_policy(&self) -> crate::plugins::FaultPolicy {
+        crate::plugins::FaultPolicy {
+            on_fault: self.on_fault,
+            auto_rollback_after: self.auto_rollback_after,
+        }
+    }
+}
+
+/// `[admin]`: the admin API (`/admin/plugins`) and the watched plugin
+/// folder, both ways to swap rule plugins while segs runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token of the admin API (env `SEGS_ADMIN_TOKEN` overrides);
+    /// empty: the admin API is off (every admin route answers 404).
+    pub token: String,
+    /// Largest component (or config) body the admin API accepts, bytes.
+    pub max_component_bytes: usize,
+    /// A folder watched for `<plugin>.wasm` files (relative to
+    /// pipeline.toml's folder); a new or changed file is checked and
+    /// swapped in like an admin API push. Empty: no folder is watched.
+    pub watch_dir: PathBuf,
+    /// How long a watched file must be quiet before it is read, ms (a copy
+    /// in progress is not read half-written).
+    pub watch_debounce_ms: u64,
+    /// How often this process looks in the store for plugin versions other
+    /// processes swapped in (and installs them), ms; 0: swaps are not
+    /// shared (neither recorded nor followed).
+    pub follow_interval_ms: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token: String::new(),
+            max_component_bytes: 32 << 20,
+            watch_dir: PathBuf::new(),
+            watch_debounce_ms: 500,
+            follow_interval_ms: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -715,6 +801,28 @@ impl PipelineConfig {
             self.sandbox.max_memory_mib >= 1,
             "sandbox.max_memory_mib: must be at least 1".into(),
         );
+        need(
+            self.sandbox.max_instances >= 1 && self.sandbox.max_tables >= 1,
+            "sandbox.max_instances, sandbox.max_tables: must be at least 1".into(),
+        );
+        for (name, plugin) in &self.plugins {
+            let o = &plugin.sandbox;
+            for (field, value) in [
+                ("call_timeout_ms", o.call_timeout_ms.map(|v| v as usize)),
+                ("max_memory_mib", o.max_memory_mib),
+                ("max_instances", o.max_instances),
+                ("max_tables", o.max_tables),
+            ] {
+                need(
+                    value != Some(0),
+                    format!("plugins.{name}.sandbox.{field}: must be at least 1"),
+                );
+            }
+        }
+        need(
+            self.admin.max_component_bytes >= 1,
+            "admin.max_component_bytes: must be at least 1".into(),
+        );
         for name in PLUGIN_NAMES {
             need(
                 self.plugins.contains_key(name),
@@ -815,6 +923,9 @@ impl PipelineConfig {
             }
             self.kafka.brokers = brokers;
         }
+        if let Ok(token) = std::env::var("SEGS_ADMIN_TOKEN") {
+            self.admin.token = token;
+        }
         if let Ok(url) = std::env::var("REDIS_URL") {
             if url.trim().is_empty() {
                 return Err(ConfigError::Env {
@@ -839,6 +950,39 @@ impl PipelineConfig {
         self.plugins
             .get(plugin)
             .map(|p| self.base_dir.join(&p.component))
+    }
+
+    /// The compiled-component cache folder, resolved against the config
+    /// file's folder; `None` when none is configured.
+    pub fn compile_cache_dir(&self) -> Option<PathBuf> {
+        (!self.sandbox.compile_cache_dir.as_os_str().is_empty())
+            .then(|| self.base_dir.join(&self.sandbox.compile_cache_dir))
+    }
+
+    /// The watched plugin folder, resolved against the config file's folder;
+    /// `None` when none is configured.
+    pub fn watch_dir(&self) -> Option<PathBuf> {
+        (!self.admin.watch_dir.as_os_str().is_empty())
+            .then(|| self.base_dir.join(&self.admin.watch_dir))
+    }
+
+    /// The sandbox limits of plugin `name`: its own where it sets them,
+    /// `[sandbox]`'s otherwise.
+    pub fn plugin_limits(&self, name: &str) -> crate::plugins::Limits {
+        let d = &self.sandbox;
+        let o = self
+            .plugins
+            .get(name)
+            .map(|p| p.sandbox.clone())
+            .unwrap_or_default();
+        crate::plugins::Limits {
+            call_timeout: std::time::Duration::from_millis(
+                o.call_timeout_ms.unwrap_or(d.call_timeout_ms),
+            ),
+            max_memory_bytes: o.max_memory_mib.unwrap_or(d.max_memory_mib) << 20,
+            max_instances: o.max_instances.unwrap_or(d.max_instances),
+            max_tables: o.max_tables.unwrap_or(d.max_tables),
+        }
     }
 
     /// Capacity and base price of `region` (the defaults if it is not listed).

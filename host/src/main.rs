@@ -33,6 +33,9 @@ enum Command {
     /// price in force, into invoices and line items. Billing a period again
     /// replaces its pending invoices, never adds a second one.
     Bill(BillArgs),
+    /// List, swap or roll back the rule plugins of a running segs (a
+    /// client of its admin API).
+    Plugins(PluginsArgs),
 }
 
 #[derive(clap::Args)]
@@ -52,6 +55,47 @@ struct BillArgs {
 fn parse_instant(s: &str) -> Result<i64, String> {
     segs::time::parse_rfc3339_ms(s)
         .ok_or_else(|| format!("{s:?} is not an RFC 3339 instant (e.g. 2025-11-01T00:00:00Z)"))
+}
+
+#[derive(clap::Args)]
+struct PluginsArgs {
+    /// Base URL of the segs server.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "SEGS_URL")]
+    url: String,
+    /// The admin API's bearer token.
+    #[arg(long, env = "SEGS_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(subcommand)]
+    action: PluginsAction,
+}
+
+#[derive(Subcommand)]
+enum PluginsAction {
+    /// Every plugin: the serving version and the earlier ones, with calls,
+    /// faults and mean time per record.
+    List {
+        /// Print the admin API's JSON as it is.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Swap in a new component (and/or config) for plugin NAME. It is
+    /// checked first (compile, world, instantiate, configure, sample); a
+    /// refusal names the step and changes nothing.
+    Push {
+        /// anomaly, overload, tariff or aggregate.
+        name: String,
+        /// The component (`.wasm`); without it, the serving component gets
+        /// the new --config.
+        file: Option<PathBuf>,
+        /// The plugin's config as a JSON object (default: the serving one).
+        #[arg(long)]
+        config: Option<String>,
+    },
+    /// Go back to the version before the serving one.
+    Rollback {
+        /// anomaly, overload, tariff or aggregate.
+        name: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -184,6 +228,7 @@ fn main() -> Result<()> {
             Command::Run(args) => run(args).await,
             Command::Simulate(args) => simulate(args).await,
             Command::Bill(args) => bill(args).await,
+            Command::Plugins(args) => plugins(args).await,
         }
     })
 }
@@ -235,9 +280,10 @@ async fn run(args: RunArgs) -> Result<()> {
     println!("segs is running: HTTP API on {base}, store {store_url}");
     for p in &app.plugins {
         println!(
-            "  plugin {:<9} {} (sha256 {})",
+            "  plugin {:<9} v{} {} (sha256 {})",
             p.name,
-            p.path.display(),
+            p.version,
+            p.source,
             &p.sha256[..12]
         );
     }
@@ -391,5 +437,99 @@ async fn simulate(args: SimulateArgs) -> Result<()> {
     });
     let summary = simulator::run(cfg, target, stats).await?;
     println!("{summary:?}");
+    Ok(())
+}
+
+/// `segs plugins …`: one admin API call, its answer printed.
+async fn plugins(args: PluginsArgs) -> Result<()> {
+    let client = reqwest::Client::new();
+    let base = args.url.trim_end_matches('/');
+    let request = match &args.action {
+        PluginsAction::List { .. } => client.get(format!("{base}/admin/plugins")),
+        PluginsAction::Push { name, file, config } => {
+            let url = format!("{base}/admin/plugins/{name}");
+            match (file, config) {
+                (Some(file), config) => {
+                    let bytes = std::fs::read(file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    let mut url = reqwest::Url::parse(&url).context("--url")?;
+                    if let Some(c) = config {
+                        url.query_pairs_mut().append_pair("config", c);
+                    }
+                    client
+                        .put(url)
+                        .header("content-type", "application/wasm")
+                        .body(bytes)
+                }
+                (None, Some(c)) => {
+                    let config: serde_json::Value =
+                        serde_json::from_str(c).context("--config is not JSON")?;
+                    client
+                        .put(url)
+                        .header("content-type", "application/json")
+                        .body(serde_json::to_vec(
+                            &serde_json::json!({ "config": config }),
+                        )?)
+                }
+                (None, None) => anyhow::bail!("push needs a component FILE, a --config, or both"),
+            }
+        }
+        PluginsAction::Rollback { name } => {
+            client.post(format!("{base}/admin/plugins/{name}/rollback"))
+        }
+    };
+    let response = request
+        .bearer_auth(&args.token)
+        .send()
+        .await
+        .with_context(|| format!("segs at {base} did not answer"))?;
+    let status = response.status();
+    let body = response.bytes().await.context("reading the answer")?;
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| serde_json::json!({ "message": String::from_utf8_lossy(&body) }));
+    if !status.is_success() {
+        anyhow::bail!(
+            "{status}: {}",
+            json["message"].as_str().unwrap_or(&json.to_string())
+        );
+    }
+    match &args.action {
+        PluginsAction::List { json: true } => println!("{}", serde_json::to_string_pretty(&json)?),
+        PluginsAction::List { json: false } => {
+            let listings: Vec<segs::plugins::SlotListing> =
+                serde_json::from_value(json["plugins"].clone())
+                    .context("the answer is not a plugin listing")?;
+            println!(
+                "{:<10} {:>7} {:<14} {:<24} {:>9} {:>7} {:>10}  source",
+                "plugin", "version", "sha256", "loaded at", "calls", "faults", "ns/record"
+            );
+            for l in listings {
+                for (i, v) in std::iter::once(&l.serving).chain(&l.previous).enumerate() {
+                    println!(
+                        "{:<10} {:>7} {:<14} {:<24} {:>9} {:>7} {:>10}  {}{}",
+                        if i == 0 { v.name.as_str() } else { "" },
+                        format!("v{}", v.version),
+                        &v.sha256[..v.sha256.len().min(12)],
+                        v.loaded_at,
+                        v.calls,
+                        v.faults,
+                        v.mean_ns_per_record
+                            .map_or("-".to_owned(), |ns| format!("{ns:.0}")),
+                        v.source,
+                        if i == 0 { " (serving)" } else { "" },
+                    );
+                }
+            }
+        }
+        PluginsAction::Push { .. } | PluginsAction::Rollback { .. } => {
+            let v = &json["plugin"];
+            println!(
+                "{} v{} (sha256 {}) is serving",
+                v["name"].as_str().unwrap_or("?"),
+                v["version"],
+                v["sha256"].as_str().unwrap_or("?")
+            );
+        }
+    }
     Ok(())
 }

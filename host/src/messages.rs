@@ -89,6 +89,8 @@ vocabulary!(
     AlertType {
         Anomaly => "ANOMALY",
         Overload => "OVERLOAD",
+        PluginFault => "PLUGIN_FAULT",
+        PluginRollback => "PLUGIN_ROLLBACK",
     }
 );
 
@@ -192,6 +194,20 @@ fn headers<const N: usize>(pairs: [(&str, &str); N]) -> Vec<(String, String)> {
         .collect()
 }
 
+// -------------------------------------------------------------- provenance
+
+/// Which rule version made a decision: recorded with every alert and tariff
+/// decision, on the bus and in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RuleRef {
+    /// The plugin (`anomaly`, `overload`, `tariff`).
+    pub name: String,
+    /// Its version in the process that decided (1 at start, + 1 per swap).
+    pub version: u64,
+    /// SHA-256 of its component, hex.
+    pub sha256: String,
+}
+
 // ------------------------------------------------------------------ alerts
 
 /// `alerts`: an alert raised by the stream stage (ANOMALY) or the alert stage
@@ -208,6 +224,10 @@ pub struct Alert {
     pub timestamp_ms: i64,
     pub message: String,
     pub metadata: AlertMetadata,
+    /// The rule version that raised it (for PLUGIN_FAULT / PLUGIN_ROLLBACK:
+    /// the version that failed / was rolled back to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
 }
 
 /// Namespace of alert ids (UUID v5).
@@ -231,6 +251,24 @@ impl Alert {
 pub enum AlertMetadata {
     Anomaly(AnomalyMetadata),
     Overload(OverloadMetadata),
+    Plugin(PluginMetadata),
+}
+
+/// What failed in a plugin, or where a rollback went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginMetadata {
+    pub plugin: String,
+    pub version: u64,
+    pub sha256: String,
+    /// The call that failed (`detect`, `price`, …); for a rollback, none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<String>,
+    /// Why it failed, or why it was rolled back.
+    pub reason: String,
+    /// For a rollback: the version it went back from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_from: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,6 +297,7 @@ impl Message for Alert {
         self.meter_id
             .as_deref()
             .or(self.region.as_deref())
+            .or(self.rule.as_ref().map(|r| r.name.as_str()))
             .unwrap_or("")
             .to_owned()
     }
@@ -287,6 +326,9 @@ pub struct AlertProcessed {
     pub timestamp_ms: i64,
     #[serde(rename = "processedAt", with = "rfc3339_ms")]
     pub processed_at_ms: i64,
+    /// The rule version that raised it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
 }
 
 impl Message for AlertProcessed {
@@ -467,6 +509,9 @@ pub struct TariffUpdate {
     pub reason: TariffReason,
     #[serde(rename = "timestamp", with = "rfc3339_ms")]
     pub timestamp_ms: i64,
+    /// The tariff rule version that decided the price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
 }
 
 impl Message for TariffUpdate {
@@ -519,6 +564,7 @@ mod tests {
                 change: 250.0,
                 kind: AnomalyKind::Spike,
             }),
+            rule: None,
         };
         let m = KeyedMessage::of(&alert);
         let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();

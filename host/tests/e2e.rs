@@ -623,6 +623,7 @@ async fn the_read_api_answers_with_seed_columns_and_refuses_bad_queries() {
         timestamp_ms: START_MS,
         metadata: json!({"type": "spike"}),
         dedupe_key: None,
+        rule: None,
     };
     let alert = store.insert_alert(&new).await.unwrap();
     let mut updates = bus

@@ -416,6 +416,7 @@ fn a_call_over_its_time_bound_is_interrupted() {
     let rt = Runtime::new(Limits {
         call_timeout: std::time::Duration::from_millis(1),
         max_memory_bytes: 1 << 30,
+        ..Limits::default()
     })
     .unwrap();
     let mut rule = AnomalyRule::load(&rt, "anomaly", &component("anomaly"), vec![]).unwrap();

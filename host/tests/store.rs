@@ -159,6 +159,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends! {
+    plugin_versions_are_shared_in_order: memory,
     a_late_window_merges_into_the_stored_one: file,
     duplicate_keys_within_one_call_are_merged_not_double_applied: memory,
     aggregate_queries_filter_and_order: memory,
@@ -282,6 +283,7 @@ fn alert(
         timestamp_ms: t(at),
         metadata: json!({"baseline": 4.5, "current": 12.0, "change": 1.67, "type": "SPIKE"}),
         dedupe_key: None,
+        rule: Some(rule("anomaly")),
     }
 }
 
@@ -294,6 +296,16 @@ fn tariff(region: &str, price: f64, from: &str) -> NewTariff {
         change_percent: Some(10.0),
         load_percentage: Some(79.0),
         reason: segs::messages::TariffReason::HighLoad,
+        rule: Some(rule("tariff")),
+    }
+}
+
+/// The provenance every test alert and tariff carries (read back whole).
+fn rule(name: &str) -> segs::messages::RuleRef {
+    segs::messages::RuleRef {
+        name: name.into(),
+        version: 2,
+        sha256: "ab".repeat(32),
     }
 }
 
@@ -588,6 +600,42 @@ async fn regional_windows_are_replaced_on_conflict(db: &Db) {
 
 // --------------------------------------------------------------- tariffs
 
+async fn plugin_versions_are_shared_in_order(db: &Db) {
+    let store = db.open().await;
+    assert!(store.plugin_versions_after(0).await.unwrap().is_empty());
+    let v = |plugin: &str, bytes: &[u8]| segs::store::SharedPluginVersion {
+        seq: 0,
+        plugin: plugin.into(),
+        sha256: "cd".repeat(32),
+        component: bytes.to_vec(),
+        config: json!({"threshold_percent": 85.0, "mode": "x", "n": 3, "on": true}),
+        source: "admin".into(),
+        origin: "p1".into(),
+    };
+    let first = store
+        .publish_plugin_version(&v("tariff", b"\0asm one"))
+        .await
+        .unwrap();
+    let second = store
+        .publish_plugin_version(&v("overload", b"\0asm two"))
+        .await
+        .unwrap();
+    assert!(second > first);
+    let all = store.plugin_versions_after(0).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(
+        all[0],
+        segs::store::SharedPluginVersion {
+            seq: first,
+            ..v("tariff", b"\0asm one")
+        }
+    );
+    let after = store.plugin_versions_after(first).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].plugin, "overload");
+    assert_eq!(after[0].component, b"\0asm two");
+}
+
 async fn a_new_tariff_deactivates_the_previous_one(db: &Db) {
     let store = db.open().await;
     let first = store
@@ -607,6 +655,7 @@ async fn a_new_tariff_deactivates_the_previous_one(db: &Db) {
     assert_eq!(second.price_per_kwh, 7.15);
     assert_eq!(second.reason, "HIGH_LOAD");
     assert_eq!(second.load_percentage, Some(79.0));
+    assert_eq!(second.rule, Some(rule("tariff")), "provenance kept");
 
     let history = store
         .tariff_history(Some("Mumbai-North"), 10)
@@ -696,6 +745,7 @@ async fn alert_lifecycle(db: &Db) {
     assert_eq!(row.status, "active");
     assert!(!row.acknowledged);
     assert_eq!(row.metadata, new.metadata);
+    assert_eq!(row.rule, Some(rule("anomaly")), "provenance kept");
 
     // Inserting the same id again changes nothing.
     let mut replay = new.clone();
@@ -1238,9 +1288,14 @@ async fn rows_serialize_with_the_seeds_column_names(db: &Db) {
             "metadata",
             "created_at",
             "updated_at",
+            "rule",
         ])
     );
     assert_eq!(v["id"], new.id.to_string());
+    assert_eq!(
+        v["rule"],
+        json!({"name": "anomaly", "version": 2, "sha256": "ab".repeat(32)})
+    );
     assert_eq!(v["type"], "ANOMALY");
     assert_eq!(v["timestamp"], "2025-11-12T06:30:00.000Z");
     assert_eq!(v["acknowledged"], false);
@@ -1297,6 +1352,7 @@ async fn rows_serialize_with_the_seeds_column_names(db: &Db) {
             "change_percent",
             "load_percentage",
             "reason",
+            "rule",
         ])
     );
     assert_eq!(v["effective_from"], "2025-11-12T06:00:00.000Z");

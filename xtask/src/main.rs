@@ -1,6 +1,6 @@
 //! `cargo xtask`: the project's own build and test driver.
 //!
-//! - `cargo xtask build-plugins` builds the four rule guests to WebAssembly
+//! - `cargo xtask build-plugins` builds the four rule guests (and the `hostile` test fixture) to WebAssembly
 //!   components (wasm32-wasip2) in one cargo call and copies them to
 //!   `target/plugins/<name>.wasm`, where `pipeline.toml` looks for them.
 //! - `cargo xtask test` starts the services the tests need (PostgreSQL,
@@ -20,7 +20,9 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
-const PLUGINS: [&str; 4] = ["anomaly", "overload", "tariff", "aggregate"];
+/// The rule plugins, and `hostile`: a misbehaving tariff rule, a test
+/// fixture of the sandbox and hot swap (never in pipeline.toml or the image).
+const PLUGINS: [&str; 5] = ["anomaly", "overload", "tariff", "aggregate", "hostile"];
 const GUEST_TARGET: &str = "wasm32-wasip2";
 
 fn main() -> ExitCode {
@@ -439,6 +441,11 @@ fn bench(extra: &[String]) -> Result<()> {
     build_plugins()?;
     let mut cmd = cargo();
     cmd.args(["bench", "-p", "segs", "--bench", "pipeline", "--"]);
+    cmd.args(extra);
+    run(cmd)?;
+    // The time a hot swap takes (`cargo xtask bench swap` for it alone).
+    let mut cmd = cargo();
+    cmd.args(["bench", "-p", "segs", "--bench", "hot_swap", "--"]);
     cmd.args(extra);
     run(cmd)
 }

@@ -14,6 +14,7 @@
 //!
 //! Must not: compute aggregates or run rules.
 
+pub mod admin;
 mod events;
 pub mod openapi;
 pub mod serve;

@@ -163,6 +163,7 @@ impl AlertStage {
             .meter_id
             .as_deref()
             .or(alert.region.as_deref())
+            .or(alert.rule.as_ref().map(|r| r.name.as_str()))
             .unwrap_or("-");
         NewAlert {
             dedupe_key: Some(format!(
@@ -177,6 +178,7 @@ impl AlertStage {
             message: alert.message,
             timestamp_ms: alert.timestamp_ms,
             metadata: serde_json::to_value(&alert.metadata).unwrap_or_default(),
+            rule: alert.rule,
         }
     }
 
@@ -201,6 +203,7 @@ impl AlertStage {
                     continue;
                 }
             };
+            let rule = self.overload.served_by().provenance();
             for (w, d) in round.iter().zip(decisions) {
                 if self.consecutive.get(&w.region) != Some(&d.consecutive) {
                     effects.rule_state.push(RuleState {
@@ -225,6 +228,7 @@ impl AlertStage {
                             capacity: w.capacity_kw,
                             consecutive_windows: d.consecutive,
                         }),
+                        rule: Some(rule.clone()),
                     };
                     let new = self.new_alert(alert);
                     effects.alerts.push(new);
@@ -276,6 +280,7 @@ pub fn processed(row: &AlertRow, now_ms: i64) -> AlertProcessed {
         status: row.status,
         timestamp_ms: row.timestamp_ms,
         processed_at_ms: now_ms,
+        rule: row.rule.clone(),
     }
 }
 

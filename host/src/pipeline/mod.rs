@@ -26,6 +26,7 @@ mod alerts;
 
 pub use alerts::{processed, status_update};
 mod archive;
+pub mod faults;
 pub mod notify;
 mod regional;
 mod stream;
@@ -43,7 +44,8 @@ use crate::config::PipelineConfig;
 use crate::dedupe::Dedupe;
 use crate::messages::{KeyedMessage, RegionalWindow};
 use crate::plugins::{
-    AggregateRule, AnomalyRule, OverloadRule, PluginError, Runtime, TariffRule, config_from_toml,
+    AggregateRule, AnomalyRule, OverloadRule, Plugin, PluginError, Registry, Runtime, TariffRule,
+    World, config_from_toml,
 };
 use crate::store::{Applied, Effects, OutboxBuilder, OutboxRecord, Store};
 
@@ -88,28 +90,27 @@ pub enum PipelineError {
     Checkpoint(#[from] crate::windows::SnapshotError),
 }
 
-/// The four rule plugins, loaded and configured.
+/// The four rule plugins, loaded and configured: each stage's handle, and
+/// the registry of their slots (for swaps, rollbacks and listings).
 pub struct Plugins {
     pub anomaly: AnomalyRule,
     pub overload: OverloadRule,
     pub tariff: TariffRule,
     pub aggregate: AggregateRule,
+    pub registry: Arc<Registry>,
 }
 
 impl Plugins {
     /// Loads every plugin pipeline.toml names; the first refusal is returned
     /// (a component that is not valid, or a config the plugin rejects).
     pub fn load(config: &PipelineConfig, runtime: &Runtime) -> Result<Plugins, PipelineError> {
-        fn args(
+        let mut registry = Registry::default();
+        fn slot<W: World>(
+            registry: &mut Registry,
             config: &PipelineConfig,
+            runtime: &Runtime,
             name: &'static str,
-        ) -> Result<
-            (
-                std::path::PathBuf,
-                Vec<(String, crate::plugins::ConfigValue)>,
-            ),
-            PipelineError,
-        > {
+        ) -> Result<Plugin<W>, PipelineError> {
             let plugin = config
                 .plugins
                 .get(name)
@@ -117,21 +118,21 @@ impl Plugins {
             let path = config
                 .component_path(name)
                 .ok_or(PipelineError::MissingPlugin(name))?;
-            Ok((path, config_from_toml(name, &plugin.config)?))
+            let cfg = config_from_toml(name, &plugin.config)?;
+            let runtime = runtime.with_limits(config.plugin_limits(name));
+            let slot = registry.load::<W>(&runtime, name, &path, cfg, plugin.fault_policy())?;
+            Ok(slot.instance()?)
         }
-        let (p, c) = args(config, "anomaly")?;
-        let anomaly = AnomalyRule::load(runtime, "anomaly", &p, c)?;
-        let (p, c) = args(config, "overload")?;
-        let overload = OverloadRule::load(runtime, "overload", &p, c)?;
-        let (p, c) = args(config, "tariff")?;
-        let tariff = TariffRule::load(runtime, "tariff", &p, c)?;
-        let (p, c) = args(config, "aggregate")?;
-        let aggregate = AggregateRule::load(runtime, "aggregate", &p, c)?;
+        let anomaly = slot(&mut registry, config, runtime, "anomaly")?;
+        let overload = slot(&mut registry, config, runtime, "overload")?;
+        let tariff = slot(&mut registry, config, runtime, "tariff")?;
+        let aggregate = slot(&mut registry, config, runtime, "aggregate")?;
         Ok(Plugins {
             anomaly,
             overload,
             tariff,
             aggregate,
+            registry: Arc::new(registry),
         })
     }
 }
@@ -244,6 +245,7 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
         overload,
         tariff,
         aggregate,
+        registry: _,
     } = plugins;
     let mut tasks = Vec::new();
 

@@ -605,8 +605,9 @@ impl Partition {
                 ctx.metrics
                     .anomalies
                     .fetch_add(findings.len() as u64, Ordering::Relaxed);
+                let rule = anomaly.served_by().provenance();
                 for f in findings {
-                    let alert = self.alert(&f);
+                    let alert = self.alert(&f, &rule);
                     self.pending.alerts.push(alert);
                 }
             }
@@ -622,7 +623,7 @@ impl Partition {
     }
 
     /// The seed's anomaly alert (key meter_id, headers type/severity/region).
-    fn alert(&self, f: &anomaly::Finding) -> Alert {
+    fn alert(&self, f: &anomaly::Finding, rule: &crate::messages::RuleRef) -> Alert {
         let i = f.index as usize;
         let (meter, region, ts) = self.refs[i];
         let kind = match f.kind {
@@ -645,6 +646,7 @@ impl Partition {
                 change: round(f.change * 100.0, 1),
                 kind,
             }),
+            rule: Some(rule.clone()),
         }
     }
 

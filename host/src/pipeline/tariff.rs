@@ -114,6 +114,7 @@ fn update(row: &TariffRow, now_ms: i64) -> TariffUpdate {
         effective_from_ms: row.effective_from_ms,
         reason: row.reason,
         timestamp_ms: now_ms,
+        rule: row.rule.clone(),
     }
 }
 
@@ -182,6 +183,7 @@ impl TariffStage {
                 return;
             }
         };
+        let rule = self.tariff.served_by().provenance();
         for d in decisions {
             let i = d.index as usize;
             let load = &round[i];
@@ -199,6 +201,7 @@ impl TariffStage {
                 change_percent: Some(d.change_percent),
                 load_percentage: Some(load.load_percentage),
                 reason,
+                rule: Some(rule.clone()),
             });
             self.current.insert(load.region.clone(), d.price_per_kwh);
         }

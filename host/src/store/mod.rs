@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::messages::{AlertStatus, AlertType, KeyedMessage, Severity, TariffReason};
+use crate::messages::{AlertStatus, AlertType, KeyedMessage, RuleRef, Severity, TariffReason};
 
 pub mod postgres;
 mod rules;
@@ -278,6 +278,9 @@ pub struct NewAlert {
     /// a second one is not an error, it is deduplicated. `None`: never
     /// deduplicated.
     pub dedupe_key: Option<String>,
+    /// The rule version that raised it (columns `rule_name`,
+    /// `rule_version`, `rule_sha256`).
+    pub rule: Option<RuleRef>,
 }
 
 /// A row of `alerts`.
@@ -310,6 +313,9 @@ pub struct AlertRow {
     #[serde(rename = "updated_at", with = "rfc3339_ms")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at_ms: i64,
+    /// The rule version that raised it.
+    #[serde(default)]
+    pub rule: Option<RuleRef>,
 }
 
 /// Filters for [`Store::list_alerts`]; `None` means "any".
@@ -362,6 +368,8 @@ pub struct NewTariff {
     pub change_percent: Option<f64>,
     pub load_percentage: Option<f64>,
     pub reason: TariffReason,
+    /// The tariff rule version that decided it.
+    pub rule: Option<RuleRef>,
 }
 
 /// A row of `tariffs`.
@@ -390,6 +398,27 @@ pub struct TariffRow {
     pub change_percent: Option<f64>,
     pub load_percentage: Option<f64>,
     pub reason: TariffReason,
+    /// The tariff rule version that decided it.
+    #[serde(default)]
+    pub rule: Option<RuleRef>,
+}
+
+/// A plugin version one process installed (`plugin_versions`), for the
+/// other processes on the same store to install too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedPluginVersion {
+    /// Allocated by the store, increasing; ignored when publishing.
+    pub seq: i64,
+    pub plugin: String,
+    pub sha256: String,
+    /// The component's bytes.
+    pub component: Vec<u8>,
+    /// The plugin's config, a JSON object of scalars.
+    pub config: serde_json::Value,
+    /// How it was installed: `admin`, `watch:<path>`, `rollback`.
+    pub source: String,
+    /// The process that installed it.
+    pub origin: String,
 }
 
 /// Filters for the aggregate queries; `None` means "any".
@@ -719,6 +748,13 @@ pub trait Store: Send + Sync {
     /// writer still holding the old epoch is fenced off. Returns the new
     /// epoch and the checkpoint as last saved (`None` if there is none yet).
     async fn claim_checkpoint(&self, group: &str) -> Result<(i64, Option<Checkpoint>), StoreError>;
+
+    /// Records a plugin version this process installed; returns its seq.
+    async fn publish_plugin_version(&self, v: &SharedPluginVersion) -> Result<i64, StoreError>;
+
+    /// The plugin versions recorded after `seq`, in seq order.
+    async fn plugin_versions_after(&self, seq: i64)
+    -> Result<Vec<SharedPluginVersion>, StoreError>;
 }
 
 // ------------------------------------------------------------------ open

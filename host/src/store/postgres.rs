@@ -282,11 +282,12 @@ const REGIONAL_UPSERT: &str = "INSERT INTO aggregates_1m_regional (region, windo
      active_meters = excluded.active_meters";
 
 const ALERT_COLUMNS: &str = "id, type, severity, region, meter_id, message, status, timestamp, \
-     acknowledged, acknowledged_by, acknowledged_at, resolved_at, metadata, created_at, updated_at";
+     acknowledged, acknowledged_by, acknowledged_at, resolved_at, metadata, created_at, updated_at, \
+     rule_name, rule_version, rule_sha256";
 
 const TARIFF_COLUMNS: &str = "tariff_id, region, time_of_day, price_per_kwh, effective_from, \
      effective_to, is_active, created_by, created_at, updated_at, previous_price, \
-     change_percent, load_percentage, reason";
+     change_percent, load_percentage, reason, rule_name, rule_version, rule_sha256";
 
 // --------------------------------------------------------------- encoding
 
@@ -411,7 +412,23 @@ fn alert_row(row: &PgRow) -> Result<AlertRow, StoreError> {
         metadata: row.try_get("metadata")?,
         created_at_ms: ts(row, "created_at")?,
         updated_at_ms: ts(row, "updated_at")?,
+        rule: rule_ref(row)?,
     })
+}
+
+/// The provenance columns (`rule_name`, `rule_version`, `rule_sha256`).
+fn rule_ref(row: &PgRow) -> Result<Option<crate::messages::RuleRef>, StoreError> {
+    let name: Option<String> = row.try_get("rule_name")?;
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let version: Option<i64> = row.try_get("rule_version")?;
+    let sha256: Option<String> = row.try_get("rule_sha256")?;
+    Ok(Some(crate::messages::RuleRef {
+        name,
+        version: u64::try_from(version.unwrap_or(0)).unwrap_or(0),
+        sha256: sha256.unwrap_or_default(),
+    }))
 }
 
 fn tariff_row(row: &PgRow) -> Result<TariffRow, StoreError> {
@@ -431,6 +448,7 @@ fn tariff_row(row: &PgRow) -> Result<TariffRow, StoreError> {
         change_percent: row.try_get("change_percent")?,
         load_percentage: row.try_get("load_percentage")?,
         reason: vocabulary(row, T, "reason")?,
+        rule: rule_ref(row)?,
     })
 }
 
@@ -630,8 +648,9 @@ async fn insert_alert(
     let now = at(now_ms())?;
     let sql = format!(
         "INSERT INTO alerts (id, type, severity, region, meter_id, message, status, \
-         timestamp, acknowledged, metadata, created_at, updated_at, dedupe_key) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, FALSE, $8, $9, $9, $10) \
+         timestamp, acknowledged, metadata, created_at, updated_at, dedupe_key, \
+         rule_name, rule_version, rule_sha256) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, FALSE, $8, $9, $9, $10, $11, $12, $13) \
          ON CONFLICT DO NOTHING RETURNING {ALERT_COLUMNS}"
     );
     let row = sqlx::query(&sql)
@@ -645,6 +664,9 @@ async fn insert_alert(
         .bind(metadata)
         .bind(now)
         .bind(&alert.dedupe_key)
+        .bind(alert.rule.as_ref().map(|r| r.name.as_str()))
+        .bind(alert.rule.as_ref().map(|r| r.version as i64))
+        .bind(alert.rule.as_ref().map(|r| r.sha256.as_str()))
         .fetch_optional(&mut *tx)
         .await?;
     row.as_ref().map(alert_row).transpose()
@@ -675,7 +697,8 @@ async fn insert_tariff(tx: &mut PgConnection, tariff: &NewTariff) -> Result<Tari
     .await?;
     let insert = format!(
         "INSERT INTO tariffs ({TARIFF_COLUMNS}) \
-         VALUES ($1, $2, 'all_day', $3, $4, NULL, TRUE, 'segs', $5, $5, $6, $7, $8, $9) \
+         VALUES ($1, $2, 'all_day', $3, $4, NULL, TRUE, 'segs', $5, $5, $6, $7, $8, $9, \
+         $10, $11, $12) \
          RETURNING {TARIFF_COLUMNS}"
     );
     let row = sqlx::query(&insert)
@@ -688,6 +711,9 @@ async fn insert_tariff(tx: &mut PgConnection, tariff: &NewTariff) -> Result<Tari
         .bind(real_opt(tariff.change_percent))
         .bind(real_opt(tariff.load_percentage))
         .bind(tariff.reason.as_str())
+        .bind(tariff.rule.as_ref().map(|r| r.name.as_str()))
+        .bind(tariff.rule.as_ref().map(|r| r.version as i64))
+        .bind(tariff.rule.as_ref().map(|r| r.sha256.as_str()))
         .fetch_one(&mut *tx)
         .await?;
     tariff_row(&row)
@@ -1461,6 +1487,51 @@ impl Store for PostgresStore {
     async fn load_checkpoint(&self, group: &str) -> Result<Option<Checkpoint>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         load_checkpoint(&mut conn, group).await
+    }
+
+    async fn publish_plugin_version(
+        &self,
+        v: &crate::store::SharedPluginVersion,
+    ) -> Result<i64, StoreError> {
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO plugin_versions (plugin, sha256, component, config, source, origin) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+        )
+        .bind(&v.plugin)
+        .bind(&v.sha256)
+        .bind(&v.component)
+        .bind(&v.config)
+        .bind(&v.source)
+        .bind(&v.origin)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(seq)
+    }
+
+    async fn plugin_versions_after(
+        &self,
+        seq: i64,
+    ) -> Result<Vec<crate::store::SharedPluginVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, plugin, sha256, component, config, source, origin \
+             FROM plugin_versions WHERE seq > $1 ORDER BY seq",
+        )
+        .bind(seq)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(crate::store::SharedPluginVersion {
+                    seq: row.try_get("seq")?,
+                    plugin: row.try_get("plugin")?,
+                    sha256: row.try_get("sha256")?,
+                    component: row.try_get("component")?,
+                    config: row.try_get("config")?,
+                    source: row.try_get("source")?,
+                    origin: row.try_get("origin")?,
+                })
+            })
+            .collect()
     }
 
     async fn claim_checkpoint(&self, group: &str) -> Result<(i64, Option<Checkpoint>), StoreError> {

@@ -151,6 +151,7 @@ mod tests {
             metadata: serde_json::json!({}),
             created_at_ms: 0,
             updated_at_ms: 0,
+            rule: None,
         }
     }
 

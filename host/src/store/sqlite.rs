@@ -204,11 +204,12 @@ const REGIONAL_TAIL: &str = "ON CONFLICT (region, window_start) DO UPDATE SET \
      active_meters = excluded.active_meters";
 
 const ALERT_COLUMNS: &str = "id, type, severity, region, meter_id, message, status, timestamp, \
-     acknowledged, acknowledged_by, acknowledged_at, resolved_at, metadata, created_at, updated_at";
+     acknowledged, acknowledged_by, acknowledged_at, resolved_at, metadata, created_at, updated_at, \
+     rule_name, rule_version, rule_sha256";
 
 const TARIFF_COLUMNS: &str = "tariff_id, region, time_of_day, price_per_kwh, effective_from, \
      effective_to, is_active, created_by, created_at, updated_at, previous_price, \
-     change_percent, load_percentage, reason";
+     change_percent, load_percentage, reason, rule_name, rule_version, rule_sha256";
 
 // --------------------------------------------------------------- decoding
 
@@ -333,7 +334,23 @@ fn alert_row(row: &SqliteRow) -> Result<AlertRow, StoreError> {
         })?,
         created_at_ms: ts(row, T, "created_at")?,
         updated_at_ms: ts(row, T, "updated_at")?,
+        rule: rule_ref(row)?,
     })
+}
+
+/// The provenance columns (`rule_name`, `rule_version`, `rule_sha256`).
+fn rule_ref(row: &SqliteRow) -> Result<Option<crate::messages::RuleRef>, StoreError> {
+    let name: Option<String> = row.try_get("rule_name")?;
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let version: Option<i64> = row.try_get("rule_version")?;
+    let sha256: Option<String> = row.try_get("rule_sha256")?;
+    Ok(Some(crate::messages::RuleRef {
+        name,
+        version: u64::try_from(version.unwrap_or(0)).unwrap_or(0),
+        sha256: sha256.unwrap_or_default(),
+    }))
 }
 
 fn tariff_row(row: &SqliteRow) -> Result<TariffRow, StoreError> {
@@ -353,6 +370,7 @@ fn tariff_row(row: &SqliteRow) -> Result<TariffRow, StoreError> {
         change_percent: row.try_get("change_percent")?,
         load_percentage: row.try_get("load_percentage")?,
         reason: vocabulary(row, T, "reason")?,
+        rule: rule_ref(row)?,
     })
 }
 
@@ -562,8 +580,9 @@ async fn insert_alert(
     let now = format_rfc3339_ms(now_ms());
     let sql = format!(
         "INSERT INTO alerts (id, type, severity, region, meter_id, message, status, \
-         timestamp, acknowledged, metadata, created_at, updated_at, dedupe_key) \
-         VALUES (?, ?, ?, ?, ?, ?, 'active', ?, 0, ?, ?, ?, ?) \
+         timestamp, acknowledged, metadata, created_at, updated_at, dedupe_key, \
+         rule_name, rule_version, rule_sha256) \
+         VALUES (?, ?, ?, ?, ?, ?, 'active', ?, 0, ?, ?, ?, ?, ?, ?, ?) \
          ON CONFLICT DO NOTHING RETURNING {ALERT_COLUMNS}"
     );
     let row = sqlx::query(&sql)
@@ -578,6 +597,9 @@ async fn insert_alert(
         .bind(&now)
         .bind(&now)
         .bind(&alert.dedupe_key)
+        .bind(alert.rule.as_ref().map(|r| r.name.as_str()))
+        .bind(alert.rule.as_ref().map(|r| r.version as i64))
+        .bind(alert.rule.as_ref().map(|r| r.sha256.as_str()))
         .fetch_optional(&mut *tx)
         .await?;
     row.as_ref().map(alert_row).transpose()
@@ -609,7 +631,7 @@ async fn insert_tariff(
     .await?;
     let insert = format!(
         "INSERT INTO tariffs ({TARIFF_COLUMNS}) \
-         VALUES (?, ?, 'all_day', ?, ?, NULL, 1, 'segs', ?, ?, ?, ?, ?, ?) \
+         VALUES (?, ?, 'all_day', ?, ?, NULL, 1, 'segs', ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          RETURNING {TARIFF_COLUMNS}"
     );
     let row = sqlx::query(&insert)
@@ -623,6 +645,9 @@ async fn insert_tariff(
         .bind(tariff.change_percent)
         .bind(tariff.load_percentage)
         .bind(tariff.reason.as_str())
+        .bind(tariff.rule.as_ref().map(|r| r.name.as_str()))
+        .bind(tariff.rule.as_ref().map(|r| r.version as i64))
+        .bind(tariff.rule.as_ref().map(|r| r.sha256.as_str()))
         .fetch_one(&mut *tx)
         .await?;
     tariff_row(&row)
@@ -1077,6 +1102,56 @@ impl Store for SqliteStore {
         load_checkpoint(&mut conn, group).await
     }
 
+    async fn publish_plugin_version(
+        &self,
+        v: &crate::store::SharedPluginVersion,
+    ) -> Result<i64, StoreError> {
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO plugin_versions (plugin, sha256, component, config, source, origin) \
+             VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+        )
+        .bind(&v.plugin)
+        .bind(&v.sha256)
+        .bind(&v.component)
+        .bind(serde_json::to_string(&v.config)?)
+        .bind(&v.source)
+        .bind(&v.origin)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(seq)
+    }
+
+    async fn plugin_versions_after(
+        &self,
+        seq: i64,
+    ) -> Result<Vec<crate::store::SharedPluginVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, plugin, sha256, component, config, source, origin \
+             FROM plugin_versions WHERE seq > ? ORDER BY seq",
+        )
+        .bind(seq)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let config: &str = row.try_get("config")?;
+                Ok(crate::store::SharedPluginVersion {
+                    seq: row.try_get("seq")?,
+                    plugin: row.try_get("plugin")?,
+                    sha256: row.try_get("sha256")?,
+                    component: row.try_get("component")?,
+                    config: serde_json::from_str(config).map_err(|_| StoreError::Corrupt {
+                        table: "plugin_versions",
+                        column: "config",
+                        value: config.to_owned(),
+                    })?,
+                    source: row.try_get("source")?,
+                    origin: row.try_get("origin")?,
+                })
+            })
+            .collect()
+    }
+
     async fn claim_checkpoint(&self, group: &str) -> Result<(i64, Option<Checkpoint>), StoreError> {
         let mut tx = self.pool.begin().await?;
         let epoch: i64 = sqlx::query_scalar(
@@ -1419,6 +1494,7 @@ mod tests {
                 timestamp_ms: 1_000,
                 metadata: serde_json::json!({}),
                 dedupe_key: None,
+                rule: None,
             })
             .await
             .unwrap();

@@ -1,0 +1,225 @@
+//! `cargo xtask bench swap`: how long a hot swap takes, measured (never
+//! asserted).
+//!
+//! For each rule, a new build of its component (the shipped one with a
+//! custom section appended, so a new sha256 and a real compile every time)
+//! goes through everything a `PUT /admin/plugins/{name}` does after the body
+//! is read — compile, world check, instantiate, configure, sample, install —
+//! and then the next call on a stage's handle, which switches to it
+//! (instance rebuilt from the new version). Printed: the best and the median
+//! of several rounds, for the swap alone and until the new version has
+//! served its first batch. HTTP, authentication and reading the body are
+//! not included.
+//!
+//! Then the cost of swaps on throughput: the embedded app (`App::start`, the
+//! shipped pipeline.toml with a temporary store) fed by the simulator over
+//! HTTP as fast as it answers for a few seconds, once without swaps and
+//! once with the tariff and anomaly rules swapped (a new build each time)
+//! every second; readings/s accepted and processed by the stream stage,
+//! side by side.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use segs::plugins::{
+    AggregateRule, AnomalyRule, FaultPolicy, Limits, OverloadRule, Plugin, Registry, Runtime,
+    TariffRule, World, aggregate, anomaly, overload, tariff,
+};
+
+const ROUNDS: usize = 15;
+
+fn component(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/plugins/{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask build-plugins`",
+        path.display()
+    );
+    path
+}
+
+/// The component with a custom section naming round `i`.
+fn build(bytes: &[u8], i: usize) -> Vec<u8> {
+    let tag = format!("segs-bench-{i}");
+    let mut out = bytes.to_vec();
+    out.push(0);
+    out.push((tag.len() + 1) as u8);
+    out.push(tag.len() as u8);
+    out.extend_from_slice(tag.as_bytes());
+    out
+}
+
+/// Names the world type of a handle alias.
+trait Handle {
+    type W: World;
+}
+impl<W: World> Handle for Plugin<W> {
+    type W = W;
+}
+
+fn report(name: &str, what: &str, mut times: Vec<Duration>) {
+    times.sort();
+    println!(
+        "  {name:<9} {what:<32} best {:>7.1} ms   median {:>7.1} ms",
+        times[0].as_secs_f64() * 1e3,
+        times[times.len() / 2].as_secs_f64() * 1e3
+    );
+}
+
+/// Swaps `name` `ROUNDS` times; `call` runs one batch on the handle.
+fn measure<W: World>(rt: &Runtime, name: &str, mut call: impl FnMut(&mut Plugin<W>)) {
+    let mut registry = Registry::default();
+    let path = component(name);
+    let slot = registry
+        .load::<W>(rt, name, &path, vec![], FaultPolicy::default())
+        .unwrap();
+    let mut handle = slot.instance().unwrap();
+    call(&mut handle);
+    let control = registry.get(name).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let (mut swap, mut serving) = (Vec::new(), Vec::new());
+    for i in 0..ROUNDS {
+        let new = build(&bytes, i);
+        let started = Instant::now();
+        control.swap(Some(&new), None, "bench".into()).unwrap();
+        swap.push(started.elapsed());
+        call(&mut handle);
+        serving.push(started.elapsed());
+        assert_eq!(handle.served_by().version, i as u64 + 2);
+    }
+    report(name, "swap (compile + checks)", swap);
+    report(name, "until its first batch is served", serving);
+}
+
+fn main() {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if !filter.is_empty() && !filter.iter().any(|f| "swap".contains(f.as_str())) {
+        return;
+    }
+    let rt = Runtime::new(Limits::default()).unwrap();
+    println!("hot swap: PUT's work after the body is read, per rule ({ROUNDS} rounds)");
+    let readings = anomaly::ReadingBatch {
+        power_kw: vec![5.0; 1000],
+        baseline_kw: vec![5.0; 1000],
+        sample_count: vec![50; 1000],
+    };
+    measure::<<AnomalyRule as Handle>::W>(&rt, "anomaly", |h| {
+        h.detect(&readings).unwrap();
+    });
+    let windows = vec![
+        overload::RegionWindow {
+            load_percentage: 60.0,
+            total_consumption: 600.0,
+            capacity_kw: 1000.0,
+            consecutive: 0,
+        };
+        4
+    ];
+    measure::<<OverloadRule as Handle>::W>(&rt, "overload", |h| {
+        h.evaluate(&windows).unwrap();
+    });
+    let loads = vec![
+        tariff::RegionLoad {
+            load_percentage: 60.0,
+            base_price: 6.5,
+            last_price: 6.5,
+        };
+        4
+    ];
+    measure::<<TariffRule as Handle>::W>(&rt, "tariff", |h| {
+        h.price(&loads).unwrap();
+    });
+    let meters = vec![
+        aggregate::MeterWindow {
+            count: 6,
+            power_sum: 30.0,
+            max_power: 6.0,
+            min_power: 4.0,
+            energy_sum: 0.08,
+            voltage_sum: 1380.0,
+            voltage_count: 6,
+        };
+        100
+    ];
+    measure::<<AggregateRule as Handle>::W>(&rt, "aggregate", |h| {
+        h.finish_meters(&meters).unwrap();
+    });
+
+    println!("hot swap: throughput with a swap every second vs none (embedded app, HTTP)");
+    let app_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    for swapping in [false, true] {
+        let (accepted, processed, swaps) = app_rt.block_on(throughput(swapping));
+        println!(
+            "  {:<26} {accepted:>9.0} readings/s accepted {processed:>9.0} /s processed ({swaps} swaps)",
+            if swapping {
+                "a swap every second"
+            } else {
+                "no swaps"
+            }
+        );
+    }
+}
+
+const WINDOW: Duration = Duration::from_secs(5);
+
+/// Readings/s accepted and processed over [`WINDOW`], and the swaps made.
+async fn throughput(swapping: bool) -> (f64, f64, usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut cfg = segs::config::PipelineConfig::load(&root.join("pipeline.toml")).unwrap();
+    cfg.store.url = format!("sqlite://{}", dir.path().join("segs.db").display());
+    cfg.bus.path = dir.path().join("segs-bus.db");
+    let app = segs::app::App::start(cfg, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let registry = app.registry.clone().unwrap();
+    let metrics = app.ctx.metrics.clone();
+    let stats = segs::simulator::SimStats::new();
+    let mut sim = segs::simulator::SimConfig {
+        meters: 1000,
+        ..segs::simulator::SimConfig::default()
+    };
+    sim.start_ms = segs::simulator::demo_start_ms(segs::time::now_ms());
+    let target = segs::simulator::SendTarget {
+        url: format!("http://{}", app.addr),
+        batch_size: 1000,
+        duration: Some(WINDOW),
+        ..segs::simulator::SendTarget::default()
+    };
+    let before = metrics.readings_processed.load(Ordering::Relaxed);
+    let started = Instant::now();
+    let sending = tokio::spawn(segs::simulator::run(sim, target, Arc::clone(&stats)));
+    let mut swaps = 0;
+    if swapping {
+        let builds: Vec<(&str, Vec<u8>)> = ["tariff", "anomaly"]
+            .iter()
+            .map(|n| (*n, std::fs::read(component(n)).unwrap()))
+            .collect();
+        while !sending.is_finished() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for (name, bytes) in &builds {
+                let slot = registry.get(name).unwrap().clone();
+                let new = build(bytes, 1000 + swaps);
+                tokio::task::spawn_blocking(move || slot.swap(Some(&new), None, "bench".into()))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                swaps += 1;
+            }
+        }
+    }
+    sending.await.unwrap().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    let processed = metrics.readings_processed.load(Ordering::Relaxed) - before;
+    let accepted = stats.accepted.load(Ordering::Relaxed);
+    app.shutdown().await;
+    (accepted as f64 / secs, processed as f64 / secs, swaps)
+}
