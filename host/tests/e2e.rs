@@ -184,7 +184,36 @@ async fn scripted_stream(services: Services) {
     let summary = simulator::run(sim_cfg.clone(), target, stats.clone())
         .await
         .unwrap();
+    // What a Prometheus server would scrape, through a text-format parser.
+    let scraped = reqwest::get(format!("http://{}/metrics", app.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     app.shutdown().await;
+    let families = prometheus_parse::Scrape::parse(scraped.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("/metrics does not parse ({e}):\n{scraped}"));
+    let counter = |name: &str| -> u64 {
+        match families
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| &s.value)
+        {
+            Some(prometheus_parse::Value::Counter(v))
+            | Some(prometheus_parse::Value::Untyped(v)) => *v as u64,
+            other => panic!("{name}: {other:?}\n{scraped}"),
+        }
+    };
+    assert_eq!(
+        counter("segs_readings_accepted_total"),
+        stats.accepted.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        counter("segs_readings_duplicate_total"),
+        stats.duplicates.load(Ordering::Relaxed)
+    );
 
     let accepted = stats.accepted.load(Ordering::Relaxed);
     let duplicates = stats.duplicates.load(Ordering::Relaxed);
