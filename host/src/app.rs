@@ -214,6 +214,7 @@ impl App {
             dedupe,
             metrics,
             live: ctx.live.clone(),
+            plugins: registry.clone(),
         };
         let router = api::router(
             config.role.ingests().then_some(ingest),

@@ -39,6 +39,15 @@ pub struct StageLabel {
     pub stage: String,
 }
 
+/// Labels of a plugin version's series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin: String,
+    pub version: u64,
+    /// The first 12 hex digits of the component's sha256.
+    pub sha256: String,
+}
+
 /// Labels of a bus lag series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LagLabels {
@@ -59,6 +68,12 @@ macro_rules! counters {
             /// Records of a stage's inputs its group has not committed, by
             /// topic and partition (set at scrape time).
             pub bus_lag: Family<LagLabels, Gauge>,
+            /// Per plugin version: calls, faults, records, mean time per
+            /// record (copied from the plugin slots at scrape time).
+            pub plugin_calls: Family<PluginLabels, Counter>,
+            pub plugin_faults: Family<PluginLabels, Counter>,
+            pub plugin_records: Family<PluginLabels, Counter>,
+            pub plugin_ns_per_record: Family<PluginLabels, Gauge<f64, AtomicU64>>,
             /// What each stage is doing (running, retrying since …).
             pub health: crate::health::Health,
             registry: Registry,
@@ -83,10 +98,22 @@ macro_rules! counters {
                     "Records of a stage's input topics its consumer group has not committed",
                     bus_lag.clone(),
                 );
+                let plugin_calls = Family::<PluginLabels, Counter>::default();
+                registry.register("plugin_calls", "Calls of a plugin version (one per batch)", plugin_calls.clone());
+                let plugin_faults = Family::<PluginLabels, Counter>::default();
+                registry.register("plugin_faults", "Failed calls of a plugin version (trap, timeout, memory, contract)", plugin_faults.clone());
+                let plugin_records = Family::<PluginLabels, Counter>::default();
+                registry.register("plugin_records", "Records handed to a plugin version", plugin_records.clone());
+                let plugin_ns_per_record = Family::<PluginLabels, Gauge<f64, AtomicU64>>::default();
+                registry.register("plugin_ns_per_record", "Mean wall time per record of a plugin version's calls, ns", plugin_ns_per_record.clone());
                 Metrics {
                     $($field,)*
                     store_write_seconds,
                     bus_lag,
+                    plugin_calls,
+                    plugin_faults,
+                    plugin_records,
+                    plugin_ns_per_record,
                     health: Default::default(),
                     registry,
                 }
@@ -135,6 +162,39 @@ impl Metrics {
                 stage: stage.to_owned(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// Brings a plugin version's series up to its slot's own counters.
+    #[allow(clippy::too_many_arguments)]
+    pub fn plugin_version(
+        &self,
+        plugin: &str,
+        version: u64,
+        sha256: &str,
+        calls: u64,
+        faults: u64,
+        records: u64,
+        mean_ns_per_record: Option<f64>,
+    ) {
+        let labels = PluginLabels {
+            plugin: plugin.to_owned(),
+            version,
+            sha256: sha256.chars().take(12).collect(),
+        };
+        for (family, value) in [
+            (&self.plugin_calls, calls),
+            (&self.plugin_faults, faults),
+            (&self.plugin_records, records),
+        ] {
+            let c = family.get_or_create(&labels);
+            let seen = c.get();
+            if value > seen {
+                c.inc_by(value - seen);
+            }
+        }
+        if let Some(ns) = mean_ns_per_record {
+            self.plugin_ns_per_record.get_or_create(&labels).set(ns);
+        }
     }
 
     /// The registry in the OpenMetrics text format.

@@ -310,6 +310,13 @@ async fn metrics_are_served_in_the_prometheus_text_format() {
             "segs_bus_lag_records{{group=\"raw-archive-group\",topic=\"telemetry-readings\",partition=\"{p}\"}}"
         ));
     }
+    // The anomaly rule's calls, per version.
+    let anomaly_calls: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("segs_plugin_calls_total{plugin=\"anomaly\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(anomaly_calls > 0.0, "{text}");
     assert!(text.ends_with("# EOF\n"));
     app.shutdown().await;
 }

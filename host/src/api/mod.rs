@@ -51,6 +51,8 @@ pub struct ApiState {
     pub dedupe: Arc<dyn crate::dedupe::Dedupe>,
     pub metrics: Arc<Metrics>,
     pub live: Arc<crate::live::LiveFeed>,
+    /// The rule plugins' slots (for their metrics); `None` without stages.
+    pub plugins: Option<Arc<crate::plugins::Registry>>,
 }
 
 /// The whole HTTP surface of segs with the per-request limits of `limits`;
@@ -280,6 +282,24 @@ async fn metrics(State(s): State<ApiState>) -> Response {
                         partition,
                     })
                     .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            }
+        }
+    }
+    if let Some(plugins) = &s.plugins {
+        for slot in plugins.list() {
+            let versions = std::iter::once(&slot.serving)
+                .chain(&slot.previous)
+                .chain(&slot.retired);
+            for v in versions {
+                s.metrics.plugin_version(
+                    &slot.name,
+                    v.version,
+                    &v.sha256,
+                    v.calls,
+                    v.faults,
+                    v.records,
+                    v.mean_ns_per_record,
+                );
             }
         }
     }
