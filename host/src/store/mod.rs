@@ -30,6 +30,7 @@ use crate::messages::{AlertStatus, AlertType, KeyedMessage, Severity, TariffReas
 pub mod postgres;
 mod rules;
 pub mod sqlite;
+mod sqlite_archive;
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
