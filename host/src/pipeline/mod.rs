@@ -28,6 +28,7 @@ pub use alerts::{processed, status_update};
 mod archive;
 mod regional;
 mod stream;
+pub use stream::ORDER_GRACE;
 mod tariff;
 
 use std::sync::Arc;
