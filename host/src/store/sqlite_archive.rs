@@ -60,8 +60,12 @@ impl ArchiveWriter {
             .map_err(|e| database("cannot set the cache size", e))?;
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(|e| database("cannot set temp_store", e))?;
-        conn.pragma_update(None, "wal_autocheckpoint", super::sqlite::WAL_AUTOCHECKPOINT)
-            .map_err(|e| database("cannot set wal_autocheckpoint", e))?;
+        conn.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            super::sqlite::WAL_AUTOCHECKPOINT,
+        )
+        .map_err(|e| database("cannot set wal_autocheckpoint", e))?;
         let (tx, rx) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("segs-raw-archive".into())
