@@ -4,7 +4,8 @@
 //!
 //! Storage: one SQLite file in WAL mode (`synchronous = FULL` when `fsync`
 //! is on, so a commit survives power loss; `NORMAL` otherwise, which still
-//! survives a killed process). Tables:
+//! survives a killed process; 64 KiB pages for a new file, a 32 MiB page
+//! cache, WAL checkpoints every 40 MiB). Tables:
 //!
 //! - `batches(topic, partition, base, count, max_ts, records)`: one row per
 //!   `produce` call per partition; `records` is one BLOB holding the call's
