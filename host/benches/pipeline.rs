@@ -815,6 +815,51 @@ enum Sending {
     /// Each body until it is accepted: a refused (503) body is sent again
     /// after `RETRY_PAUSE`, as a client that honours the 503 would.
     UntilAccepted,
+    /// As `UntilAccepted`, round and round the pool with every timestamp
+    /// moved on by `cycle_ms` per round, so every reading is new and event
+    /// time keeps going forward in order (an endless meter fleet).
+    Endless { cycle_ms: i64 },
+}
+
+/// Body `i` of an endless run over `pool`: the pool's body, its
+/// `"timestamp":"…"` values moved on by `cycle_ms` per time round the pool.
+fn endless_body(pool: &[Bytes], i: usize, cycle_ms: i64) -> Bytes {
+    let base = &pool[i % pool.len()];
+    let round = (i / pool.len()) as i64;
+    if round == 0 {
+        return base.clone();
+    }
+    const FIELD: &[u8] = b"\"timestamp\":\"";
+    let mut body = base.to_vec();
+    let mut ts = String::with_capacity(24);
+    let mut last: Option<(i64, String)> = None;
+    let mut at = 0;
+    while let Some(quote) = body[at..].iter().position(|&b| b == b'"') {
+        let q = at + quote;
+        if !body[q..].starts_with(FIELD) {
+            at = q + 1;
+            continue;
+        }
+        let start = q + FIELD.len();
+        let Some(len) = body[start..].iter().position(|&b| b == b'"') else {
+            break;
+        };
+        let old = std::str::from_utf8(&body[start..start + len]).unwrap_or_default();
+        let Some(ms) = segs::time::parse_rfc3339_ms(old) else {
+            break;
+        };
+        if last.as_ref().is_none_or(|(m, _)| *m != ms) {
+            ts.clear();
+            segs::time::write_rfc3339_ms(&mut ts, ms + round * cycle_ms);
+            last = Some((ms, ts.clone()));
+        }
+        let new = &last.as_ref().expect("set above").1;
+        if new.len() == len {
+            body[start..start + len].copy_from_slice(new.as_bytes());
+        }
+        at = start + len;
+    }
+    Bytes::from(body)
 }
 
 /// Pause of a [`Sending::UntilAccepted`] sender after a 503 (shorter than
@@ -832,7 +877,8 @@ fn send_load(
     send_time: Duration,
     stop: &Arc<std::sync::atomic::AtomicBool>,
 ) -> Load {
-    let cycle = sending == Sending::Cycle;
+    let cycle = matches!(sending, Sending::Cycle | Sending::Endless { .. });
+    let retry_503 = matches!(sending, Sending::UntilAccepted | Sending::Endless { .. });
     let next = Arc::new(AtomicUsize::new(0));
     let cpu0 = thread_cpu();
     let start = Instant::now();
@@ -856,7 +902,10 @@ fn send_load(
                     if !cycle && i >= pool.len() {
                         break;
                     }
-                    let body = pool[i % pool.len()].clone();
+                    let body = match sending {
+                        Sending::Endless { cycle_ms } => endless_body(&pool, i, cycle_ms),
+                        _ => pool[i % pool.len()].clone(),
+                    };
                     let sent = Instant::now();
                     let resp = client
                         .post(&url)
@@ -873,9 +922,7 @@ fn send_load(
                                 ok += 1;
                             } else {
                                 non_2xx += 1;
-                                if sending == Sending::UntilAccepted
-                                    && status == reqwest::StatusCode::SERVICE_UNAVAILABLE
-                                {
+                                if retry_503 && status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
                                     retry = Some(i);
                                     tokio::time::sleep(RETRY_PAUSE).await;
                                 }
@@ -1089,8 +1136,17 @@ fn http_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
 /// The longest warm-up: sending until the bus first refuses (its lag bound
 /// reached, so what follows is the rate the slowest stage sustains).
 const SUSTAIN_WARMUP_MAX: Duration = Duration::from_secs(40);
-/// The sustained measurement, after the warm-up.
-const SUSTAIN_TIME: Duration = Duration::from_secs(6);
+/// The sustained measurement after the warm-up, seconds
+/// (`SEGS_BENCH_SUSTAIN_S`; 60 unless set).
+fn sustain_time() -> Duration {
+    let s = std::env::var("SEGS_BENCH_SUSTAIN_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(s)
+}
+/// The longest wait for the stages to catch up after the load.
+const SUSTAIN_DRAIN_MAX: Duration = Duration::from_secs(120);
 
 /// What the app's counters say at one moment.
 #[derive(Clone, Copy)]
@@ -1110,33 +1166,82 @@ fn counters(m: &segs::pipeline::Metrics) -> Counters {
     }
 }
 
+/// CPU cores used since a [`thread_cpu`] snapshot, per thread name (digits
+/// and a trailing `-` dropped, so a pool's threads add up), busiest first.
+fn cores_by_thread(before: &HashMap<u32, (String, u64)>, wall: Duration) -> String {
+    let mut by: HashMap<String, f64> = HashMap::new();
+    for (tid, (name, ns)) in thread_cpu() {
+        let was = before.get(&tid).map_or(0, |(_, ns)| *ns);
+        let group = name
+            .trim_end_matches(|c: char| c.is_ascii_digit())
+            .trim_end_matches(['-', '_', ':'])
+            .to_owned();
+        *by.entry(group).or_default() += ns.saturating_sub(was) as f64 / 1e9;
+    }
+    let mut v: Vec<(String, f64)> = by.into_iter().filter(|(_, s)| *s > 0.0).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = v.iter().map(|(_, s)| s).sum();
+    let w = wall.as_secs_f64();
+    let parts: Vec<String> = v
+        .iter()
+        .filter(|(_, s)| *s / w >= 0.01)
+        .map(|(n, s)| format!("{n} {:.2}", s / w))
+        .collect();
+    format!("{} = {:.2} cores", parts.join(" + "), total / w)
+}
+
 fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
     use segs::config::BusKind;
     use std::sync::atomic::AtomicBool;
+    let sustain = sustain_time();
+    // The pool is 15 ticks of every meter, 10 s apart: each round of it is
+    // 150 s of event time later than the one before.
+    let cycle_ms = 150_000;
     println!(
         "sustained HTTP ingest on the shipped configuration (max_lag_per_partition 200,000, \
-         archive_raw_readings = true; every stage consuming), per bus: the same generator as above, \
-         each refused (503) body re-sent after {} ms; it sends until the bus first refuses (lag \
-         bound reached; at most {} s: \"filling\", readings/s accepted meanwhile), then {} s \
-         measured (\"sustained\"):",
+         every stage and rule consuming), per bus: the same generator as above ({CONNECTIONS} \
+         connections), round and round its pool with the timestamps moved on each round (every \
+         reading new, event time in order); each refused (503) body re-sent after {} ms. It \
+         sends until the bus first refuses (at most {} s: \"filling\", readings/s accepted \
+         meanwhile), then {} s measured (\"sustained\"; SEGS_BENCH_SUSTAIN_S); \"drained\": from \
+         the end of the load until every accepted reading is folded into the windows and in \
+         raw_readings; \"shutdown\": closing the open windows into aggregates_1m/_15m:",
         RETRY_PAUSE.as_millis(),
         SUSTAIN_WARMUP_MAX.as_secs(),
-        SUSTAIN_TIME.as_secs()
+        sustain.as_secs()
     );
+    let shipped = PipelineConfig::load(&root().join("pipeline.toml")).expect("pipeline.toml");
+    let archive = shipped.store.archive_raw_readings;
     let scenarios = [
-        ("memory (volatile)      ", BusKind::Memory, true),
-        ("embedded, fsync = true ", BusKind::Embedded, true),
-        ("embedded, fsync = false", BusKind::Embedded, false),
+        (
+            "memory (volatile)              ",
+            BusKind::Memory,
+            true,
+            archive,
+        ),
+        (
+            "embedded, fsync = true         ",
+            BusKind::Embedded,
+            true,
+            archive,
+        ),
+        (
+            "embedded, fsync = false        ",
+            BusKind::Embedded,
+            false,
+            archive,
+        ),
+        (
+            "embedded, fsync = true, no raw ",
+            BusKind::Embedded,
+            true,
+            false,
+        ),
     ];
-    for (label, kind, fsync) in scenarios {
+    for (label, kind, fsync, archive) in scenarios {
         let dir = tempfile::tempdir().expect("temp dir");
         let rt = app_runtime();
-        let shipped = PipelineConfig::load(&root().join("pipeline.toml")).expect("pipeline.toml");
-        let mut cfg = pipeline_config(
-            dir.path(),
-            shipped.store.archive_raw_readings,
-            shipped.bus.max_lag_per_partition,
-        );
+        let mut cfg = pipeline_config(dir.path(), archive, shipped.bus.max_lag_per_partition);
         cfg.bus.kind = kind;
         cfg.bus.fsync = fsync;
         let app = rt
@@ -1152,33 +1257,54 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
                     metrics.refused_busy.load(Ordering::Relaxed) > 0
                 });
                 let fill = (start.elapsed(), counters(&metrics));
-                let (t0, c0) = (Instant::now(), counters(&metrics));
-                std::thread::sleep(SUSTAIN_TIME);
+                let (t0, c0, cpu0) = (Instant::now(), counters(&metrics), thread_cpu());
+                std::thread::sleep(sustain);
                 let c1 = counters(&metrics);
                 let wall = t0.elapsed();
+                let cpu = cores_by_thread(&cpu0, wall);
                 stop.store(true, Ordering::Relaxed);
-                (filled.is_some(), fill, wall, c0, c1)
+                (filled.is_some(), fill, wall, c0, c1, cpu)
             });
             let load = send_load(
                 generator,
                 &url,
                 &pool.bodies,
-                Sending::UntilAccepted,
-                SUSTAIN_WARMUP_MAX + SUSTAIN_TIME * 2,
+                Sending::Endless { cycle_ms },
+                SUSTAIN_WARMUP_MAX + sustain * 2,
                 &stop,
             );
             (load, watcher.join().expect("watcher"))
         });
-        let (filled, (fill_time, fill_counters), wall, c0, c1) = window;
+        let (filled, (fill_time, fill_counters), wall, c0, c1, cpu) = window;
         let secs = wall.as_secs_f64();
         let accepted = c1.accepted - c0.accepted;
         let refused = c1.refused - c0.refused;
         let ok_requests = accepted / BATCH as u64;
         let refused_pct = 100.0 * refused as f64 / (refused + ok_requests).max(1) as f64;
         let per_s = |n: u64, s: f64| thousands((n as f64 / s) as u64);
+        let total = counters(&metrics).accepted;
+        let ended = Instant::now();
+        let caught_up = wait_for(SUSTAIN_DRAIN_MAX, || {
+            let c = counters(&metrics);
+            c.processed >= total && (!archive || c.archived >= total)
+        });
+        let drained = match caught_up {
+            Some(_) => format!("{:.1} s", ended.elapsed().as_secs_f64()),
+            None => format!("NOT within {} s", SUSTAIN_DRAIN_MAX.as_secs()),
+        };
+        let late = metrics.late_readings.load(Ordering::Relaxed);
+        let shutdown = if caught_up.is_some() {
+            let t = Instant::now();
+            rt.block_on(app.shutdown());
+            format!("{:.1} s", t.elapsed().as_secs_f64())
+        } else {
+            drop(app);
+            "skipped".to_owned()
+        };
         println!(
             "  {label}  filling {:>8}/s for {:4.1} s{} | sustained {:>8} readings/s accepted, \
-             {:5.1} % of requests refused (503); stream {}/s, archive {}/s{}",
+             {:5.1} % of requests refused (503); stream {}/s, archive {}/s; {} late of {} \
+             accepted; drained {drained}, shutdown {shutdown}{}",
             per_s(fill_counters.accepted, fill_time.as_secs_f64()),
             fill_time.as_secs_f64(),
             if filled { "" } else { " (never full)" },
@@ -1186,22 +1312,15 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
             refused_pct,
             per_s(c1.processed - c0.processed, secs),
             per_s(c1.archived - c0.archived, secs),
-            if load.exhausted {
-                " (POOL RAN OUT before the end: figures are low)"
+            thousands(late),
+            thousands(total),
+            if load.errors > 0 {
+                format!(" ({} requests failed)", load.errors)
             } else {
-                ""
+                String::new()
             },
         );
-        let total = counters(&metrics).accepted;
-        let caught_up = wait_for(Duration::from_secs(90), || {
-            let c = counters(&metrics);
-            c.processed >= total && c.archived >= total
-        });
-        if caught_up.is_some() {
-            rt.block_on(app.shutdown());
-        } else {
-            drop(app);
-        }
+        println!("      CPU while sustained, by thread: {cpu}");
         rt.shutdown_timeout(Duration::from_secs(1));
     }
 }

@@ -207,6 +207,7 @@ impl App {
             retry_after_s: config.ingest.retry_after_s,
             max_clock_skew_s: config.ingest.max_clock_skew_s,
             max_reading_age_s: config.ingest.max_reading_age_s,
+            shed: Default::default(),
         };
         let api = ApiState {
             store,

@@ -167,7 +167,9 @@ pub struct IngestConfig {
     pub max_batch: usize,
     /// Largest request body accepted, bytes.
     pub max_body_bytes: usize,
-    /// Seconds returned in `Retry-After` when the pipeline is saturated.
+    /// Seconds returned in `Retry-After` when the pipeline is saturated: the
+    /// least ingest names (it names the backlog's drain time when longer,
+    /// up to a minute), and the whole delay of other 503s.
     pub retry_after_s: u32,
     /// A reading whose timestamp is more than this many seconds ahead of
     /// the server clock is refused (400); 0 = no bound.

@@ -473,6 +473,19 @@ impl Bus for KafkaBus {
                 .any(|l| l.load(Ordering::Relaxed) + room as u64 > self.inner.max_lag)
     }
 
+    fn backlog(&self, topic: Topic) -> Option<super::Backlog> {
+        if topic != Topic::TelemetryReadings {
+            return None;
+        }
+        let max = self.inner.max_lag.max(1);
+        let lags = self.inner.lag.iter().map(|l| l.load(Ordering::Relaxed));
+        Some(super::Backlog {
+            fill: lags.clone().max().unwrap_or(0) as f64 / max as f64,
+            waiting: lags.sum(),
+            max_lag: max,
+        })
+    }
+
     /// Reads the topic from the first offset stamped at or after `since_ms`
     /// (Kafka's offsets-for-times) to the high watermark of each partition,
     /// with a throwaway assigned consumer that commits nothing.

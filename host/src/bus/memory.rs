@@ -665,6 +665,26 @@ impl Bus for MemoryBus {
         Ok(behind)
     }
 
+    fn backlog(&self, topic: Topic) -> Option<super::Backlog> {
+        let max = self.inner.max_lag.max(1) as u64;
+        let mut out = super::Backlog {
+            fill: 0.0,
+            waiting: 0,
+            max_lag: max,
+        };
+        let mut bounded = false;
+        for part in &self.inner.topics[topic.index()] {
+            let log = part.log.lock();
+            if let Some(floor) = log.floor {
+                bounded = true;
+                let lag = log.end().saturating_sub(floor);
+                out.waiting += lag;
+                out.fill = out.fill.max(lag as f64 / max as f64);
+            }
+        }
+        bounded.then_some(out)
+    }
+
     async fn recent_records(&self, topic: Topic, since_ms: i64) -> Result<Vec<Record>, BusError> {
         let bus = self.clone();
         tokio::task::spawn_blocking(move || bus.recent(topic, since_ms))

@@ -177,6 +177,18 @@ pub enum BusError {
     Kafka(String),
 }
 
+/// How far a topic's consumers are behind, as [`Bus::backlog`] sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Backlog {
+    /// The fullest partition's lag over its bound (1.0: full, produce is
+    /// refused).
+    pub fill: f64,
+    /// Records waiting for the slowest group, summed over the partitions.
+    pub waiting: u64,
+    /// The lag bound of one partition.
+    pub max_lag: u64,
+}
+
 /// Moves records between stages. Implemented by [`MemoryBus`] and, in
 /// production, by the Kafka bus; both partition and group identically.
 #[async_trait::async_trait]
@@ -223,6 +235,14 @@ pub trait Bus: Send + Sync {
     /// offset; a group with nothing committed counts from the start of what
     /// the bus holds). For readiness and metrics: how far a stage is behind.
     async fn lag(&self, group: &str, topics: &[Topic]) -> Result<Vec<(Topic, u32, u64)>, BusError>;
+
+    /// How full `topic` is under its lag bound, for callers that shed load
+    /// before the bound is reached (ingest refuses early and evenly, and
+    /// names a `Retry-After` from the backlog); `None` when the topic has
+    /// no bound. Cheap: no I/O.
+    fn backlog(&self, _topic: Topic) -> Option<Backlog> {
+        None
+    }
 
     /// Names the log the offsets belong to: the same for as long as offsets
     /// keep their meaning (a durable log reopened after a restart), a new

@@ -10,6 +10,15 @@
 //! bus refuses (backpressure) the dedupe marks are taken back and the client
 //! gets 503 with `Retry-After`, so a retry is not mistaken for duplicates.
 //!
+//! Backpressure is early and even, not accept-then-wall: while the
+//! consumers of `telemetry-readings` are less than half way to the bus's
+//! lag bound every request is taken; past that, a growing share of
+//! requests is refused at random (all of them at the bound), before the
+//! body is parsed, so the backlog settles where intake equals what the
+//! stages drain and every client sees the same few 503s. A 503's
+//! `Retry-After` is the backlog over the recent drain rate (at least
+//! `ingest.retry_after_s`, at most a minute).
+//!
 //! Dedupe marks are taken in two phases ([`Dedupe::claim`], then confirm or
 //! release), so a mark never outlives a publish that did not happen: a
 //! retry that meets a key another request still holds gets 503; one that
@@ -56,6 +65,108 @@ pub struct IngestState {
     /// `[ingest] max_reading_age_s`: how far behind the server clock event
     /// time may be, seconds; 0 = no bound.
     pub max_reading_age_s: u64,
+    /// Early load shedding and the drain rate behind `Retry-After`.
+    pub shed: Arc<Shedding>,
+}
+
+/// The share of the lag bound past which ingest starts refusing requests.
+const SHED_FROM: f64 = 0.5;
+/// The longest `Retry-After` ingest names.
+const MAX_RETRY_AFTER_S: u64 = 60;
+
+/// Ingest's load shedding: whether to take a request given the bus's
+/// backlog, and how long a refused client should wait.
+#[derive(Debug)]
+pub struct Shedding {
+    /// xorshift state for the early refusals.
+    rng: std::sync::atomic::AtomicU64,
+    drain: parking_lot::Mutex<DrainRate>,
+}
+
+/// Readings/s the consumers took off the bus lately (accepted minus
+/// waiting, sampled at most every [`DRAIN_SAMPLE`]).
+#[derive(Debug)]
+struct DrainRate {
+    at: std::time::Instant,
+    consumed: u64,
+    per_s: f64,
+}
+
+const DRAIN_SAMPLE: Duration = Duration::from_millis(250);
+
+impl Default for Shedding {
+    fn default() -> Self {
+        Shedding {
+            rng: std::sync::atomic::AtomicU64::new(uuid::Uuid::new_v4().as_u64_pair().0 | 1),
+            drain: parking_lot::Mutex::new(DrainRate {
+                at: std::time::Instant::now(),
+                consumed: 0,
+                per_s: 0.0,
+            }),
+        }
+    }
+}
+
+impl Shedding {
+    /// `None`: take the request; `Some(s)`: refuse it with `Retry-After: s`.
+    /// `room`: the records the request may add; `accepted`: readings this
+    /// process has put on the bus so far.
+    fn refuse(
+        &self,
+        backlog: Option<crate::bus::Backlog>,
+        room: usize,
+        accepted: u64,
+        min_retry_s: u32,
+    ) -> Option<u32> {
+        let b = backlog?;
+        let per_s = self.drain_rate(accepted.saturating_sub(b.waiting));
+        let fill = b.fill + room as f64 / b.max_lag as f64;
+        let refuse = if fill > 1.0 {
+            true
+        } else if fill > SHED_FROM {
+            let p = (fill - SHED_FROM) / (1.0 - SHED_FROM);
+            self.uniform() < p
+        } else {
+            false
+        };
+        if !refuse {
+            return None;
+        }
+        let min = u64::from(min_retry_s.max(1));
+        let wait = if per_s >= 1.0 {
+            (b.waiting as f64 / per_s).ceil() as u64
+        } else {
+            min
+        };
+        Some(wait.clamp(min, MAX_RETRY_AFTER_S.max(min)) as u32)
+    }
+
+    /// The drain rate, updated from `consumed` (a running total).
+    fn drain_rate(&self, consumed: u64) -> f64 {
+        let mut d = self.drain.lock();
+        let dt = d.at.elapsed();
+        if dt >= DRAIN_SAMPLE {
+            let now = consumed.saturating_sub(d.consumed) as f64 / dt.as_secs_f64();
+            d.per_s = if d.per_s == 0.0 {
+                now
+            } else {
+                0.5 * d.per_s + 0.5 * now
+            };
+            d.at = std::time::Instant::now();
+            d.consumed = consumed;
+        }
+        d.per_s
+    }
+
+    /// A number in [0, 1) (xorshift64*; quality is not the point).
+    fn uniform(&self) -> f64 {
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.store(x, Ordering::Relaxed);
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 impl IngestState {
@@ -85,10 +196,10 @@ pub async fn post_batch(
         Ok(b) => b,
         Err(e) => return body_rejected(&s, e),
     };
-    // Saturated: refuse before parsing a body that could not be published,
-    // so the stages behind get the CPU to catch up.
-    if s.bus.saturated(Topic::TelemetryReadings, s.max_batch) {
-        return saturated(&s);
+    // Saturated, or shedding early: refuse before parsing a body that
+    // could not be published, so the stages behind get the CPU to catch up.
+    if let Some(retry) = shed(&s, body.len() / MIN_READING_BYTES) {
+        return saturated(&s, retry);
     }
     run_to_end(s, move |s| async move {
         let validated = validate::validate_batch(&body, s.max_batch, s.time_bounds());
@@ -135,8 +246,8 @@ pub async fn post_one(
         Ok(b) => b,
         Err(e) => return body_rejected(&s, e),
     };
-    if s.bus.saturated(Topic::TelemetryReadings, 1) {
-        return saturated(&s);
+    if let Some(retry) = shed(&s, 1) {
+        return saturated(&s, retry);
     }
     run_to_end(s, move |s| async move {
         let validated = validate::validate_one(&body, s.time_bounds());
@@ -199,14 +310,35 @@ fn invalid(s: &IngestState, e: ValidationError) -> Response {
         .into_response()
 }
 
-fn saturated(s: &IngestState) -> Response {
-    unavailable(
+/// The fewest bytes one reading takes in a request body (its required
+/// fields): a body's length over this bounds how many readings it holds.
+const MIN_READING_BYTES: usize = 80;
+
+/// Whether to refuse a request that may add up to `room` readings (more
+/// than `max_batch` is capped): `Some(Retry-After)`, or `None` to take it.
+fn shed(s: &IngestState, room: usize) -> Option<u32> {
+    let room = room.clamp(1, s.max_batch);
+    s.shed.refuse(
+        s.bus.backlog(Topic::TelemetryReadings),
+        room,
+        s.metrics.accepted.load(Ordering::Relaxed),
+        s.retry_after_s,
+    )
+}
+
+fn saturated(s: &IngestState, retry_after_s: u32) -> Response {
+    unavailable_after(
         s,
         "the pipeline is saturated; retry after the indicated delay".to_owned(),
+        retry_after_s,
     )
 }
 
 fn unavailable(s: &IngestState, message: String) -> Response {
+    unavailable_after(s, message, s.retry_after_s)
+}
+
+fn unavailable_after(s: &IngestState, message: String, retry_after_s: u32) -> Response {
     s.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
     let mut r = (
         StatusCode::SERVICE_UNAVAILABLE,
@@ -214,7 +346,7 @@ fn unavailable(s: &IngestState, message: String) -> Response {
     )
         .into_response();
     r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(s.retry_after_s));
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
     r
 }
 
@@ -386,4 +518,70 @@ async fn on_bus_since(
         out.insert(k);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::Backlog;
+
+    fn backlog(fill: f64, waiting: u64) -> Option<Backlog> {
+        Some(Backlog {
+            fill,
+            waiting,
+            max_lag: 1000,
+        })
+    }
+
+    #[test]
+    fn below_half_the_bound_every_request_is_taken() {
+        let shed = Shedding::default();
+        for i in 0..1000 {
+            assert_eq!(shed.refuse(backlog(0.49, 490), 0, i, 1), None);
+        }
+        assert_eq!(shed.refuse(None, 1000, 0, 1), None, "no bound, no shedding");
+    }
+
+    #[test]
+    fn past_half_a_growing_share_is_refused_and_all_at_the_bound() {
+        let shed = Shedding::default();
+        let refused = |fill: f64| {
+            (0..10_000)
+                .filter(|_| shed.refuse(backlog(fill, 0), 0, 0, 1).is_some())
+                .count()
+        };
+        let (quarter, half, most) = (refused(0.625), refused(0.75), refused(0.95));
+        assert!((2_000..3_000).contains(&quarter), "{quarter}");
+        assert!((4_500..5_500).contains(&half), "{half}");
+        assert!((8_500..9_500).contains(&most), "{most}");
+        assert_eq!(refused(1.0001), 10_000);
+        // A request that would not fit is refused however full the rest is.
+        assert!(shed.refuse(backlog(0.2, 0), 900, 0, 1).is_some());
+    }
+
+    #[test]
+    fn retry_after_is_the_backlog_over_the_drain_rate() {
+        let shed = Shedding::default();
+        // No drain measured yet: the configured delay.
+        assert_eq!(shed.refuse(backlog(1.5, 3000), 0, 0, 2), Some(2));
+        // The rate is what the consumers took off the bus per second.
+        shed.drain.lock().at -= Duration::from_secs(1);
+        let per_s = shed.drain_rate(4000);
+        assert!((3000.0..=4000.0).contains(&per_s), "{per_s}");
+        let expect = |waiting: f64| ((waiting / per_s).ceil() as u32).max(1);
+        assert_eq!(
+            shed.refuse(backlog(1.5, 3000), 0, 7000, 1),
+            Some(expect(3000.0))
+        );
+        assert_eq!(
+            shed.refuse(backlog(1.5, 30_000), 0, 34_000, 1),
+            Some(expect(30_000.0))
+        );
+        // Never less than configured, never more than a minute.
+        assert_eq!(shed.refuse(backlog(1.5, 10), 0, 4010, 3), Some(3));
+        assert_eq!(
+            shed.refuse(backlog(1.5, 10_000_000), 0, 10_004_000, 1),
+            Some(60)
+        );
+    }
 }

@@ -30,6 +30,7 @@ pub mod faults;
 pub mod notify;
 mod regional;
 mod stream;
+pub use stream::ORDER_GRACE;
 mod tariff;
 
 use std::sync::Arc;

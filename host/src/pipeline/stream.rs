@@ -31,7 +31,8 @@
 //! when it falls behind, the stage waits.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -90,6 +91,17 @@ impl PartitionState {
 /// after a crash and, with the bus's lag bound, the rate ingest can sustain.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1000);
 
+/// How long, in processing time, the watermark waits for readings older
+/// than the newest one seen. Requests are taken concurrently (one client
+/// over several connections, or several clients), so readings reach a
+/// partition a little out of order even when every client sends in order;
+/// under an accelerated replay a few milliseconds of that are minutes of
+/// event time, far past `windows.allowed_lateness_s`. So the watermark
+/// follows the newest event time seen at least this long ago: a reading is
+/// late only if it arrives more than this after one that closed its window
+/// (and still `allowed_lateness_s` of event time behind it).
+pub const ORDER_GRACE: Duration = Duration::from_millis(1000);
+
 /// The shortest time between two checkpoints of a partition when windows
 /// closed (the latency of aggregates and alerts; it bounds the store's
 /// transactions under an accelerated replay where windows close often).
@@ -106,6 +118,8 @@ pub struct StreamStage {
     assignment: Vec<u32>,
     /// To the checkpoint writer; `None` once finished.
     writer_tx: Option<mpsc::Sender<Job>>,
+    /// Checkpoints handed to the writer and not yet written.
+    writer_backlog: Arc<AtomicUsize>,
     writer: Option<JoinHandle<()>>,
     /// Per partition, the (epoch, position) of the last checkpoint the
     /// writer stored.
@@ -132,8 +146,11 @@ struct Partition {
     next: u64,
     /// `next` as of the last checkpoint.
     checkpointed: u64,
-    /// Newest event time folded in: the partition's watermark input.
+    /// Newest event time folded in.
     newest_event_ms: Option<i64>,
+    /// The newest event time as of [`ORDER_GRACE`] ago: the watermark's
+    /// input.
+    clock: EventClock,
     /// `closed_until` of the 1-minute windows, as last reported.
     reported_until: i64,
     /// Until the first records after a restored checkpoint are folded
@@ -310,7 +327,13 @@ impl StreamStage {
         };
         let (writer_tx, rx) = mpsc::channel(WRITER_QUEUE);
         let (durable_tx, durable) = watch::channel(BTreeMap::new());
-        let writer = tokio::spawn(write_checkpoints(ctx.clone(), rx, durable_tx));
+        let writer_backlog = Arc::new(AtomicUsize::new(0));
+        let writer = tokio::spawn(write_checkpoints(
+            ctx.clone(),
+            rx,
+            durable_tx,
+            writer_backlog.clone(),
+        ));
         Ok(StreamStage {
             ctx,
             anomaly,
@@ -319,6 +342,7 @@ impl StreamStage {
             parts: BTreeMap::new(),
             assignment: Vec::new(),
             writer_tx: Some(writer_tx),
+            writer_backlog,
             writer: Some(writer),
             durable,
             committed: Vec::new(),
@@ -364,6 +388,8 @@ impl StreamStage {
         };
         part.windows = Windows::restore(self.params, state.windows);
         part.newest_event_ms = state.newest_event_ms;
+        // Seen before the checkpoint: its grace has passed.
+        part.clock.settled = state.newest_event_ms;
         part.reported_until = state.reported_until;
         if cp.bus_id == self.ctx.bus.log_id() {
             let next = cp
@@ -404,10 +430,10 @@ impl StreamStage {
         let w = &self.ctx.config.windows;
         let flush_1m = Duration::from_secs(w.flush_interval_1m_s);
         let flush_15m = Duration::from_secs(w.flush_interval_15m_s);
-        let mut jobs = Vec::new();
+        let mut due = Vec::new();
         for part in self.parts.values_mut() {
             part.detect(&self.ctx, &mut self.anomaly);
-            if let Some(ms) = part.newest_event_ms {
+            if let Some(ms) = part.clock.settled(Instant::now(), ORDER_GRACE) {
                 part.windows.advance_to(ms, &mut part.closed);
             }
             let quiet = part.last_record.elapsed();
@@ -422,9 +448,28 @@ impl StreamStage {
             let since = part.last_checkpoint.elapsed();
             let moved = part.next != part.checkpointed
                 || part.windows.closed_until(Width::OneMinute) != part.reported_until;
-            let due = (!part.pending.is_empty() && (idle || since >= CHECKPOINT_SPACING))
-                || (moved && (idle || since >= CHECKPOINT_INTERVAL));
-            if due {
+            if (!part.pending.is_empty() && (idle || since >= CHECKPOINT_SPACING))
+                || (moved && (idle || since >= CHECKPOINT_INTERVAL))
+            {
+                due.push((part.last_checkpoint, part.id));
+            }
+        }
+        // A checkpoint holds every open window of its partition, so taking
+        // them faster than the writer stores them only makes work that the
+        // next one supersedes: while the writer has about one per partition
+        // in hand, the partitions waiting longest go first and the rest
+        // wait for the next tick (their records keep folding meanwhile).
+        let room = if idle {
+            usize::MAX
+        } else {
+            self.parts
+                .len()
+                .saturating_sub(self.writer_backlog.load(Ordering::Relaxed))
+        };
+        due.sort_unstable();
+        let mut jobs = Vec::new();
+        for (_, p) in due.into_iter().take(room) {
+            if let Some(part) = self.parts.get_mut(&p) {
                 jobs.push(part.checkpoint(&self.ctx));
             }
         }
@@ -438,6 +483,7 @@ impl StreamStage {
             return;
         };
         for job in jobs {
+            self.writer_backlog.fetch_add(1, Ordering::Relaxed);
             if tx.send(job).await.is_err() {
                 self.ctx
                     .metrics
@@ -467,6 +513,7 @@ impl Partition {
             next: 0,
             checkpointed: 0,
             newest_event_ms: None,
+            clock: EventClock::default(),
             reported_until: 0,
             replaying: false,
             last_record: Instant::now(),
@@ -498,6 +545,7 @@ impl Partition {
         self.replaying = false;
         if newest != i64::MIN {
             self.newest_event_ms = Some(self.newest_event_ms.map_or(newest, |m| m.max(newest)));
+            self.clock.saw(self.last_record, newest);
         }
         let m = &ctx.metrics;
         m.readings_processed.fetch_add(n, Ordering::Relaxed);
@@ -751,6 +799,36 @@ impl Partition {
     }
 }
 
+/// The newest event time a partition has seen, as of a while ago: what
+/// its watermark follows (see [`ORDER_GRACE`]).
+#[derive(Default)]
+struct EventClock {
+    /// (when, newest event time then), newest last, rising.
+    recent: std::collections::VecDeque<(Instant, i64)>,
+    /// The newest event time seen at least the grace ago.
+    settled: Option<i64>,
+}
+
+impl EventClock {
+    fn saw(&mut self, at: Instant, newest: i64) {
+        let rising = self.recent.back().map_or(self.settled, |&(_, n)| Some(n));
+        if rising.is_none_or(|n| newest > n) {
+            self.recent.push_back((at, newest));
+        }
+    }
+
+    fn settled(&mut self, now: Instant, grace: Duration) -> Option<i64> {
+        while let Some(&(at, ms)) = self.recent.front() {
+            if now.saturating_duration_since(at) < grace {
+                break;
+            }
+            self.settled = Some(self.settled.map_or(ms, |s| s.max(ms)));
+            self.recent.pop_front();
+        }
+        self.settled
+    }
+}
+
 fn bad_record(ctx: &Context, d: &Delivered, why: &str) {
     // Ingest validated it, so this is a foreign producer or a bug: count,
     // log, skip (a poison record must not stop the stream).
@@ -787,8 +865,10 @@ async fn write_checkpoints(
     ctx: Context,
     mut rx: mpsc::Receiver<Job>,
     durable: watch::Sender<BTreeMap<u32, (i64, u64)>>,
+    backlog: Arc<AtomicUsize>,
 ) {
     while let Some(job) = rx.recv().await {
+        let _written = Written(&backlog);
         crate::crash::point("stream.before_checkpoint");
         let outbox = |applied: &Applied| messages(&job, applied);
         let stage = outbox_stage(job.partition);
@@ -800,6 +880,16 @@ async fn write_checkpoints(
                 d.insert(job.partition, (job.epoch, job.position));
             });
         }
+    }
+}
+
+/// Takes one off the writer's backlog when dropped (a job written, or
+/// abandoned).
+struct Written<'a>(&'a AtomicUsize);
+
+impl Drop for Written<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -30,6 +30,7 @@ use crate::messages::{AlertStatus, AlertType, KeyedMessage, RuleRef, Severity, T
 pub mod postgres;
 mod rules;
 pub mod sqlite;
+mod sqlite_archive;
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
