@@ -206,6 +206,9 @@ impl Running {
                     continue;
                 }
                 task.abort();
+                // Cancelled at its next await: once this returns, its
+                // future (and what it owns) is dropped.
+                let _ = task.await;
                 let health = self.metrics.health.snapshot();
                 let h = health.get(stage);
                 unfinished.push(Unfinished {
