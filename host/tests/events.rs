@@ -137,7 +137,9 @@ async fn clients_see_the_streams_decisions_in_order_and_resume_without_gaps() {
     // Every alert and tariff the store holds reaches the filtered client,
     // in the order they were decided.
     let store = app.ctx.store.clone();
-    let alerts = loop {
+    // (The alert and tariff stages run apart: wait for both decisions.)
+    let mut found = None;
+    for _ in 0..600 {
         let alerts = store
             .list_alerts(&AlertFilter {
                 limit: 1000,
@@ -145,12 +147,15 @@ async fn clients_see_the_streams_decisions_in_order_and_resume_without_gaps() {
             })
             .await
             .unwrap();
-        if alerts.iter().any(|a| a.alert_type == "OVERLOAD") {
-            break alerts;
+        let tariffs = store.tariff_history(None, 1000).await.unwrap();
+        // The surge's price goes up and back down: two changes.
+        if alerts.iter().any(|a| a.alert_type == "OVERLOAD") && tariffs.len() >= 2 {
+            found = Some((alerts, tariffs));
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let tariffs = store.tariff_history(None, 1000).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (alerts, tariffs) = found.expect("an overload alert and the surge's price changes");
     assert!(!tariffs.is_empty(), "the surge moves the price");
     let mut seen = Vec::new();
     while seen.len() < alerts.len() + tariffs.len() {
