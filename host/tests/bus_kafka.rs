@@ -156,6 +156,29 @@ async fn a_group_resumes_at_its_committed_offsets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_lag_is_what_it_has_not_committed_per_partition() {
+    let cfg = config();
+    let bus = connect(&cfg, 100_000, &[]).await;
+    let records: Vec<Record> = (0..12).map(|n| record(&format!("k{n}"), n)).collect();
+    bus.produce(Topic::TelemetryReadings, records)
+        .await
+        .unwrap();
+    let total = |lag: &[(Topic, u32, u64)]| lag.iter().map(|(_, _, n)| n).sum::<u64>();
+    // A group with nothing committed is behind by everything held.
+    let lag = bus.lag("g", &[Topic::TelemetryReadings]).await.unwrap();
+    assert_eq!(lag.len(), 3, "one entry per partition: {lag:?}");
+    assert_eq!(total(&lag), 12, "{lag:?}");
+    let mut c = bus
+        .subscribe("g", &[Topic::TelemetryReadings])
+        .await
+        .unwrap();
+    assert_eq!(poll_n(&mut c, 12).await.len(), 12);
+    c.commit().await.unwrap();
+    let lag = bus.lag("g", &[Topic::TelemetryReadings]).await.unwrap();
+    assert_eq!(total(&lag), 0, "{lag:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_group_makes_the_telemetry_topic_refuse_producers() {
     let cfg = config();
     let bus = connect(&cfg, 10, &["slow"]).await;

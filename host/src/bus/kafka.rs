@@ -265,32 +265,56 @@ fn lag_now(
     let Some(first) = readers.first() else {
         return Ok(vec![0; partitions as usize]);
     };
-    let mut marks = Vec::with_capacity(partitions as usize);
-    for p in 0..partitions {
-        marks.push(first.fetch_watermarks(topic, p as i32, timeout)?);
-    }
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p as i32);
-    }
+    let marks = watermarks(first, topic, partitions, timeout)?;
     let mut floor: Vec<i64> = marks.iter().map(|(_, high)| *high).collect();
     for r in readers {
-        let committed = r.committed_offsets(tpl.clone(), timeout)?;
-        for (p, f) in floor.iter_mut().enumerate() {
-            let c = match committed
-                .find_partition(topic, p as i32)
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(o)) => o,
-                _ => marks[p].0,
-            };
-            *f = (*f).min(c);
+        let committed = committed(r, topic, partitions, timeout)?;
+        for ((f, c), (low, _)) in floor.iter_mut().zip(committed).zip(&marks) {
+            *f = (*f).min(c.unwrap_or(*low));
         }
     }
     Ok(marks
         .iter()
         .zip(floor)
         .map(|((_, high), f)| (high - f).max(0) as u64)
+        .collect())
+}
+
+/// (low, high) watermarks of each partition of `topic`.
+fn watermarks(
+    client: &BaseConsumer,
+    topic: &str,
+    partitions: u32,
+    timeout: Duration,
+) -> Result<Vec<(i64, i64)>, KafkaError> {
+    (0..partitions)
+        .map(|p| client.fetch_watermarks(topic, p as i32, timeout))
+        .collect()
+}
+
+/// The committed offset of `reader`'s group on each partition of `topic`
+/// (`None` where it has none).
+fn committed(
+    reader: &BaseConsumer,
+    topic: &str,
+    partitions: u32,
+    timeout: Duration,
+) -> Result<Vec<Option<i64>>, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p as i32);
+    }
+    let committed = reader.committed_offsets(tpl, timeout)?;
+    Ok((0..partitions)
+        .map(|p| {
+            match committed
+                .find_partition(topic, p as i32)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            }
+        })
         .collect())
 }
 
@@ -419,7 +443,10 @@ impl Bus for KafkaBus {
                 Some(r) => r.clone(),
                 None => {
                     let r: BaseConsumer = client_config(&self.inner.config)
-                        .set("group.id", group)
+                        .set(
+                            "group.id",
+                            format!("{}{group}", self.inner.config.namespace),
+                        )
                         .set("enable.auto.commit", "false")
                         .create()
                         .map_err(kafka)?;
@@ -434,23 +461,12 @@ impl Bus for KafkaBus {
         let partitions = self.inner.partitions;
         tokio::task::spawn_blocking(move || {
             let timeout = Duration::from_secs(2);
-            let mut tpl = TopicPartitionList::new();
-            for (_, name) in &names {
-                for p in 0..partitions {
-                    tpl.add_partition(name, p as i32);
-                }
-            }
-            let committed = reader.committed_offsets(tpl, timeout).map_err(kafka)?;
             let mut behind = Vec::new();
             for (topic, name) in &names {
-                for p in 0..partitions {
-                    let (low, high) = reader
-                        .fetch_watermarks(name, p as i32, timeout)
-                        .map_err(kafka)?;
-                    let from = match committed.find_partition(name, p as i32).map(|e| e.offset()) {
-                        Some(Offset::Offset(o)) => o.max(low),
-                        _ => low,
-                    };
+                let marks = watermarks(&reader, name, partitions, timeout).map_err(kafka)?;
+                let committed = committed(&reader, name, partitions, timeout).map_err(kafka)?;
+                for (p, ((low, high), c)) in (0..partitions).zip(marks.into_iter().zip(committed)) {
+                    let from = c.map_or(low, |o| o.max(low));
                     behind.push((*topic, p, (high - from).max(0) as u64));
                 }
             }
@@ -462,15 +478,6 @@ impl Bus for KafkaBus {
 
     fn log_id(&self) -> &str {
         &self.inner.log_id
-    }
-
-    fn saturated(&self, topic: Topic, room: usize) -> bool {
-        topic == Topic::TelemetryReadings
-            && self
-                .inner
-                .lag
-                .iter()
-                .any(|l| l.load(Ordering::Relaxed) + room as u64 > self.inner.max_lag)
     }
 
     fn backlog(&self, topic: Topic) -> Option<super::Backlog> {

@@ -636,15 +636,6 @@ impl Bus for MemoryBus {
         &self.inner.log_id
     }
 
-    fn saturated(&self, topic: Topic, room: usize) -> bool {
-        self.inner.topics[topic.index()].iter().any(|part| {
-            let log = part.log.lock();
-            log.floor.is_some_and(|floor| {
-                log.end().saturating_sub(floor) as usize + room > self.inner.max_lag
-            })
-        })
-    }
-
     async fn lag(&self, group: &str, topics: &[Topic]) -> Result<Vec<(Topic, u32, u64)>, BusError> {
         let groups = self.inner.groups.lock();
         let g = groups.get(group);
@@ -1025,23 +1016,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn saturated_says_when_a_batch_would_no_longer_fit() {
+    async fn backlog_says_when_a_batch_would_no_longer_fit() {
         let bus = MemoryBus::new(1, 1000);
         let _c = bus
             .subscribe("g", &[Topic::TelemetryReadings])
             .await
             .unwrap();
-        assert!(!bus.saturated(Topic::TelemetryReadings, 100));
+        // Whether `room` more records would go over the bound, as ingest
+        // decides it from the backlog.
+        let fits = |room: u64| {
+            let b = bus.backlog(Topic::TelemetryReadings).unwrap();
+            b.waiting + room <= b.max_lag
+        };
+        assert!(fits(100));
         let records: Vec<Record> = (0..950)
             .map(|i| Record::new(vec![1u8], vec![i as u8], 0))
             .collect();
         bus.produce(Topic::TelemetryReadings, records)
             .await
             .unwrap();
-        assert!(!bus.saturated(Topic::TelemetryReadings, 50));
-        assert!(bus.saturated(Topic::TelemetryReadings, 51));
+        assert!(fits(50));
+        assert!(!fits(51));
+        assert_eq!(bus.backlog(Topic::TelemetryReadings).unwrap().fill, 0.95);
         assert!(
-            !bus.saturated(Topic::Alerts, 51),
+            bus.backlog(Topic::Alerts).is_none(),
             "no group holds alerts back"
         );
     }

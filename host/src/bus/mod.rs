@@ -222,14 +222,6 @@ pub trait Bus: Send + Sync {
         Ok(())
     }
 
-    /// Whether some partition of `topic` has less than `room` records left
-    /// under its lag bound, so a produce of that many would likely be
-    /// refused. A cheap look for callers that can refuse before doing work
-    /// (ingest answers 503 before parsing a body it could not publish).
-    fn saturated(&self, _topic: Topic, _room: usize) -> bool {
-        false
-    }
-
     /// Records of `topics` that consumer group `group` has not committed
     /// yet, per topic and partition (end offset minus the group's committed
     /// offset; a group with nothing committed counts from the start of what
