@@ -2061,7 +2061,10 @@ async fn store_figures(label: &str, store: &dyn segs::store::Store) -> (f64, f64
             .collect();
         let started = Instant::now();
         for chunk in rows.chunks(STORE_BATCH) {
-            store.insert_raw_readings(chunk).await.expect("raw insert");
+            store
+                .insert_raw_readings(chunk.into())
+                .await
+                .expect("raw insert");
         }
         raw_rates.push(rows.len() as f64 / started.elapsed().as_secs_f64());
     }

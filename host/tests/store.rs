@@ -913,11 +913,17 @@ async fn an_alert_is_stored_once_per_id_and_once_per_dedupe_key(db: &Db) {
 async fn raw_readings_hold_each_reading_once(db: &Db) {
     let store = db.open().await;
     let batch: Vec<RawReading> = (0..10).map(|i| reading("MTR-1", i * 1000, 1.0)).collect();
-    store.insert_raw_readings(&batch).await.unwrap();
+    store
+        .insert_raw_readings(batch.clone().into())
+        .await
+        .unwrap();
     // A replay of part of it, with one new reading.
     let mut again = batch[5..].to_vec();
     again.push(reading("MTR-1", 10_000, 1.0));
-    store.insert_raw_readings(&again).await.unwrap();
+    store
+        .insert_raw_readings(again.clone().into())
+        .await
+        .unwrap();
     assert_eq!(store.count_raw_readings().await.unwrap(), 11);
 }
 
@@ -1389,13 +1395,13 @@ async fn retention_deletes_only_old_rows(db: &Db) {
     let now = t("2025-11-12T06:30:00Z");
 
     store
-        .insert_raw_readings(&[
+        .insert_raw_readings(Arc::from([
             reading("MTR-1", now - 8 * DAY_MS, 1.0),
             reading("MTR-1", now - 7 * DAY_MS - 1, 1.0),
             reading("MTR-1", now - 7 * DAY_MS, 1.0), // exactly at the edge: kept
             reading("MTR-1", now - DAY_MS, 1.0),
             reading("MTR-1", now, 1.0),
-        ])
+        ]))
         .await
         .unwrap();
     let at = |ms: i64| format_rfc3339_ms(ms);
@@ -1484,7 +1490,10 @@ async fn fifty_thousand_readings_in_one_call(db: &Db) {
             r
         })
         .collect();
-    store.insert_raw_readings(&readings).await.unwrap();
+    store
+        .insert_raw_readings(readings.clone().into())
+        .await
+        .unwrap();
     assert_eq!(store.count_raw_readings().await.unwrap(), 50_000);
 
     // And many windows in one upsert (more than one statement's worth on
@@ -1523,7 +1532,7 @@ async fn data_survives_reopening_the_file() {
     {
         let store = store::open(&url).await.unwrap();
         store
-            .insert_raw_readings(&[reading("MTR-1", 0, 1.0)])
+            .insert_raw_readings(Arc::from([reading("MTR-1", 0, 1.0)]))
             .await
             .unwrap();
         store
@@ -1655,13 +1664,13 @@ async fn postgres_refuses_bad_input_as_rejected() {
         // Text PostgreSQL cannot store (a NUL byte) is bad input, not an
         // outage to retry.
         let e = store
-            .insert_raw_readings(&[reading("MTR-\0", 0, 1.0)])
+            .insert_raw_readings(Arc::from([reading("MTR-\0", 0, 1.0)]))
             .await
             .unwrap_err();
         assert!(matches!(e, store::StoreError::Rejected(_)), "{e:?}");
         // A NaN in a NOT NULL column is refused, as by SQLite.
         let e = store
-            .insert_raw_readings(&[reading("MTR-1", 0, f64::NAN)])
+            .insert_raw_readings(Arc::from([reading("MTR-1", 0, f64::NAN)]))
             .await
             .unwrap_err();
         assert!(matches!(e, store::StoreError::Rejected(_)), "{e:?}");

@@ -43,7 +43,7 @@ impl Stage for ArchiveStage {
     }
 
     async fn process(&mut self, records: &[Delivered]) {
-        let rows: Vec<RawReading> = records
+        let rows: std::sync::Arc<[RawReading]> = records
             .iter()
             .filter_map(|d| {
                 let w: Wire<'_> = serde_json::from_slice(&d.record.value).ok()?;
@@ -65,7 +65,7 @@ impl Stage for ArchiveStage {
         let ctx = &self.ctx;
         with_retry(ctx, "archive", "insert raw readings", || async {
             let started = std::time::Instant::now();
-            let done = store.insert_raw_readings(&rows).await;
+            let done = store.insert_raw_readings(rows.clone()).await;
             ctx.metrics.store_write("archive", started.elapsed());
             done
         })

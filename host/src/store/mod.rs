@@ -605,8 +605,10 @@ pub struct InvoiceFilter {
 /// transaction per call.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync {
-    /// Appends readings to `raw_readings`.
-    async fn insert_raw_readings(&self, readings: &[RawReading]) -> Result<(), StoreError>;
+    /// Appends readings to `raw_readings`. Shared, not borrowed: the
+    /// embedded store hands them to its archive writer thread without a
+    /// copy, and a retry passes the same batch again.
+    async fn insert_raw_readings(&self, readings: Arc<[RawReading]>) -> Result<(), StoreError>;
 
     /// Upserts per-meter windows on (meter_id, window_start). A window that
     /// is already stored is merged with the new one (counts and sums add,

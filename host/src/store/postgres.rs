@@ -1169,12 +1169,15 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn insert_raw_readings(&self, readings: &[RawReading]) -> Result<(), StoreError> {
+    async fn insert_raw_readings(
+        &self,
+        readings: std::sync::Arc<[RawReading]>,
+    ) -> Result<(), StoreError> {
         if readings.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        insert_raw_readings(&mut tx, readings).await?;
+        insert_raw_readings(&mut tx, &readings).await?;
         tx.commit().await?;
         Ok(())
     }

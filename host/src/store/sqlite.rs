@@ -926,13 +926,17 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn insert_raw_readings(&self, readings: &[RawReading]) -> Result<(), StoreError> {
+    async fn insert_raw_readings(
+        &self,
+        readings: std::sync::Arc<[RawReading]>,
+    ) -> Result<(), StoreError> {
         if readings.is_empty() {
             return Ok(());
         }
         if let Some(archive) = &self.archive {
-            return archive.insert(readings.to_vec()).await;
+            return archive.insert(readings).await;
         }
+        let readings = &readings[..];
         let max = max_chunk_rows(RAW_COLUMNS);
         let mut tx = self.write_tx().await?;
         let mut rest = readings;

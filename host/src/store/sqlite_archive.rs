@@ -21,6 +21,7 @@
 //! Must not: be used for anything but `raw_readings`.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -36,7 +37,7 @@ const INSERT: &str = "INSERT INTO raw_readings (meter_id, region, timestamp, pow
      voltage, current, frequency, power_factor, temperature, energy_kwh, created_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING";
 
-type Job = (Vec<RawReading>, oneshot::Sender<Result<(), StoreError>>);
+type Job = (Arc<[RawReading]>, oneshot::Sender<Result<(), StoreError>>);
 
 /// The writer thread's handle; dropping it lets the thread finish what it
 /// was given, then stops it.
@@ -82,7 +83,7 @@ impl ArchiveWriter {
     }
 
     /// Inserts `readings` in one transaction (each reading once).
-    pub(super) async fn insert(&self, readings: Vec<RawReading>) -> Result<(), StoreError> {
+    pub(super) async fn insert(&self, readings: Arc<[RawReading]>) -> Result<(), StoreError> {
         let (tx, rx) = oneshot::channel();
         let gone = || {
             StoreError::Database(sqlx::Error::Io(std::io::Error::other(
