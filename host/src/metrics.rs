@@ -36,7 +36,7 @@ impl Count {
 /// Labels of a per-stage series.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabel {
-    pub stage: String,
+    pub stage: &'static str,
 }
 
 /// Labels of a plugin version's series.
@@ -156,11 +156,9 @@ counters! {
 
 impl Metrics {
     /// Records one store transaction of `stage`.
-    pub fn store_write(&self, stage: &str, took: Duration) {
+    pub fn store_write(&self, stage: &'static str, took: Duration) {
         self.store_write_seconds
-            .get_or_create(&StageLabel {
-                stage: stage.to_owned(),
-            })
+            .get_or_create(&StageLabel { stage })
             .observe(took.as_secs_f64());
     }
 

@@ -28,6 +28,7 @@ use uuid::Uuid;
 use crate::messages::{AlertStatus, AlertType, KeyedMessage, RuleRef, Severity, TariffReason};
 
 pub mod postgres;
+mod rows;
 mod rules;
 pub mod sqlite;
 mod sqlite_archive;

@@ -42,7 +42,7 @@ use super::{
     Retention, RetentionReport, RuleState, Store, StoreError, StoreOptions, TariffRow, Transition,
     WindowWidth, merge_duplicate_windows,
 };
-use crate::billing::{Invoice, InvoiceLine};
+use crate::billing::Invoice;
 use crate::bus::Topic;
 use crate::messages::KeyedMessage;
 use crate::time::{format_rfc3339_ms, now_ms};
@@ -412,23 +412,8 @@ fn alert_row(row: &PgRow) -> Result<AlertRow, StoreError> {
         metadata: row.try_get("metadata")?,
         created_at_ms: ts(row, "created_at")?,
         updated_at_ms: ts(row, "updated_at")?,
-        rule: rule_ref(row)?,
+        rule: super::rows::rule_ref(row)?,
     })
-}
-
-/// The provenance columns (`rule_name`, `rule_version`, `rule_sha256`).
-fn rule_ref(row: &PgRow) -> Result<Option<crate::messages::RuleRef>, StoreError> {
-    let name: Option<String> = row.try_get("rule_name")?;
-    let Some(name) = name else {
-        return Ok(None);
-    };
-    let version: Option<i64> = row.try_get("rule_version")?;
-    let sha256: Option<String> = row.try_get("rule_sha256")?;
-    Ok(Some(crate::messages::RuleRef {
-        name,
-        version: u64::try_from(version.unwrap_or(0)).unwrap_or(0),
-        sha256: sha256.unwrap_or_default(),
-    }))
 }
 
 fn tariff_row(row: &PgRow) -> Result<TariffRow, StoreError> {
@@ -448,7 +433,7 @@ fn tariff_row(row: &PgRow) -> Result<TariffRow, StoreError> {
         change_percent: row.try_get("change_percent")?,
         load_percentage: row.try_get("load_percentage")?,
         reason: vocabulary(row, T, "reason")?,
-        rule: rule_ref(row)?,
+        rule: super::rows::rule_ref(row)?,
     })
 }
 
@@ -1078,53 +1063,21 @@ impl Store for PostgresStore {
         }
         qb.push(" ORDER BY billing_period_start DESC, invoice_id LIMIT ")
             .push_bind(i64::from(f.limit));
-        let rows = qb.build().fetch_all(&self.pool).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let invoice_id: String = row.try_get("invoice_id")?;
-            let lines = sqlx::query(
-                "SELECT meter_id, tariff_id, period_start, period_end, description, \
-                 kwh::float8 AS kwh, price_per_kwh::float8 AS price_per_kwh, \
-                 amount::float8 AS amount FROM invoice_line_items WHERE invoice_id = $1 \
-                 ORDER BY period_start, line_item_id",
-            )
-            .bind(&invoice_id)
-            .fetch_all(&self.pool)
-            .await?
+        let heads = qb.build().fetch_all(&self.pool).await?;
+        let ids = heads
             .iter()
-            .map(|l| {
-                Ok(InvoiceLine {
-                    meter_id: l
-                        .try_get::<Option<String>, _>("meter_id")?
-                        .unwrap_or_default(),
-                    tariff_id: l.try_get("tariff_id")?,
-                    period_start_ms: ts(l, "period_start")?,
-                    period_end_ms: ts(l, "period_end")?,
-                    description: l
-                        .try_get::<Option<String>, _>("description")?
-                        .unwrap_or_default(),
-                    kwh: l.try_get("kwh")?,
-                    price_per_kwh: l.try_get("price_per_kwh")?,
-                    amount: l.try_get("amount")?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-            out.push(Invoice {
-                meter_id: row
-                    .try_get::<Option<String>, _>("meter_id")?
-                    .unwrap_or_default(),
-                user_id: row.try_get("user_id")?,
-                period_start_ms: ts(&row, "billing_period_start")?,
-                period_end_ms: ts(&row, "billing_period_end")?,
-                total_kwh: row.try_get("total_kwh")?,
-                total_amount: row.try_get("total_amount")?,
-                currency: crate::billing::CURRENCY,
-                status: row.try_get("status")?,
-                line_items: lines,
-                invoice_id,
-            });
-        }
-        Ok(out)
+            .map(|h| h.try_get::<String, _>("invoice_id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let lines = sqlx::query(
+            "SELECT invoice_id, meter_id, tariff_id, period_start, period_end, description, \
+             kwh::float8 AS kwh, price_per_kwh::float8 AS price_per_kwh, \
+             amount::float8 AS amount FROM invoice_line_items WHERE invoice_id = ANY($1) \
+             ORDER BY invoice_id, period_start, line_item_id",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        super::rows::invoices(&heads, &lines, &|r, c| ts(r, c))
     }
 
     async fn delivered_notifications(

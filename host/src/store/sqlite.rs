@@ -29,7 +29,7 @@ use super::{
     Retention, RetentionReport, RuleState, Store, StoreError, StoreOptions, TariffRow, Transition,
     WindowWidth, merge_duplicate_windows,
 };
-use crate::billing::{Invoice, InvoiceLine};
+use crate::billing::Invoice;
 use crate::bus::Topic;
 use crate::messages::KeyedMessage;
 use crate::time::{format_rfc3339_ms, now_ms, parse_rfc3339_ms};
@@ -242,6 +242,9 @@ const TARIFF_COLUMNS: &str = "tariff_id, region, time_of_day, price_per_kwh, eff
 
 // --------------------------------------------------------------- decoding
 
+/// Ids bound in one `IN (…)` query (under SQLite's bind limit).
+const IDS_PER_QUERY: usize = 5_000;
+
 fn ts(row: &SqliteRow, table: &'static str, column: &'static str) -> Result<i64, StoreError> {
     let s: &str = row.try_get(column)?;
     parse_rfc3339_ms(s).ok_or_else(|| StoreError::Corrupt {
@@ -363,23 +366,8 @@ fn alert_row(row: &SqliteRow) -> Result<AlertRow, StoreError> {
         })?,
         created_at_ms: ts(row, T, "created_at")?,
         updated_at_ms: ts(row, T, "updated_at")?,
-        rule: rule_ref(row)?,
+        rule: super::rows::rule_ref(row)?,
     })
-}
-
-/// The provenance columns (`rule_name`, `rule_version`, `rule_sha256`).
-fn rule_ref(row: &SqliteRow) -> Result<Option<crate::messages::RuleRef>, StoreError> {
-    let name: Option<String> = row.try_get("rule_name")?;
-    let Some(name) = name else {
-        return Ok(None);
-    };
-    let version: Option<i64> = row.try_get("rule_version")?;
-    let sha256: Option<String> = row.try_get("rule_sha256")?;
-    Ok(Some(crate::messages::RuleRef {
-        name,
-        version: u64::try_from(version.unwrap_or(0)).unwrap_or(0),
-        sha256: sha256.unwrap_or_default(),
-    }))
 }
 
 fn tariff_row(row: &SqliteRow) -> Result<TariffRow, StoreError> {
@@ -399,7 +387,7 @@ fn tariff_row(row: &SqliteRow) -> Result<TariffRow, StoreError> {
         change_percent: row.try_get("change_percent")?,
         load_percentage: row.try_get("load_percentage")?,
         reason: vocabulary(row, T, "reason")?,
-        rule: rule_ref(row)?,
+        rule: super::rows::rule_ref(row)?,
     })
 }
 
@@ -830,52 +818,23 @@ impl Store for SqliteStore {
         }
         qb.push(" ORDER BY billing_period_start DESC, invoice_id LIMIT ")
             .push_bind(i64::from(f.limit));
-        let rows = qb.build().fetch_all(&self.pool).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let invoice_id: String = row.try_get("invoice_id")?;
-            let lines = sqlx::query(
-                "SELECT meter_id, tariff_id, period_start, period_end, description, kwh, \
-                 price_per_kwh, amount FROM invoice_line_items WHERE invoice_id = ? \
-                 ORDER BY period_start, line_item_id",
-            )
-            .bind(&invoice_id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|l| {
-                Ok(InvoiceLine {
-                    meter_id: l
-                        .try_get::<Option<String>, _>("meter_id")?
-                        .unwrap_or_default(),
-                    tariff_id: l.try_get("tariff_id")?,
-                    period_start_ms: ts(l, "invoice_line_items", "period_start")?,
-                    period_end_ms: ts(l, "invoice_line_items", "period_end")?,
-                    description: l
-                        .try_get::<Option<String>, _>("description")?
-                        .unwrap_or_default(),
-                    kwh: l.try_get("kwh")?,
-                    price_per_kwh: l.try_get("price_per_kwh")?,
-                    amount: l.try_get("amount")?,
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-            out.push(Invoice {
-                meter_id: row
-                    .try_get::<Option<String>, _>("meter_id")?
-                    .unwrap_or_default(),
-                user_id: row.try_get("user_id")?,
-                period_start_ms: ts(&row, "invoices", "billing_period_start")?,
-                period_end_ms: ts(&row, "invoices", "billing_period_end")?,
-                total_kwh: row.try_get("total_kwh")?,
-                total_amount: row.try_get("total_amount")?,
-                currency: crate::billing::CURRENCY,
-                status: row.try_get("status")?,
-                line_items: lines,
-                invoice_id,
-            });
+        let heads = qb.build().fetch_all(&self.pool).await?;
+        // Their line items, in few queries (ids bound in chunks).
+        let mut lines = Vec::new();
+        for chunk in heads.chunks(IDS_PER_QUERY) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT invoice_id, meter_id, tariff_id, period_start, period_end, \
+                 description, kwh, price_per_kwh, amount FROM invoice_line_items \
+                 WHERE invoice_id IN (",
+            );
+            let mut ids = q.separated(", ");
+            for head in chunk {
+                ids.push_bind(head.try_get::<String, _>("invoice_id")?);
+            }
+            q.push(") ORDER BY invoice_id, period_start, line_item_id");
+            lines.extend(q.build().fetch_all(&self.pool).await?);
         }
-        Ok(out)
+        super::rows::invoices(&heads, &lines, &|r, c| ts(r, "invoices", c))
     }
 
     async fn delivered_notifications(
@@ -884,16 +843,22 @@ impl Store for SqliteStore {
         event_ids: &[String],
     ) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
-        for id in event_ids {
-            let found: Option<String> = sqlx::query_scalar(
-                "SELECT event_id FROM notification_deliveries \
-                 WHERE webhook = ? AND event_id = ? AND status = 'delivered'",
-            )
-            .bind(webhook)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-            out.extend(found);
+        for chunk in event_ids.chunks(IDS_PER_QUERY) {
+            let mut q = QueryBuilder::<Sqlite>::new(
+                "SELECT event_id FROM notification_deliveries WHERE status = 'delivered' \
+                 AND webhook = ",
+            );
+            q.push_bind(webhook).push(" AND event_id IN (");
+            let mut ids = q.separated(", ");
+            for id in chunk {
+                ids.push_bind(id.clone());
+            }
+            q.push(")");
+            out.extend(
+                q.build_query_scalar::<String>()
+                    .fetch_all(&self.pool)
+                    .await?,
+            );
         }
         Ok(out)
     }
