@@ -165,13 +165,7 @@ async fn a_broker_restart_mid_stream_loses_nothing_acknowledged() {
             loop {
                 attempt += 1;
                 assert!(attempt < 300, "tick {k}: too many attempts");
-                let r = client
-                    .post(format!("{url}/telemetry/batch"))
-                    .header("content-type", "application/json")
-                    .body(batch.body.clone())
-                    .send()
-                    .await
-                    .unwrap();
+                let r = common::post_batch(&client, &url, &batch.body).await;
                 match r.status().as_u16() {
                     200 => {
                         acked.extend(keys(&batch.body));

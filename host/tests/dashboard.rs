@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use segs::app::App;
-use segs::config::PipelineConfig;
 use segs::simulator::Simulator;
-use segs::store::AlertFilter;
 use serde_json::{Value, json};
 
 /// A `chromedriver` on a free port, killed on drop.
@@ -184,16 +182,7 @@ async fn the_dashboard_shows_the_surge_live_and_acknowledges_an_alert() {
     let sim_cfg = common::sim_config(23);
     let mut sim = Simulator::new(sim_cfg.clone()).unwrap();
     let surged = sim_cfg.regions[0].clone();
-    let mut doc = common::config_doc(&sim);
-    doc["store"].as_table_mut().unwrap().insert(
-        "url".into(),
-        toml::Value::String(format!("sqlite://{}", dir.path().join("segs.db").display())),
-    );
-    doc["bus"].as_table_mut().unwrap().insert(
-        "path".into(),
-        toml::Value::String(dir.path().join("segs-bus.db").display().to_string()),
-    );
-    let cfg = PipelineConfig::load(&common::write(dir.path(), "pipeline.toml", &doc)).unwrap();
+    let cfg = common::embedded_config(dir.path(), &sim);
     let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -210,18 +199,7 @@ async fn the_dashboard_shows_the_surge_live_and_acknowledges_an_alert() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let client = reqwest::Client::new();
-    for k in 0..72 {
-        for batch in sim.next_batches(1000) {
-            let r = client
-                .post(format!("{url}/telemetry/batch"))
-                .header("content-type", "application/json")
-                .body(batch.body.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 200, "tick {k}");
-        }
-    }
+    common::post_ticks(&client, &url, &mut sim, 0..72).await;
 
     // The surge: regional load, an overload alert and a tariff change.
     browser
@@ -258,13 +236,7 @@ async fn the_dashboard_shows_the_surge_live_and_acknowledges_an_alert() {
     let error = browser.wait_for("#error").await;
     assert_eq!(browser.text(&error).await, "", "the page reported an error");
     let store = app.ctx.store.clone();
-    let stored = store
-        .list_alerts(&AlertFilter {
-            limit: 100,
-            ..AlertFilter::default()
-        })
-        .await
-        .unwrap();
+    let stored = common::all_alerts(&*store).await;
     let alert = stored.iter().find(|a| a.alert_type == "OVERLOAD").unwrap();
     assert_eq!(alert.status, "acknowledged");
     assert_eq!(alert.acknowledged_by.as_deref(), Some("dashboard"));

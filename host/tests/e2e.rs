@@ -252,13 +252,7 @@ async fn scripted_stream(services: Services) {
     );
 
     // Anomalies: the spike and the outage, once each after dedupe; nothing else.
-    let alerts = store
-        .list_alerts(&AlertFilter {
-            limit: 1000,
-            ..AlertFilter::default()
-        })
-        .await
-        .unwrap();
+    let alerts = common::all_alerts(&*store).await;
     let anomalies: Vec<_> = alerts
         .iter()
         .filter(|a| a.alert_type == "ANOMALY")

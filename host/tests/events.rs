@@ -9,9 +9,7 @@ mod common;
 use std::time::Duration;
 
 use segs::app::App;
-use segs::config::PipelineConfig;
 use segs::simulator::Simulator;
-use segs::store::AlertFilter;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -85,16 +83,7 @@ async fn clients_see_the_streams_decisions_in_order_and_resume_without_gaps() {
     let dir = tempfile::tempdir().unwrap();
     let sim_cfg = common::sim_config(13);
     let mut sim = Simulator::new(sim_cfg.clone()).unwrap();
-    let mut doc = common::config_doc(&sim);
-    doc["store"].as_table_mut().unwrap().insert(
-        "url".into(),
-        toml::Value::String(format!("sqlite://{}", dir.path().join("segs.db").display())),
-    );
-    doc["bus"].as_table_mut().unwrap().insert(
-        "path".into(),
-        toml::Value::String(dir.path().join("segs-bus.db").display().to_string()),
-    );
-    let cfg = PipelineConfig::load(&common::write(dir.path(), "pipeline.toml", &doc)).unwrap();
+    let cfg = common::embedded_config(dir.path(), &sim);
     let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -114,18 +103,7 @@ async fn clients_see_the_streams_decisions_in_order_and_resume_without_gaps() {
     // Twelve simulated minutes: the surge raises an overload alert and
     // moves the price; regional load comes every minute.
     let client = reqwest::Client::new();
-    for k in 0..72 {
-        for batch in sim.next_batches(1000) {
-            let r = client
-                .post(format!("{url}/telemetry/batch"))
-                .header("content-type", "application/json")
-                .body(batch.body.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 200, "tick {k}");
-        }
-    }
+    common::post_ticks(&client, &url, &mut sim, 0..72).await;
 
     // The early client takes three events and goes away.
     let mut resumed: Vec<Sse> = Vec::new();
@@ -140,13 +118,7 @@ async fn clients_see_the_streams_decisions_in_order_and_resume_without_gaps() {
     // (The alert and tariff stages run apart: wait for both decisions.)
     let mut found = None;
     for _ in 0..600 {
-        let alerts = store
-            .list_alerts(&AlertFilter {
-                limit: 1000,
-                ..AlertFilter::default()
-            })
-            .await
-            .unwrap();
+        let alerts = common::all_alerts(&*store).await;
         let tariffs = store.tariff_history(None, 1000).await.unwrap();
         // The surge's price goes up and back down: two changes.
         if alerts.iter().any(|a| a.alert_type == "OVERLOAD") && tariffs.len() >= 2 {
@@ -238,36 +210,16 @@ async fn metrics_are_served_in_the_prometheus_text_format() {
     let dir = tempfile::tempdir().unwrap();
     let sim_cfg = common::sim_config(19);
     let mut sim = Simulator::new(sim_cfg.clone()).unwrap();
-    let mut doc = common::config_doc(&sim);
-    doc["store"].as_table_mut().unwrap().insert(
-        "url".into(),
-        toml::Value::String(format!("sqlite://{}", dir.path().join("segs.db").display())),
-    );
-    doc["bus"].as_table_mut().unwrap().insert(
-        "path".into(),
-        toml::Value::String(dir.path().join("segs-bus.db").display().to_string()),
-    );
-    let cfg = PipelineConfig::load(&common::write(dir.path(), "pipeline.toml", &doc)).unwrap();
+    let cfg = common::embedded_config(dir.path(), &sim);
     let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let url = format!("http://{}", app.addr);
     let client = reqwest::Client::new();
-    let mut accepted = 0u64;
-    for _ in 0..12 {
-        for batch in sim.next_batches(1000) {
-            let r = client
-                .post(format!("{url}/telemetry/batch"))
-                .header("content-type", "application/json")
-                .body(batch.body.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 200);
-            let answer: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-            accepted += answer["accepted"].as_u64().unwrap();
-        }
-    }
+    // Each reading acknowledged once (re-sent ones are duplicates).
+    let accepted = common::post_ticks(&client, &url, &mut sim, 0..12)
+        .await
+        .len() as u64;
     // The archive stores every reading; its writes are timed.
     let store = app.ctx.store.clone();
     for _ in 0..600 {

@@ -11,13 +11,11 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use common::keys;
 use parking_lot::Mutex;
 use segs::app::App;
-use segs::config::{PipelineConfig, WebhookConfig};
+use segs::config::WebhookConfig;
 use segs::pipeline::notify::signature;
 use segs::simulator::Simulator;
-use segs::store::AlertFilter;
 use serde_json::Value;
 
 /// What the receiver saw.
@@ -77,17 +75,7 @@ async fn a_webhook_gets_every_alert_and_tariff_once_signed_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let sim_cfg = common::sim_config(11);
     let mut sim = Simulator::new(sim_cfg.clone()).unwrap();
-    let mut doc = common::config_doc(&sim);
-    doc["store"].as_table_mut().unwrap().insert(
-        "url".into(),
-        toml::Value::String(format!("sqlite://{}", dir.path().join("segs.db").display())),
-    );
-    doc["bus"].as_table_mut().unwrap().insert(
-        "path".into(),
-        toml::Value::String(dir.path().join("segs-bus.db").display().to_string()),
-    );
-    let path = common::write(dir.path(), "pipeline.toml", &doc);
-    let mut cfg = PipelineConfig::load(&path).unwrap();
+    let mut cfg = common::embedded_config(dir.path(), &sim);
     let hook: WebhookConfig = toml::from_str(&format!(
         "name = \"ops\"\nurl = \"{receiver}\"\nsecret = \"{SECRET}\"\nmax_backoff_s = 1"
     ))
@@ -103,32 +91,14 @@ async fn a_webhook_gets_every_alert_and_tariff_once_signed_across_a_restart() {
             .await
             .unwrap();
         let url = format!("http://{}", app.addr);
-        for k in half {
-            for batch in sim.next_batches(1000) {
-                let r = client
-                    .post(format!("{url}/telemetry/batch"))
-                    .header("content-type", "application/json")
-                    .body(batch.body.clone())
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status().as_u16(), 200, "tick {k}");
-                acked.extend(keys(&batch.body));
-            }
-        }
+        acked.extend(common::post_ticks(&client, &url, &mut sim, half).await);
         let unfinished = app.shutdown().await;
         assert!(unfinished.is_empty(), "{unfinished:?}");
     }
 
     // What the store decided is what the receiver got: each once.
     let store = segs::store::open(&cfg.store.url).await.unwrap();
-    let alerts = store
-        .list_alerts(&AlertFilter {
-            limit: 1000,
-            ..AlertFilter::default()
-        })
-        .await
-        .unwrap();
+    let alerts = common::all_alerts(&*store).await;
     let tariffs = store.tariff_history(None, 1000).await.unwrap();
     assert!(
         !alerts.is_empty() && !tariffs.is_empty(),

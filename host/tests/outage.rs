@@ -155,13 +155,7 @@ async fn cut_off_and_back(what: Cut) {
             loop {
                 attempt += 1;
                 assert!(attempt < 1200, "tick {k}: too many attempts");
-                let r = client
-                    .post(format!("{url}/telemetry/batch"))
-                    .header("content-type", "application/json")
-                    .body(batch.body.clone())
-                    .send()
-                    .await
-                    .unwrap();
+                let r = common::post_batch(&client, &url, &batch.body).await;
                 match r.status().as_u16() {
                     200 => {
                         acked.extend(keys(&batch.body));
@@ -297,13 +291,7 @@ async fn shutdown_while_postgres_is_down_is_bounded_and_names_what_it_could_not_
             proxy.cut();
         }
         for batch in sim.next_batches(1000) {
-            let r = client
-                .post(format!("{url}/telemetry/batch"))
-                .header("content-type", "application/json")
-                .body(batch.body.clone())
-                .send()
-                .await
-                .unwrap();
+            let r = common::post_batch(&client, &url, &batch.body).await;
             assert_eq!(r.status().as_u16(), 200, "tick {k}");
             acked.extend(keys(&batch.body));
         }

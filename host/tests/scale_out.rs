@@ -117,13 +117,7 @@ async fn send(sim: &mut Simulator, url: &str, ticks: u64, mut after_tick: impl F
             loop {
                 attempt += 1;
                 assert!(attempt < 100, "tick {k}: too many attempts");
-                let r = client
-                    .post(format!("{url}/telemetry/batch"))
-                    .header("content-type", "application/json")
-                    .body(batch.body.clone())
-                    .send()
-                    .await
-                    .unwrap();
+                let r = common::post_batch(&client, url, &batch.body).await;
                 match r.status().as_u16() {
                     200 => break,
                     503 => tokio::time::sleep(Duration::from_millis(200)).await,

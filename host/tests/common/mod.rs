@@ -1,13 +1,16 @@
-//! What the process-level tests share (`crash`, `scale_out`,
-//! `broker_restart`, `outage`): the scripted stream, the shipped config made
-//! runnable from a test, the Kafka settings for the test broker, and the
-//! exactly-once count checks. Each test crate uses part of it.
+//! What the process-level and end-to-end tests share: the scripted stream,
+//! the shipped config made runnable from a test (as a file, or embedded in
+//! a temporary folder), posting it, the Kafka settings for the test broker,
+//! and the exactly-once count checks. Each test crate uses part of it.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use segs::config::PipelineConfig;
 use segs::simulator::{self, SimConfig, Simulator};
-use segs::store::{AggregateQuery, Store, WindowWidth};
+use segs::store::{AggregateQuery, AlertFilter, AlertRow, Store, WindowWidth};
 use serde_json::Value;
 
 pub fn root() -> PathBuf {
@@ -110,6 +113,63 @@ pub fn write(dir: &Path, name: &str, doc: &toml::Table) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, toml::to_string(doc).unwrap()).unwrap();
     path
+}
+
+/// The shipped config for `sim` (see [`config_doc`]) on the embedded
+/// default, its SQLite store and bus journal in `dir`.
+pub fn embedded_config(dir: &Path, sim: &Simulator) -> PipelineConfig {
+    let mut doc = config_doc(sim);
+    doc["store"].as_table_mut().unwrap().insert(
+        "url".into(),
+        toml::Value::String(format!("sqlite://{}", dir.join("segs.db").display())),
+    );
+    doc["bus"].as_table_mut().unwrap().insert(
+        "path".into(),
+        toml::Value::String(dir.join("segs-bus.db").display().to_string()),
+    );
+    PipelineConfig::load(&write(dir, "pipeline.toml", &doc)).unwrap()
+}
+
+/// `POST {url}/telemetry/batch` with `body`.
+pub async fn post_batch(client: &reqwest::Client, url: &str, body: &[u8]) -> reqwest::Response {
+    client
+        .post(format!("{url}/telemetry/batch"))
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Posts `sim`'s ticks `ticks` to `url`, every request answered 2xx; the
+/// (meterId, timestamp) of every reading acknowledged (its size is the
+/// readings accepted: the re-sent ones are in it once).
+pub async fn post_ticks(
+    client: &reqwest::Client,
+    url: &str,
+    sim: &mut Simulator,
+    ticks: Range<u64>,
+) -> HashSet<(String, String)> {
+    let mut acked = HashSet::new();
+    for k in ticks {
+        for batch in sim.next_batches(1000) {
+            let r = post_batch(client, url, &batch.body).await;
+            assert_eq!(r.status().as_u16(), 200, "tick {k}");
+            acked.extend(keys(&batch.body));
+        }
+    }
+    acked
+}
+
+/// Every alert stored (up to 1000).
+pub async fn all_alerts(store: &dyn Store) -> Vec<AlertRow> {
+    store
+        .list_alerts(&AlertFilter {
+            limit: 1000,
+            ..AlertFilter::default()
+        })
+        .await
+        .unwrap()
 }
 
 /// (meterId, timestamp) of every reading in a batch body.
