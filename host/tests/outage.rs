@@ -16,10 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{METERS, keys, root};
+use common::{METERS, keys};
 use parking_lot::Mutex;
 use segs::app::App;
-use segs::config::{PipelineConfig, RegionConfig};
 use segs::simulator::Simulator;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
@@ -110,11 +109,9 @@ async fn cut_off_and_back(what: Cut) {
     .await;
 
     let dir = tempfile::tempdir().unwrap();
-    assert!(
-        root().join("target/plugins/anomaly.wasm").exists(),
-        "run `cargo xtask build-plugins` (or `cargo xtask test`)"
-    );
-    let mut cfg = PipelineConfig::load(&root().join("pipeline.toml")).unwrap();
+    let sim_cfg = common::sim_config(3);
+    let mut sim = Simulator::new(sim_cfg.clone()).unwrap();
+    let mut cfg = common::embedded_config(dir.path(), &sim);
     match what {
         Cut::Postgres => {
             cfg.store.url = format!("postgres://postgres@127.0.0.1:{}/{name}", proxy.port);
@@ -124,18 +121,6 @@ async fn cut_off_and_back(what: Cut) {
             cfg.dedupe.kind = segs::config::DedupeKind::Redis;
             cfg.dedupe.redis_url = format!("redis://127.0.0.1:{}", proxy.port);
         }
-    }
-    cfg.bus.path = dir.path().join("segs-bus.db");
-    let sim_cfg = common::sim_config(3);
-    let mut sim = Simulator::new(sim_cfg.clone()).unwrap();
-    for r in &sim_cfg.regions {
-        cfg.regions.insert(
-            r.clone(),
-            RegionConfig {
-                capacity_kw: sim.region_base_load(r) / 0.6,
-                base_price_per_kwh: 6.5,
-            },
-        );
     }
     let app = App::start(cfg, "127.0.0.1:0".parse().unwrap())
         .await
@@ -258,25 +243,11 @@ async fn shutdown_while_postgres_is_down_is_bounded_and_names_what_it_could_not_
     let (_, admin, name) = common::postgres_database("segs_shutdown").await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
     let dir = tempfile::tempdir().unwrap();
-    assert!(
-        root().join("target/plugins/anomaly.wasm").exists(),
-        "run `cargo xtask build-plugins` (or `cargo xtask test`)"
-    );
-    let mut cfg = PipelineConfig::load(&root().join("pipeline.toml")).unwrap();
-    cfg.store.url = format!("postgres://postgres@127.0.0.1:{}/{name}", proxy.port);
-    cfg.bus.path = dir.path().join("segs-bus.db");
-    cfg.shutdown.grace_s = 3;
     let sim_cfg = common::sim_config(5);
     let mut sim = Simulator::new(sim_cfg.clone()).unwrap();
-    for r in &sim_cfg.regions {
-        cfg.regions.insert(
-            r.clone(),
-            RegionConfig {
-                capacity_kw: sim.region_base_load(r) / 0.6,
-                base_price_per_kwh: 6.5,
-            },
-        );
-    }
+    let mut cfg = common::embedded_config(dir.path(), &sim);
+    cfg.store.url = format!("postgres://postgres@127.0.0.1:{}/{name}", proxy.port);
+    cfg.shutdown.grace_s = 3;
     let app = App::start(cfg.clone(), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
