@@ -590,6 +590,29 @@ mod tests {
     }
 
     #[test]
+    fn an_alert_id_is_derived_from_what_raised_it() {
+        // A replay raises the same alert: the same id.
+        let id = Alert::derived_id(AlertType::Overload, "Mumbai-North", 60_000);
+        assert_eq!(
+            id,
+            Alert::derived_id(AlertType::Overload, "Mumbai-North", 60_000)
+        );
+        // Anything else differing: another alert.
+        assert_ne!(
+            id,
+            Alert::derived_id(AlertType::Overload, "Mumbai-North", 120_000)
+        );
+        assert_ne!(
+            id,
+            Alert::derived_id(AlertType::Overload, "Delhi-South", 60_000)
+        );
+        assert_ne!(
+            id,
+            Alert::derived_id(AlertType::Anomaly, "Mumbai-North", 60_000)
+        );
+    }
+
+    #[test]
     fn a_regional_window_without_capacity_still_reads() {
         let w: RegionalWindow = decode(
             br#"{"region":"R","timestamp":"2025-11-12T06:30:00.000Z","meter_count":2,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use segs::dedupe::{
     Claim, Clock, Dedupe, DedupeError, KeyBatch, ManualClock, MemoryDedupe, RedisDedupe,
 };
+use segs::shared::SharedRuleState;
 
 /// The Redis the tests use; `SEGS_TEST_REDIS_URL` overrides it.
 fn redis_url() -> String {
@@ -235,4 +236,75 @@ async fn unreachable_redis_is_a_clear_error() {
         .await
         .expect_err("bad URL");
     assert!(matches!(err, DedupeError::InvalidUrl { .. }), "{err:?}");
+}
+
+// ------------------------------------------------ the rule stages' state
+
+fn tariff(region: &str, id: &str, price: f64, from_ms: i64) -> segs::store::TariffRow {
+    segs::store::TariffRow {
+        tariff_id: id.into(),
+        region: region.into(),
+        time_of_day: None,
+        price_per_kwh: price,
+        effective_from_ms: from_ms,
+        effective_to_ms: None,
+        is_active: true,
+        created_by: None,
+        created_at_ms: from_ms,
+        updated_at_ms: from_ms,
+        previous_price: None,
+        change_percent: None,
+        load_percentage: None,
+        reason: segs::messages::TariffReason::HighLoad,
+        rule: None,
+    }
+}
+
+/// An alert's dedupe mark belongs to the first alert id that claims it; the
+/// same id claiming it again (a replay of that alert after a crash between
+/// Redis and the store) still owns it; another id never does.
+#[tokio::test]
+async fn redis_alert_marks_belong_to_the_first_alert_id() {
+    let s = SharedRuleState::connect(&redis_url()).await.unwrap();
+    let key = format!("{}alert:dedupe:MTR-1:ANOMALY:1", run_prefix("alerts"));
+    let (first, other) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let owned = s
+        .claim_alerts(&[(&key, first), (&key, other)], 60_000)
+        .await
+        .unwrap();
+    assert_eq!(owned, vec![true, false], "first in the call wins");
+    let again = s.claim_alerts(&[(&key, first)], 60_000).await.unwrap();
+    assert_eq!(
+        again,
+        vec![true],
+        "a replay of the same alert still owns it"
+    );
+    let later = s.claim_alerts(&[(&key, other)], 60_000).await.unwrap();
+    assert_eq!(later, vec![false]);
+}
+
+/// `tariff:{region}:current` takes a price only over an earlier one: a
+/// process that lost the region cannot put back a stale price.
+#[tokio::test]
+async fn redis_tariff_cache_never_goes_back_to_an_earlier_price() {
+    let s = SharedRuleState::connect(&redis_url()).await.unwrap();
+    let region = run_prefix("tariff");
+    let newer = tariff(&region, "TRF-2", 7.15, 2_000);
+    let older = tariff(&region, "TRF-1", 6.5, 1_000);
+    assert_eq!(s.set_current_tariffs(&[newer]).await.unwrap(), 1);
+    assert_eq!(s.set_current_tariffs(&[older]).await.unwrap(), 0, "older");
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let current: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(segs::shared::tariff_key(&region))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(current["tariff_id"], "TRF-2");
+    assert_eq!(current["price_per_kwh"].parse::<f64>().unwrap(), 7.15);
+    let _: () = redis::cmd("DEL")
+        .arg(segs::shared::tariff_key(&region))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 }

@@ -175,6 +175,7 @@ on_both_backends! {
     rows_serialize_with_the_seeds_column_names: memory,
     fifty_thousand_readings_in_one_call: file,
     billing_prices_each_window_by_the_tariff_in_force_and_never_bills_twice: file,
+    a_delivered_notification_stays_delivered: memory,
     retention_deletes_only_old_rows: file,
     apply_stores_everything_or_nothing_with_its_outbox: file,
     a_claimed_checkpoint_fences_off_its_previous_writer: memory,
@@ -1824,4 +1825,51 @@ async fn billing_prices_each_window_by_the_tariff_in_force_and_never_bills_twice
         .unwrap();
     assert_eq!(by_user.len(), 1);
     assert_eq!(by_user[0].meter_id, "MTR-A");
+}
+
+async fn a_delivered_notification_stays_delivered(db: &Db) {
+    let store = db.open().await;
+    let entry = |event: &str, delivered: bool, attempts: u32| store::NotificationLog {
+        webhook: "ops".into(),
+        event_id: event.into(),
+        event_type: "alert",
+        delivered,
+        attempts,
+        response_status: Some(if delivered { 204 } else { 503 }),
+        last_error: (!delivered).then(|| "the receiver answered 503".into()),
+        at_ms: 1_000 + i64::from(attempts),
+    };
+    store
+        .log_notification(&entry("alert:a", false, 1))
+        .await
+        .unwrap();
+    store
+        .log_notification(&entry("alert:a", true, 2))
+        .await
+        .unwrap();
+    // A late failure report (an attempt that raced the delivery) changes
+    // nothing: the event is not sent again.
+    store
+        .log_notification(&entry("alert:a", false, 3))
+        .await
+        .unwrap();
+    store
+        .log_notification(&entry("alert:b", false, 1))
+        .await
+        .unwrap();
+    let ids = [
+        "alert:a".to_owned(),
+        "alert:b".to_owned(),
+        "alert:c".to_owned(),
+    ];
+    let delivered = store.delivered_notifications("ops", &ids).await.unwrap();
+    assert_eq!(delivered, vec!["alert:a".to_owned()]);
+    assert!(
+        store
+            .delivered_notifications("other", &ids)
+            .await
+            .unwrap()
+            .is_empty(),
+        "per webhook"
+    );
 }

@@ -179,3 +179,56 @@ fn stream(client: Client) -> impl Stream<Item = Result<Event, Infallible>> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::live::BACKLOG;
+
+    fn client(feed: &Arc<LiveFeed>) -> Client {
+        let r = feed.resume(None);
+        Client {
+            feed: feed.clone(),
+            filter: Filter {
+                kinds: vec![LiveKind::Alert],
+                region: None,
+            },
+            reset: None,
+            backlog: r.backlog.into(),
+            rx: r.rx,
+            closed: r.closed,
+            _slot: feed.client_slot().unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_keeps_up_gets_each_event() {
+        let feed = Arc::new(LiveFeed::new());
+        let mut s = Box::pin(stream(client(&feed)));
+        feed.publish(LiveKind::Tariff, None, &0); // filtered out
+        feed.publish(LiveKind::Alert, None, &1);
+        assert!(s.next().await.is_some());
+    }
+
+    /// Publishing never waits for clients: one more than `BACKLOG` events
+    /// behind, a client's stream ends (it may resume from its last id).
+    #[tokio::test]
+    async fn a_client_too_far_behind_is_dropped() {
+        let feed = Arc::new(LiveFeed::new());
+        let mut s = Box::pin(stream(client(&feed)));
+        for i in 0..=BACKLOG {
+            feed.publish(LiveKind::Alert, None, &i);
+        }
+        assert!(s.next().await.is_none(), "dropped, not slowed down");
+    }
+
+    #[tokio::test]
+    async fn streams_end_when_the_process_stops() {
+        let feed = Arc::new(LiveFeed::new());
+        let mut s = Box::pin(stream(client(&feed)));
+        feed.close();
+        assert!(s.next().await.is_none());
+    }
+}
