@@ -653,10 +653,13 @@ impl Partition {
                 ctx.metrics
                     .anomalies
                     .fetch_add(findings.len() as u64, Ordering::Relaxed);
-                let rule = anomaly.served_by().provenance();
-                for f in findings {
-                    let alert = self.alert(&f, &rule);
-                    self.pending.alerts.push(alert);
+                // Provenance is copied only for a batch that found something.
+                if !findings.is_empty() {
+                    let rule = anomaly.served_by().provenance();
+                    for f in findings {
+                        let alert = self.alert(&f, &rule);
+                        self.pending.alerts.push(alert);
+                    }
                 }
             }
             Err(e) => {
