@@ -6,8 +6,6 @@
 //!
 //! Must not: decide anything about the fault; the slot has done that.
 
-use std::time::Duration;
-
 use tokio::sync::mpsc;
 
 use super::Context;
@@ -77,18 +75,7 @@ pub fn alert(event: &PluginEvent) -> Alert {
 /// fails is retried (the bus refuses only while it is behind or down).
 pub async fn raise_alerts(ctx: Context, mut events: mpsc::UnboundedReceiver<PluginEvent>) {
     while let Some(event) = events.recv().await {
-        let message = KeyedMessage::of(&alert(&event));
-        let mut wait = Duration::from_millis(100);
-        loop {
-            let record = message.record(crate::time::now_ms());
-            match ctx.bus.produce(Topic::Alerts, vec![record]).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "publishing a plugin alert failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        let record = KeyedMessage::of(&alert(&event)).record(crate::time::now_ms());
+        super::publish(&ctx, "faults", Topic::Alerts, vec![record]).await;
     }
 }

@@ -518,7 +518,7 @@ async fn publish(ctx: &Context, stage: &'static str, topic: Topic, records: Vec<
     if records.is_empty() {
         return;
     }
-    let mut delay = Duration::from_millis(10);
+    let mut full = retry_delays(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         match ctx.bus.produce(topic, records.clone()).await {
             Ok(()) => {
@@ -526,8 +526,7 @@ async fn publish(ctx: &Context, stage: &'static str, topic: Topic, records: Vec<
                 return;
             }
             Err(crate::bus::BusError::Full { .. }) => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
+                tokio::time::sleep(full.next().unwrap_or(Duration::from_secs(1))).await;
             }
             Err(e) => {
                 ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
@@ -678,7 +677,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    let mut delay = Duration::from_millis(50);
+    let mut delays = retry_delays(Duration::from_millis(50), Duration::from_secs(2));
     let mut attempt = 0u32;
     loop {
         attempt += 1;
@@ -691,11 +690,21 @@ where
                 ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
                 ctx.metrics.health.failed(stage, what, &e.to_string());
                 tracing::error!(%e, attempt, stage, what, "failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(2))).await;
             }
         }
     }
+}
+
+/// The waits between the attempts of a retry loop: doubling from `first`
+/// up to `max`, without end (backon's exponential backoff).
+pub(crate) fn retry_delays(first: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(first)
+        .with_max_delay(max)
+        .without_max_times()
+        .build()
 }
 
 #[cfg(test)]

@@ -169,8 +169,8 @@ impl NotifyStage {
             data: e.data,
         })
         .expect("a delivery body serializes");
-        let mut backoff = FIRST_BACKOFF;
         let max_backoff = Duration::from_secs(self.hook.max_backoff_s);
+        let mut delays = super::retry_delays(FIRST_BACKOFF, max_backoff);
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -216,6 +216,7 @@ impl NotifyStage {
                 return;
             };
             m.notification_failures.fetch_add(1, Ordering::Relaxed);
+            let backoff = delays.next().unwrap_or(max_backoff);
             tracing::warn!(
                 webhook = %self.hook.name,
                 event = %e.id,
@@ -225,7 +226,6 @@ impl NotifyStage {
                 "webhook delivery failed; will retry"
             );
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(max_backoff);
         }
     }
 }
