@@ -258,21 +258,34 @@ async fn healthz(State(s): State<ApiState>) -> Response {
 /// How long one readiness check may take.
 const READY_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Readiness: the bus, the store and the dedupe store each answer within
-/// [`READY_CHECK`], and no stage is retrying; otherwise 503, naming what is
-/// wrong.
+/// Each running stage's lag per topic and partition (`None` when the bus
+/// could not say within [`READY_CHECK`]), asked of the bus concurrently.
+async fn stage_lags(s: &ApiState) -> Vec<(&'static str, &'static str, Option<LagParts>)> {
+    let running = s.metrics.health.snapshot();
+    let asks = crate::pipeline::STAGE_INPUTS
+        .into_iter()
+        .filter(|(name, _, _)| running.contains_key(name))
+        .map(|(name, group, topics)| async move {
+            let lag = tokio::time::timeout(READY_CHECK, s.bus.lag(group, topics))
+                .await
+                .ok()
+                .and_then(Result::ok);
+            (name, group, lag)
+        });
+    futures::future::join_all(asks).await
+}
+
+/// A consumer group's lag: (topic, partition, records not committed).
+type LagParts = Vec<(Topic, u32, u64)>;
+
 /// `GET /metrics`: the registry in the OpenMetrics text format (Prometheus
 /// scrapes it), with each running stage's bus lag per topic and partition
 /// looked up now.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus metrics (OpenMetrics text)", content_type = "application/openmetrics-text")))]
 async fn metrics(State(s): State<ApiState>) -> Response {
-    let running = s.metrics.health.snapshot();
-    for (name, group, topics) in crate::pipeline::STAGE_INPUTS {
-        if !running.contains_key(name) {
-            continue;
-        }
-        if let Ok(Ok(parts)) = tokio::time::timeout(READY_CHECK, s.bus.lag(group, topics)).await {
+    for (_, group, lag) in stage_lags(&s).await {
+        if let Some(parts) = lag {
             for (topic, partition, lag) in parts {
                 s.metrics
                     .bus_lag
@@ -313,6 +326,9 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         .into_response()
 }
 
+/// Readiness: the bus, the store and the dedupe store each answer within
+/// [`READY_CHECK`], and no stage is retrying; otherwise 503, naming what is
+/// wrong.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready: bus, store and dedupe answer; no stage retrying; each stage's lag", body = Object),
@@ -337,18 +353,19 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         && health.values().all(|st| st.retrying.is_none());
     // Each running stage with its lag: records of its inputs its group has
     // not committed (null when the bus could not say in time).
+    let lags: std::collections::HashMap<&str, Value> = stage_lags(&s)
+        .await
+        .into_iter()
+        .map(|(name, _, lag)| {
+            let total = lag.map(|parts| parts.iter().map(|(_, _, n)| n).sum::<u64>());
+            (name, json!(total))
+        })
+        .collect();
     let mut stages = serde_json::Map::new();
     for (name, st) in &health {
         let mut v = serde_json::to_value(st).unwrap_or_default();
-        if let Some((_, group, topics)) = crate::pipeline::STAGE_INPUTS
-            .iter()
-            .find(|(stage, _, _)| stage == name)
-        {
-            let lag = match tokio::time::timeout(READY_CHECK, s.bus.lag(group, topics)).await {
-                Ok(Ok(parts)) => json!(parts.iter().map(|(_, _, n)| n).sum::<u64>()),
-                _ => Value::Null,
-            };
-            v["lag"] = lag;
+        if let Some(lag) = lags.get(name) {
+            v["lag"] = lag.clone();
         }
         stages.insert((*name).to_owned(), v);
     }
