@@ -67,7 +67,7 @@ struct Client {
 #[utoipa::path(get, path = "/events", tag = "live",
     params(EventParams, ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
     responses((status = 200, description = "Server-Sent Events: alert, alert_status, tariff, regional_load (reset first when the id could not be resumed)", content_type = "text/event-stream"),
-        (status = 400, body = super::openapi::ErrorBody), (status = 503, body = super::openapi::ErrorBody)))]
+        (status = 400, body = super::ErrorBody), (status = 503, body = super::ErrorBody)))]
 pub(super) async fn events(
     State(s): State<ApiState>,
     headers: HeaderMap,

@@ -150,6 +150,28 @@ async fn not_found() -> Response {
     )
 }
 
+/// The body of every error answer: a short code, a message, and (for a
+/// request that was refused for what it holds) per-field details.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    #[schema(value_type = String)]
+    pub error: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub details: Option<Value>,
+}
+
+impl ErrorBody {
+    pub fn new(error: &'static str, message: impl Into<String>, details: Option<Value>) -> Self {
+        ErrorBody {
+            error,
+            message: message.into(),
+            details,
+        }
+    }
+}
+
 /// An error answer: status, a short code, a message, field details.
 struct ApiError {
     status: StatusCode,
@@ -160,7 +182,7 @@ struct ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": self.code, "message": self.message, "details": self.details });
+        let body = ErrorBody::new(self.code, self.message, Some(Value::Array(self.details)));
         (self.status, Json(body)).into_response()
     }
 }
@@ -396,7 +418,7 @@ struct InvoiceParams {
 /// `GET /invoices`: invoices with their line items (`segs bill` makes
 /// them), newest period first; `from` / `to` bound the billing period.
 #[utoipa::path(get, path = "/invoices", tag = "billing", params(InvoiceParams),
-    responses((status = 200, body = Vec<crate::billing::Invoice>), (status = 400, body = openapi::ErrorBody)))]
+    responses((status = 200, body = Vec<crate::billing::Invoice>), (status = 400, body = ErrorBody)))]
 async fn list_invoices(
     State(s): State<ApiState>,
     q: Result<Query<InvoiceParams>, QueryRejection>,
@@ -446,7 +468,7 @@ struct AlertParams {
 }
 
 #[utoipa::path(get, path = "/alerts", tag = "alerts", params(AlertParams),
-    responses((status = 200, body = Vec<crate::store::AlertRow>), (status = 400, body = openapi::ErrorBody)))]
+    responses((status = 200, body = Vec<crate::store::AlertRow>), (status = 400, body = ErrorBody)))]
 async fn list_alerts(
     State(s): State<ApiState>,
     q: Result<Query<AlertParams>, QueryRejection>,
@@ -496,8 +518,8 @@ fn alert_id(id: &str) -> Result<uuid::Uuid, ApiError> {
 #[utoipa::path(post, path = "/alerts/{id}/acknowledge", tag = "alerts",
     params(("id" = String, Path, description = "The alert's id (UUID)")),
     request_body(content = Object, description = "`{\"by\": \"who\"}` (required)"),
-    responses((status = 200, body = crate::store::AlertRow), (status = 404, body = openapi::ErrorBody),
-        (status = 409, body = openapi::ErrorBody)))]
+    responses((status = 200, body = crate::store::AlertRow), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
 async fn acknowledge(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -519,8 +541,8 @@ async fn acknowledge(
 
 #[utoipa::path(post, path = "/alerts/{id}/resolve", tag = "alerts",
     params(("id" = String, Path, description = "The alert's id (UUID)")),
-    responses((status = 200, body = crate::store::AlertRow), (status = 404, body = openapi::ErrorBody),
-        (status = 409, body = openapi::ErrorBody)))]
+    responses((status = 200, body = crate::store::AlertRow), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
 async fn resolve(
     State(s): State<ApiState>,
     Path(id): Path<String>,
@@ -591,7 +613,7 @@ struct TariffParams {
 }
 
 #[utoipa::path(get, path = "/tariffs", tag = "tariffs", params(TariffParams),
-    responses((status = 200, body = Vec<crate::store::TariffRow>), (status = 400, body = openapi::ErrorBody)))]
+    responses((status = 200, body = Vec<crate::store::TariffRow>), (status = 400, body = ErrorBody)))]
 async fn tariff_history(
     State(s): State<ApiState>,
     q: Result<Query<TariffParams>, QueryRejection>,
@@ -647,7 +669,7 @@ async fn meter_aggregates(
 }
 
 #[utoipa::path(get, path = "/aggregates/1m", tag = "aggregates", params(AggregateParams),
-    responses((status = 200, body = Vec<crate::store::MeterAggregate>), (status = 400, body = openapi::ErrorBody)))]
+    responses((status = 200, body = Vec<crate::store::MeterAggregate>), (status = 400, body = ErrorBody)))]
 async fn aggregates_1m(
     State(s): State<ApiState>,
     q: Result<Query<AggregateParams>, QueryRejection>,
@@ -656,7 +678,7 @@ async fn aggregates_1m(
 }
 
 #[utoipa::path(get, path = "/aggregates/15m", tag = "aggregates", params(AggregateParams),
-    responses((status = 200, body = Vec<crate::store::MeterAggregate>), (status = 400, body = openapi::ErrorBody)))]
+    responses((status = 200, body = Vec<crate::store::MeterAggregate>), (status = 400, body = ErrorBody)))]
 async fn aggregates_15m(
     State(s): State<ApiState>,
     q: Result<Query<AggregateParams>, QueryRejection>,
@@ -665,7 +687,7 @@ async fn aggregates_15m(
 }
 
 #[utoipa::path(get, path = "/aggregates/regional", tag = "aggregates", params(AggregateParams),
-    responses((status = 200, body = Vec<crate::store::RegionalAggregate>), (status = 400, body = openapi::ErrorBody)))]
+    responses((status = 200, body = Vec<crate::store::RegionalAggregate>), (status = 400, body = ErrorBody)))]
 async fn aggregates_regional(
     State(s): State<ApiState>,
     q: Result<Query<AggregateParams>, QueryRejection>,

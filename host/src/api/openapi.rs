@@ -39,26 +39,6 @@ pub struct ReadingIn {
     status: Option<String>,
 }
 
-/// The answer to an accepted request.
-#[allow(dead_code)]
-#[derive(ToSchema)]
-pub struct IngestAnswer {
-    /// New readings, now durably on the bus.
-    accepted: u64,
-    /// Readings already seen (dropped).
-    duplicates: u64,
-}
-
-/// Every error answer: a code, a message, and per-field details.
-#[allow(dead_code)]
-#[derive(ToSchema)]
-pub struct ErrorBody {
-    error: String,
-    message: String,
-    #[schema(value_type = Vec<Object>)]
-    details: Vec<serde_json::Value>,
-}
-
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -89,8 +69,8 @@ pub struct ErrorBody {
     ),
     components(schemas(
         ReadingIn,
-        IngestAnswer,
-        ErrorBody,
+        crate::ingest::IngestAnswer,
+        super::ErrorBody,
         crate::store::AlertRow,
         crate::store::TariffRow,
         crate::store::MeterAggregate,

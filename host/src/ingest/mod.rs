@@ -42,6 +42,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::json;
 
+use crate::api::ErrorBody;
 use crate::bus::{Bus, BusError, Record, Topic};
 use crate::dedupe::{Claim, Dedupe, KeyBatch};
 use crate::pipeline::Metrics;
@@ -180,14 +181,23 @@ impl IngestState {
     }
 }
 
+/// The answer to a request whose readings are kept.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct IngestAnswer {
+    /// New readings, now durably on the bus.
+    pub accepted: usize,
+    /// Readings already seen (dropped).
+    pub duplicates: usize,
+}
+
 /// `POST /telemetry/batch`: a JSON array of 1..=max_batch readings.
 #[utoipa::path(post, path = "/telemetry/batch", tag = "telemetry",
     request_body = Vec<crate::api::openapi::ReadingIn>,
     responses(
-        (status = 200, description = "Kept: every new reading is durably on the bus", body = crate::api::openapi::IngestAnswer),
-        (status = 400, description = "Invalid: nothing kept; details per index and field", body = crate::api::openapi::ErrorBody),
+        (status = 200, description = "Kept: every new reading is durably on the bus", body = IngestAnswer),
+        (status = 400, description = "Invalid: nothing kept; details per index and field", body = crate::api::ErrorBody),
         (status = 413, description = "Body over ingest.max_body_bytes"),
-        (status = 503, description = "The pipeline is behind (Retry-After)", body = crate::api::openapi::ErrorBody)))]
+        (status = 503, description = "The pipeline is behind (Retry-After)", body = crate::api::ErrorBody)))]
 pub async fn post_batch(
     State(s): State<IngestState>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -224,7 +234,11 @@ where
             tracing::error!(error = %e, "ingest request task failed");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                Json(json!({ "error": "internal", "message": "the request failed; retry it" })),
+                Json(ErrorBody::new(
+                    "internal",
+                    "the request failed; retry it",
+                    None,
+                )),
             )
                 .into_response()
         }
@@ -235,9 +249,9 @@ where
 #[utoipa::path(post, path = "/telemetry", tag = "telemetry",
     request_body = crate::api::openapi::ReadingIn,
     responses(
-        (status = 200, description = "Kept", body = crate::api::openapi::IngestAnswer),
-        (status = 400, description = "Invalid: nothing kept", body = crate::api::openapi::ErrorBody),
-        (status = 503, description = "The pipeline is behind (Retry-After)", body = crate::api::openapi::ErrorBody)))]
+        (status = 200, description = "Kept", body = IngestAnswer),
+        (status = 400, description = "Invalid: nothing kept", body = crate::api::ErrorBody),
+        (status = 503, description = "The pipeline is behind (Retry-After)", body = crate::api::ErrorBody)))]
 pub async fn post_one(
     State(s): State<IngestState>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -264,11 +278,11 @@ fn body_rejected(s: &IngestState, e: axum::extract::rejection::BytesRejection) -
         // body is never read.
         return (
             StatusCode::REQUEST_TIMEOUT,
-            Json(json!({
-                "error": "request_timeout",
-                "message": "the request body stalled (http.body_read_timeout_s)",
-                "details": []
-            })),
+            Json(ErrorBody::new(
+                "request_timeout",
+                "the request body stalled (http.body_read_timeout_s)",
+                Some(json!([])),
+            )),
         )
             .into_response();
     }
@@ -283,7 +297,7 @@ fn body_rejected(s: &IngestState, e: axum::extract::rejection::BytesRejection) -
     };
     (
         status,
-        Json(json!({ "error": "bad_request", "message": message, "details": [] })),
+        Json(ErrorBody::new("bad_request", message, Some(json!([])))),
     )
         .into_response()
 }
@@ -305,7 +319,11 @@ fn invalid(s: &IngestState, e: ValidationError) -> Response {
     s.metrics.rejected_requests.fetch_add(1, Ordering::Relaxed);
     (
         StatusCode::BAD_REQUEST,
-        Json(json!({ "error": "validation_failed", "message": e.message, "details": e.details })),
+        Json(ErrorBody::new(
+            "validation_failed",
+            e.message,
+            Some(json!(e.details)),
+        )),
     )
         .into_response()
 }
@@ -342,7 +360,7 @@ fn unavailable_after(s: &IngestState, message: String, retry_after_s: u32) -> Re
     s.metrics.refused_busy.fetch_add(1, Ordering::Relaxed);
     let mut r = (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({ "error": "unavailable", "message": message })),
+        Json(ErrorBody::new("unavailable", message, None)),
     )
         .into_response();
     r.headers_mut()
@@ -472,7 +490,10 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
         .fetch_add(duplicates as u64, Ordering::Relaxed);
     (
         StatusCode::OK,
-        Json(json!({ "accepted": accepted.len(), "duplicates": duplicates })),
+        Json(IngestAnswer {
+            accepted: accepted.len(),
+            duplicates,
+        }),
     )
         .into_response()
 }
