@@ -19,6 +19,7 @@ use crate::bus::{Bus, BusError, JournalOptions, MemoryBus, Topic};
 use crate::config::{BusKind, DedupeKind, PipelineConfig};
 use crate::dedupe::{Dedupe, KeyBatch, MemoryDedupe, RedisDedupe};
 use crate::ingest::IngestState;
+use crate::pipeline::dead_letters::DeadLetters;
 use crate::pipeline::{self, Context, Metrics, PipelineError, Plugins, Running};
 use crate::plugins::share::Sharing;
 use crate::plugins::{Limits, PluginVersion, Registry, Runtime};
@@ -149,6 +150,7 @@ impl App {
         };
         let mut plugin_tasks = Vec::new();
         let mut sharing = None;
+        let mut dead_letters = None;
         let (running, retention, registry) = if config.role.processes() {
             let limits = Limits {
                 call_timeout: Duration::from_millis(config.sandbox.call_timeout_ms),
@@ -188,6 +190,12 @@ impl App {
                         .map_err(|e| AppError::Runtime(e.to_string()))?;
                 plugin_tasks.push(watch);
             }
+            let letters = DeadLetters::new(
+                ctx.clone(),
+                plugins.anomaly.another().map_err(PipelineError::from)?,
+            )
+            .await?;
+            dead_letters = Some(Arc::new(letters));
             let running = pipeline::start(ctx.clone(), plugins).await?;
             let retention = tokio::spawn(retention_job(ctx.clone()));
             (Some(running), Some(retention), Some(registry))
@@ -226,6 +234,7 @@ impl App {
         .merge(api::admin::router(
             registry.clone(),
             sharing,
+            dead_letters,
             &config.admin,
             &config.http,
         ));

@@ -518,9 +518,10 @@ pub struct PluginConfig {
     #[serde(default)]
     pub config: toml::Table,
     /// What a stage does with a batch whose call failed: `skip` (the rule
-    /// is skipped for that batch; readings are still aggregated and stored)
-    /// or `retry_previous` (the version before the serving one gets the
-    /// batch once).
+    /// is skipped for that batch; readings are still aggregated and stored),
+    /// `retry_previous` (the version before the serving one gets the batch
+    /// once) or, for the anomaly rule, `dead_letter` (skipped and parked on
+    /// `plugin_dead_letter` for `segs replay-dead-letters`).
     #[serde(default)]
     pub on_fault: crate::plugins::OnFault,
     /// Faults in a row after which the plugin is rolled back to its
@@ -696,6 +697,17 @@ impl PipelineConfig {
                 self.ingest.max_reading_age_s
             ),
         );
+        for (name, plugin) in &self.plugins {
+            need(
+                plugin.on_fault != crate::plugins::OnFault::DeadLetter || name == "anomaly",
+                format!(
+                    "plugins.{name}.on_fault = \"dead_letter\": only the anomaly rule's batches \
+                     can be parked and replayed (its findings are alerts that can be raised \
+                     late; the {name} rule's decisions chain from state that has moved on by \
+                     then); use \"skip\" or \"retry_previous\""
+                ),
+            );
+        }
         for (i, hook) in self.notify.webhooks.iter().enumerate() {
             let at = format!("notify.webhooks[{i}] ({:?})", hook.name);
             need(
@@ -1064,6 +1076,31 @@ component = "g.wasm"
             .unwrap_err()
             .to_string();
         assert!(err.contains("embedded"), "{err}");
+    }
+
+    #[test]
+    fn only_the_anomaly_rule_may_park_its_batches() {
+        let text = MINIMAL.replace(
+            "component = \"a.wasm\"",
+            "component = \"a.wasm\"\non_fault = \"dead_letter\"",
+        );
+        let cfg = parse(&text).unwrap();
+        assert_eq!(
+            cfg.plugins["anomaly"].on_fault,
+            crate::plugins::OnFault::DeadLetter
+        );
+        let text = MINIMAL.replace(
+            "component = \"t.wasm\"",
+            "component = \"t.wasm\"\non_fault = \"dead_letter\"",
+        );
+        let ConfigError::Invalid { problems, .. } = parse(&text).unwrap_err() else {
+            panic!("a tariff dead letter must be refused");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("plugins.tariff.on_fault = \"dead_letter\""),
+            "{problems:?}"
+        );
     }
 
     #[test]

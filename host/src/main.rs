@@ -36,6 +36,23 @@ enum Command {
     /// List, swap or roll back the rule plugins of a running segs (a
     /// client of its admin API).
     Plugins(PluginsArgs),
+    /// Run the anomaly batches parked on `plugin_dead_letter` (plugins with
+    /// `on_fault = "dead_letter"`) through the serving version of a running
+    /// segs, and raise their alerts (a client of its admin API).
+    ReplayDeadLetters(ReplayArgs),
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Base URL of the segs server.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "SEGS_URL")]
+    url: String,
+    /// The admin API's bearer token.
+    #[arg(long, env = "SEGS_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Only say how many batches are parked.
+    #[arg(long)]
+    count: bool,
 }
 
 #[derive(clap::Args)]
@@ -229,6 +246,7 @@ fn main() -> Result<()> {
             Command::Simulate(args) => simulate(args).await,
             Command::Bill(args) => bill(args).await,
             Command::Plugins(args) => plugins(args).await,
+            Command::ReplayDeadLetters(args) => replay_dead_letters(args).await,
         }
     })
 }
@@ -530,6 +548,44 @@ async fn plugins(args: PluginsArgs) -> Result<()> {
                 v["sha256"].as_str().unwrap_or("?")
             );
         }
+    }
+    Ok(())
+}
+
+/// `segs replay-dead-letters`: one admin API call, its answer printed.
+async fn replay_dead_letters(args: ReplayArgs) -> Result<()> {
+    let client = reqwest::Client::new();
+    let base = args.url.trim_end_matches('/');
+    let request = if args.count {
+        client.get(format!("{base}/admin/dead-letters"))
+    } else {
+        client.post(format!("{base}/admin/dead-letters/replay"))
+    };
+    let response = request
+        .bearer_auth(&args.token)
+        .send()
+        .await
+        .with_context(|| format!("segs at {base} did not answer"))?;
+    let status = response.status();
+    let body = response.bytes().await.context("reading the answer")?;
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| serde_json::json!({ "message": String::from_utf8_lossy(&body) }));
+    if !status.is_success() {
+        anyhow::bail!(
+            "{status}: {}",
+            json["message"].as_str().unwrap_or(&json.to_string())
+        );
+    }
+    if args.count {
+        println!("{} parked", json["parked"]);
+        return Ok(());
+    }
+    println!(
+        "{} replayed ({} alerts raised), {} unreadable skipped, {} still parked",
+        json["replayed"], json["alerts"], json["unreadable"], json["parked"]
+    );
+    if let Some(why) = json["stopped"].as_str() {
+        anyhow::bail!("the replay stopped: {why}");
     }
     Ok(())
 }

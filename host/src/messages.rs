@@ -492,6 +492,57 @@ impl Message for RegionalPartial {
     }
 }
 
+// ------------------------------------------------------------ dead letters
+
+/// `plugin_dead_letter`: a batch the anomaly rule failed on, parked there by
+/// `on_fault = "dead_letter"` to be run again through the serving version
+/// (`segs replay-dead-letters`); key the plugin's name, headers type /
+/// plugin / version. It holds the rule's whole input, so a replay needs
+/// nothing else.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub plugin: String,
+    /// The call that failed (`detect`).
+    pub call: String,
+    /// The version that failed.
+    pub failed: RuleRef,
+    /// Why it failed.
+    pub reason: String,
+    #[serde(with = "rfc3339_ms")]
+    pub parked_at: i64,
+    pub readings: Vec<ParkedReading>,
+}
+
+/// One reading of a parked anomaly batch, as the rule was given it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParkedReading {
+    pub meter_id: String,
+    pub region: String,
+    #[serde(rename = "timestamp", with = "rfc3339_ms")]
+    pub timestamp_ms: i64,
+    pub power_kw: f64,
+    /// The meter's baseline when the batch was detected.
+    pub baseline_kw: f64,
+    /// Readings behind that baseline.
+    pub sample_count: u32,
+}
+
+impl Message for DeadLetter {
+    const TOPIC: Topic = Topic::PluginDeadLetter;
+    fn key(&self) -> String {
+        self.plugin.clone()
+    }
+    fn headers(&self) -> Vec<(String, String)> {
+        headers([
+            ("type", "plugin_dead_letter"),
+            ("plugin", &self.plugin),
+            ("version", &self.failed.version.to_string()),
+        ])
+    }
+}
+
 // ----------------------------------------------------------------- tariffs
 
 /// `tariff_updates`: a region's price changed; key region.
@@ -575,6 +626,38 @@ mod tests {
         assert_eq!(m.key, "MTR-1");
         assert!(m.headers.contains(&("severity".into(), "high".into())));
         assert_eq!(decode::<Alert>(&m.value).unwrap(), alert);
+    }
+
+    #[test]
+    fn a_dead_letter_reads_back_as_written_keyed_by_its_plugin() {
+        let letter = DeadLetter {
+            plugin: "anomaly".into(),
+            call: "detect".into(),
+            failed: RuleRef {
+                name: "anomaly".into(),
+                version: 2,
+                sha256: "ab".repeat(32),
+            },
+            reason: "plugin `anomaly` failed during `detect`: trap".into(),
+            parked_at: 1_762_929_000_000,
+            readings: vec![ParkedReading {
+                meter_id: "MTR-1".into(),
+                region: "Mumbai-North".into(),
+                timestamp_ms: 1_762_929_000_000,
+                power_kw: 12.5,
+                baseline_kw: 3.0,
+                sample_count: 10,
+            }],
+        };
+        let m = KeyedMessage::of(&letter);
+        assert_eq!(m.topic, Topic::PluginDeadLetter);
+        assert_eq!(m.key, "anomaly");
+        assert!(m.headers.contains(&("version".into(), "2".into())));
+        let v: serde_json::Value = serde_json::from_slice(&m.value).unwrap();
+        assert_eq!(v["parkedAt"], "2025-11-12T06:30:00.000Z");
+        assert_eq!(v["readings"][0]["meterId"], "MTR-1");
+        assert_eq!(v["readings"][0]["baselineKw"], 3.0);
+        assert_eq!(decode::<DeadLetter>(&m.value).unwrap(), letter);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `cargo xtask`: the project's own build and test driver.
 //!
-//! - `cargo xtask build-plugins` builds the four rule guests (and the `hostile` test fixture) to WebAssembly
+//! - `cargo xtask build-plugins` builds the four rule guests (and the `hostile` and `hostile_anomaly` test fixtures) to WebAssembly
 //!   components (wasm32-wasip2) in one cargo call and copies them to
 //!   `target/plugins/<name>.wasm`, where `pipeline.toml` looks for them.
 //! - `cargo xtask test` starts the services the tests need (PostgreSQL,
@@ -20,9 +20,18 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
-/// The rule plugins, and `hostile`: a misbehaving tariff rule, a test
-/// fixture of the sandbox and hot swap (never in pipeline.toml or the image).
-const PLUGINS: [&str; 5] = ["anomaly", "overload", "tariff", "aggregate", "hostile"];
+/// The rule plugins, and two test fixtures never in pipeline.toml or the
+/// image: `hostile`, a misbehaving tariff rule (the sandbox and hot swap),
+/// and `hostile_anomaly`, an anomaly rule that traps on spikes (the
+/// dead-letter policy).
+const PLUGINS: [&str; 6] = [
+    "anomaly",
+    "overload",
+    "tariff",
+    "aggregate",
+    "hostile",
+    "hostile_anomaly",
+];
 const GUEST_TARGET: &str = "wasm32-wasip2";
 
 fn main() -> ExitCode {

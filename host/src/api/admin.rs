@@ -6,6 +6,8 @@
 //! | `GET /admin/plugins` | every slot: serving version (name, version, sha256, loaded-at, source, calls, faults, mean ns per record) and the earlier ones |
 //! | `PUT /admin/plugins/{name}` | a component as the body (`application/wasm`), optional `?config=<JSON object>`; or `application/json` `{"config": {…}}`: a new config for the serving component |
 //! | `POST /admin/plugins/{name}/rollback` | back to the previous version |
+//! | `GET /admin/dead-letters` | how many anomaly batches are parked on `plugin_dead_letter` |
+//! | `POST /admin/dead-letters/replay` | every parked batch through the serving version (see [`crate::pipeline::dead_letters`]) |
 //!
 //! Every route needs `Authorization: Bearer <admin.token>` (401 without it
 //! or with a wrong one; the body is drained, never used); with no token configured
@@ -30,6 +32,7 @@ use serde_json::json;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::config::{AdminConfig, HttpConfig};
+use crate::pipeline::dead_letters::{DeadLetters, ReplayReport};
 use crate::plugins::share::Sharing;
 use crate::plugins::{ConfigValue, Registry, SlotControl, SwapError, config_from_json};
 
@@ -37,6 +40,7 @@ use crate::plugins::{ConfigValue, Registry, SlotControl, SwapError, config_from_
 struct AdminState {
     registry: Option<Arc<Registry>>,
     sharing: Option<Arc<Sharing>>,
+    dead_letters: Option<Arc<DeadLetters>>,
     token: Arc<str>,
     max_body: usize,
 }
@@ -47,12 +51,14 @@ struct AdminState {
 pub fn router(
     registry: Option<Arc<Registry>>,
     sharing: Option<Arc<Sharing>>,
+    dead_letters: Option<Arc<DeadLetters>>,
     admin: &AdminConfig,
     http: &HttpConfig,
 ) -> Router {
     let state = AdminState {
         registry,
         sharing,
+        dead_letters,
         token: Arc::from(admin.token.as_str()),
         max_body: admin.max_component_bytes,
     };
@@ -60,6 +66,8 @@ pub fn router(
         .route("/admin/plugins", get(list))
         .route("/admin/plugins/{name}", put(push))
         .route("/admin/plugins/{name}/rollback", post(rollback))
+        .route("/admin/dead-letters", get(parked_letters))
+        .route("/admin/dead-letters/replay", post(replay_dead_letters))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(admin.max_component_bytes))
         .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
@@ -281,5 +289,33 @@ async fn share(s: &AdminState, slot: &dyn SlotControl, source: &str) -> Option<i
             tracing::error!(plugin = slot.name(), error = %e, "recording the swap for the other processes failed");
             None
         }
+    }
+}
+
+fn letters(s: &AdminState) -> &Arc<DeadLetters> {
+    s.dead_letters
+        .as_ref()
+        .expect("a process with a plugin registry has a dead-letter replayer")
+}
+
+#[utoipa::path(get, path = "/admin/dead-letters", tag = "admin",
+    responses((status = 200, description = "Anomaly batches parked on plugin_dead_letter, not replayed yet: {\"parked\": n}", body = Object),
+        (status = 401, description = "No or wrong bearer token"), (status = 404, description = "Admin API off (no token configured)"),
+        (status = 503, description = "The bus did not answer", body = crate::api::ErrorBody)))]
+async fn parked_letters(State(s): State<AdminState>) -> Response {
+    match letters(&s).parked().await {
+        Ok(parked) => axum::Json(json!({ "parked": parked })).into_response(),
+        Err(e) => answer(StatusCode::SERVICE_UNAVAILABLE, "bus", e.to_string()),
+    }
+}
+
+#[utoipa::path(post, path = "/admin/dead-letters/replay", tag = "admin",
+    responses((status = 200, description = "Parked batches run through the serving anomaly version, their alerts published; `stopped` says why it ended early", body = ReplayReport),
+        (status = 401, description = "No or wrong bearer token"), (status = 404, description = "Admin API off (no token configured)"),
+        (status = 503, description = "The bus did not answer", body = crate::api::ErrorBody)))]
+async fn replay_dead_letters(State(s): State<AdminState>) -> Response {
+    match letters(&s).replay().await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => answer(StatusCode::SERVICE_UNAVAILABLE, "bus", e.to_string()),
     }
 }

@@ -302,11 +302,23 @@ type LagParts = Vec<(Topic, u32, u64)>;
 
 /// `GET /metrics`: the registry in the OpenMetrics text format (Prometheus
 /// scrapes it), with each running stage's bus lag per topic and partition
-/// looked up now.
+/// looked up now (and the dead-letter replay group's: batches parked).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus metrics (OpenMetrics text)", content_type = "application/openmetrics-text")))]
 async fn metrics(State(s): State<ApiState>) -> Response {
-    for (_, group, lag) in stage_lags(&s).await {
+    let mut lags: Vec<(&str, Option<LagParts>)> = stage_lags(&s)
+        .await
+        .into_iter()
+        .map(|(_, group, lag)| (group, lag))
+        .collect();
+    if s.plugins.is_some() {
+        // Parked anomaly batches: the replay group's lag.
+        use crate::pipeline::dead_letters::DEAD_LETTER_GROUP;
+        let parked = s.bus.lag(DEAD_LETTER_GROUP, &[Topic::PluginDeadLetter]);
+        let parked = tokio::time::timeout(READY_CHECK, parked).await;
+        lags.push((DEAD_LETTER_GROUP, parked.ok().and_then(Result::ok)));
+    }
+    for (group, lag) in lags {
         if let Some(parts) = lag {
             for (topic, partition, lag) in parts {
                 s.metrics

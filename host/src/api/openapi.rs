@@ -66,6 +66,8 @@ pub struct ReadingIn {
         super::admin::list,
         super::admin::push,
         super::admin::rollback,
+        super::admin::parked_letters,
+        super::admin::replay_dead_letters,
     ),
     components(schemas(
         ReadingIn,
@@ -77,6 +79,7 @@ pub struct ReadingIn {
         crate::store::RegionalAggregate,
         crate::billing::Invoice,
         crate::billing::InvoiceLine,
+        crate::pipeline::dead_letters::ReplayReport,
     ))
 )]
 pub struct ApiDoc;

@@ -28,7 +28,8 @@ pub use memory::{MemoryBus, TopicStats};
 /// The topics of SPEC §5, plus the one segs adds so that several processes
 /// can share the stream stage (`aggregates_1m_regional_partials`: each
 /// partition's share of the regional windows, combined by the regional
-/// stage). The set is closed: stages cannot invent topics.
+/// stage) and the one SPEC §4's fault policy parks batches on
+/// (`plugin_dead_letter`). The set is closed: stages cannot invent topics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Topic {
     TelemetryReadings,
@@ -40,11 +41,12 @@ pub enum Topic {
     AlertStatusUpdates,
     TariffUpdates,
     RegionalPartials,
+    PluginDeadLetter,
 }
 
 impl Topic {
     /// Every topic, in declaration order.
-    pub const ALL: [Topic; 9] = [
+    pub const ALL: [Topic; 10] = [
         Topic::TelemetryReadings,
         Topic::Alerts,
         Topic::Aggregates1m,
@@ -54,6 +56,7 @@ impl Topic {
         Topic::AlertStatusUpdates,
         Topic::TariffUpdates,
         Topic::RegionalPartials,
+        Topic::PluginDeadLetter,
     ];
 
     /// The Kafka topic name (the seed's names, mixed `-` and `_` included).
@@ -68,6 +71,7 @@ impl Topic {
             Topic::AlertStatusUpdates => "alert_status_updates",
             Topic::TariffUpdates => "tariff_updates",
             Topic::RegionalPartials => "aggregates_1m_regional_partials",
+            Topic::PluginDeadLetter => "plugin_dead_letter",
         }
     }
 

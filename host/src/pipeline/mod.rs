@@ -26,6 +26,7 @@ mod alerts;
 
 pub use alerts::{processed, status_update};
 mod archive;
+pub mod dead_letters;
 pub mod faults;
 pub mod notify;
 mod regional;

@@ -44,10 +44,10 @@ use super::{
 };
 use crate::bus::{Delivered, Topic};
 use crate::messages::{
-    Alert, AlertMetadata, AlertType, AnomalyKind, AnomalyMetadata, KeyedMessage, MeterWindow,
-    PartialRegion, PartialWindow, RegionalPartial,
+    Alert, AlertMetadata, AlertType, AnomalyKind, AnomalyMetadata, DeadLetter, KeyedMessage,
+    MeterWindow, ParkedReading, PartialRegion, PartialWindow, RegionalPartial, RuleRef,
 };
-use crate::plugins::{AggregateRule, AnomalyRule, aggregate, anomaly};
+use crate::plugins::{AggregateRule, AnomalyRule, OnFault, aggregate, anomaly};
 use crate::reading::Reading;
 use crate::store::{self, Applied, Checkpoint, Effects, WindowWidth};
 use crate::windows::{
@@ -170,6 +170,8 @@ struct Pending {
     /// Its share of the regional windows closed.
     regional: Vec<PartialWindow>,
     alerts: Vec<Alert>,
+    /// Anomaly batches parked by `on_fault = "dead_letter"`.
+    dead_letters: Vec<DeadLetter>,
 }
 
 impl Pending {
@@ -178,6 +180,7 @@ impl Pending {
             && self.meters_15m.is_empty()
             && self.regional.is_empty()
             && self.alerts.is_empty()
+            && self.dead_letters.is_empty()
     }
 }
 
@@ -637,6 +640,7 @@ impl Partition {
             effects,
             held_back: pending.held_back,
             alerts: pending.alerts,
+            dead_letters: pending.dead_letters,
             report,
             position: self.next,
         }
@@ -657,15 +661,30 @@ impl Partition {
                 if !findings.is_empty() {
                     let rule = anomaly.served_by().provenance();
                     for f in findings {
-                        let alert = self.alert(&f, &rule);
+                        let (meter, region, ts) = self.refs[f.index as usize];
+                        let alert = anomaly_alert(
+                            self.windows.meter_name(meter),
+                            self.windows.region_name(region),
+                            ts,
+                            &self.batch,
+                            &f,
+                            &rule,
+                        );
                         self.pending.alerts.push(alert);
                     }
                 }
             }
-            Err(e) => {
-                // The windows have the readings regardless.
-                plugin_failed(ctx, &e, "this anomaly batch raises no alerts");
+            // The windows have the readings regardless.
+            Err(e) if anomaly.on_fault() == OnFault::DeadLetter => {
+                plugin_failed(
+                    ctx,
+                    &e,
+                    "this anomaly batch is parked on plugin_dead_letter",
+                );
+                let letter = self.dead_letter(anomaly, &e);
+                self.pending.dead_letters.push(letter);
             }
+            Err(e) => plugin_failed(ctx, &e, "this anomaly batch raises no alerts"),
         }
         self.batch.power_kw.clear();
         self.batch.baseline_kw.clear();
@@ -673,31 +692,32 @@ impl Partition {
         self.refs.clear();
     }
 
-    /// The seed's anomaly alert (key meter_id, headers type/severity/region).
-    fn alert(&self, f: &anomaly::Finding, rule: &crate::messages::RuleRef) -> Alert {
-        let i = f.index as usize;
-        let (meter, region, ts) = self.refs[i];
-        let kind = match f.kind {
-            anomaly::AnomalyKind::Spike => AnomalyKind::Spike,
-            anomaly::AnomalyKind::Drop => AnomalyKind::Drop,
-            anomaly::AnomalyKind::Outage => AnomalyKind::Outage,
-        };
-        let meter_id = self.windows.meter_name(meter);
-        Alert {
-            id: Alert::derived_id(AlertType::Anomaly, meter_id, ts),
-            alert_type: AlertType::Anomaly,
-            severity: f.severity.into(),
-            meter_id: Some(meter_id.to_owned()),
-            region: Some(self.windows.region_name(region).to_owned()),
-            timestamp_ms: ts,
-            message: f.message.clone(),
-            metadata: AlertMetadata::Anomaly(AnomalyMetadata {
-                baseline: round(self.batch.baseline_kw[i], 3),
-                current: self.batch.power_kw[i],
-                change: round(f.change * 100.0, 1),
-                kind,
-            }),
-            rule: Some(rule.clone()),
+    /// The batch the anomaly rule just failed on, as a parked letter.
+    fn dead_letter(
+        &self,
+        anomaly: &AnomalyRule,
+        error: &crate::plugins::PluginError,
+    ) -> DeadLetter {
+        let readings = self
+            .refs
+            .iter()
+            .enumerate()
+            .map(|(i, &(meter, region, ts))| ParkedReading {
+                meter_id: self.windows.meter_name(meter).to_owned(),
+                region: self.windows.region_name(region).to_owned(),
+                timestamp_ms: ts,
+                power_kw: self.batch.power_kw[i],
+                baseline_kw: self.batch.baseline_kw[i],
+                sample_count: self.batch.sample_count[i],
+            })
+            .collect();
+        DeadLetter {
+            plugin: anomaly.calling().name.clone(),
+            call: "detect".to_owned(),
+            failed: anomaly.calling().provenance(),
+            reason: error.to_string(),
+            parked_at: crate::time::now_ms(),
+            readings,
         }
     }
 
@@ -851,6 +871,7 @@ struct Job {
     effects: Effects,
     held_back: HashSet<(String, i64)>,
     alerts: Vec<Alert>,
+    dead_letters: Vec<DeadLetter>,
     report: Option<RegionalPartial>,
     position: u64,
 }
@@ -896,10 +917,11 @@ impl Drop for Written<'_> {
     }
 }
 
-/// What a checkpoint publishes: its anomaly alerts, its meter windows as
+/// What a checkpoint publishes: its anomaly alerts and parked batches, its meter windows as
 /// stored (merged, for a late window), its regional report.
 fn messages(job: &Job, applied: &Applied) -> Vec<KeyedMessage> {
     let mut out = keyed(&job.alerts);
+    out.extend(keyed(&job.dead_letters));
     for ((width, _), rows) in job.effects.meter_windows.iter().zip(&applied.meter_windows) {
         let fifteen = *width == WindowWidth::FifteenMinutes;
         out.extend(
@@ -928,6 +950,40 @@ fn messages(job: &Job, applied: &Applied) -> Vec<KeyedMessage> {
         out.push(KeyedMessage::of(report));
     }
     out
+}
+
+/// The seed's anomaly alert (key meter_id, headers type/severity/region) for
+/// finding `f` of `batch`, on the reading of `meter_id` in `region` at `ts`.
+pub(super) fn anomaly_alert(
+    meter_id: &str,
+    region: &str,
+    ts: i64,
+    batch: &anomaly::ReadingBatch,
+    f: &anomaly::Finding,
+    rule: &RuleRef,
+) -> Alert {
+    let i = f.index as usize;
+    let kind = match f.kind {
+        anomaly::AnomalyKind::Spike => AnomalyKind::Spike,
+        anomaly::AnomalyKind::Drop => AnomalyKind::Drop,
+        anomaly::AnomalyKind::Outage => AnomalyKind::Outage,
+    };
+    Alert {
+        id: Alert::derived_id(AlertType::Anomaly, meter_id, ts),
+        alert_type: AlertType::Anomaly,
+        severity: f.severity.into(),
+        meter_id: Some(meter_id.to_owned()),
+        region: Some(region.to_owned()),
+        timestamp_ms: ts,
+        message: f.message.clone(),
+        metadata: AlertMetadata::Anomaly(AnomalyMetadata {
+            baseline: round(batch.baseline_kw[i], 3),
+            current: batch.power_kw[i],
+            change: round(f.change * 100.0, 1),
+            kind,
+        }),
+        rule: Some(rule.clone()),
+    }
 }
 
 fn round(x: f64, decimals: i32) -> f64 {

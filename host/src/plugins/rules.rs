@@ -439,6 +439,17 @@ impl<W: World> Plugin<W> {
         Plugin::on(self.slot.clone())
     }
 
+    /// The version the next call runs on as of the last call: after a
+    /// failed call, the version that failed.
+    pub fn calling(&self) -> &PluginVersion {
+        &self.build.version
+    }
+
+    /// What the stage does with a batch whose call failed.
+    pub fn on_fault(&self) -> OnFault {
+        self.slot.policy().on_fault
+    }
+
     /// Calls through this handle that failed (trapped, timed out, broke the
     /// contract) so far.
     pub fn failures(&self) -> u64 {

@@ -113,6 +113,12 @@ pub enum OnFault {
     /// Run the batch once on the version before the serving one (when there
     /// is one); if that fails too, skip.
     RetryPrevious,
+    /// Skip, and park the batch on the `plugin_dead_letter` topic, to be
+    /// run again through the serving version by `segs replay-dead-letters`
+    /// (the anomaly rule only: its findings are alerts that can be raised
+    /// late; the other rules' decisions chain from state that has moved on
+    /// by then).
+    DeadLetter,
 }
 
 /// A slot's fault handling (`[plugins.<name>]` `on_fault`,
