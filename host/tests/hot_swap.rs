@@ -6,7 +6,9 @@
 //!
 //! Needs `cargo xtask build-plugins` first (`cargo xtask test` does it).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -21,25 +23,13 @@ use segs::simulator::{self, SendTarget, SimConfig, SimStats, Simulator};
 use segs::store::{AggregateQuery, AlertFilter, WindowWidth};
 use serde_json::Value;
 
+use common::{anomaly_batch, component, root};
+
 const TOKEN: &str = "s3cret-admin-token";
 /// 2025-11-12T06:00:00Z: a fixed start so event time is repeatable.
 const START_MS: i64 = 1_762_927_200_000;
 const OLD_MULTIPLIERS: [f64; 4] = [0.95, 1.00, 1.10, 1.20];
 const NEW_MULTIPLIERS: [f64; 4] = [1.40, 1.50, 1.60, 1.70];
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn component(name: &str) -> PathBuf {
-    let path = root().join(format!("target/plugins/{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo xtask build-plugins` (or `cargo xtask test`)",
-        path.display()
-    );
-    path
-}
 
 /// The same component with a custom section appended: a new build (new
 /// sha256) with the same code.
@@ -528,16 +518,6 @@ async fn the_watched_folder_swaps_a_new_component_in() {
     app.shutdown().await;
 }
 
-fn batch(n: usize) -> plugins::anomaly::ReadingBatch {
-    plugins::anomaly::ReadingBatch {
-        power_kw: (0..n)
-            .map(|i| if i % 100 == 0 { 20.0 } else { 5.0 })
-            .collect(),
-        baseline_kw: vec![5.0; n],
-        sample_count: vec![50; n],
-    }
-}
-
 /// Faults fail their call only, are counted on the version that made them,
 /// come out as events (raised as PLUGIN_FAULT alerts), and after N in a row
 /// the slot rolls back (a PLUGIN_ROLLBACK alert); the rolled-back version
@@ -572,17 +552,17 @@ fn faults_are_counted_raised_and_rolled_back_after_n_in_a_row() {
     assert_eq!(v2.version, 2);
     assert!(v2.source.ends_with("+config"), "{v2:?}");
 
-    assert_eq!(rule.detect(&batch(1000)).unwrap().len(), 10);
+    assert_eq!(rule.detect(&anomaly_batch(1000)).unwrap().len(), 10);
     assert_eq!(rule.served_by().version, 2, "the handle moved to v2");
     for _ in 0..2 {
-        let err = rule.detect(&batch(500_000)).unwrap_err();
+        let err = rule.detect(&anomaly_batch(500_000)).unwrap_err();
         assert!(matches!(err, plugins::PluginError::Trap { .. }), "{err:?}");
     }
     let listing = control.listing();
     assert_eq!(listing.serving.version, 1, "rolled back after 2 in a row");
     assert!(listing.previous.is_empty());
     // The next batch runs on v1.
-    assert_eq!(rule.detect(&batch(1000)).unwrap().len(), 10);
+    assert_eq!(rule.detect(&anomaly_batch(1000)).unwrap().len(), 10);
     assert_eq!(rule.served_by().version, 1);
     assert_eq!(control.listing().serving.calls, 1);
 
@@ -652,7 +632,7 @@ fn retry_previous_gives_the_failed_batch_to_the_previous_version() {
         .swap(Some(&rebuilt("anomaly", "v2")), None, "test".into())
         .unwrap();
     // Both versions blow the 2 MiB cap on this batch.
-    let err = rule.detect(&batch(500_000)).unwrap_err();
+    let err = rule.detect(&anomaly_batch(500_000)).unwrap_err();
     assert!(matches!(err, plugins::PluginError::Trap { .. }), "{err:?}");
     let listing = control.listing();
     assert_eq!(listing.serving.version, 2, "auto rollback is off");
@@ -660,7 +640,7 @@ fn retry_previous_gives_the_failed_batch_to_the_previous_version() {
     let v1 = &listing.previous[0];
     assert_eq!((v1.version, v1.calls, v1.faults), (1, 1, 1), "v1 was tried");
     // The next batch runs on the serving version again.
-    assert_eq!(rule.detect(&batch(1000)).unwrap().len(), 10);
+    assert_eq!(rule.detect(&anomaly_batch(1000)).unwrap().len(), 10);
     assert_eq!(rule.served_by().version, 2);
 }
 

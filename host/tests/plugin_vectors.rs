@@ -4,7 +4,7 @@
 //!
 //! Needs `cargo xtask build-plugins` first (`cargo xtask test` does it).
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use segs::plugins::{
     self, AggregateRule, AnomalyRule, ConfigValue, Limits, OverloadRule, Runtime, Severity,
@@ -12,22 +12,7 @@ use segs::plugins::{
 };
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn component(name: &str) -> PathBuf {
-    let dir = std::env::var_os("SEGS_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/plugins"));
-    let path = dir.join(format!("{name}.wasm"));
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo xtask build-plugins` (or `cargo xtask test`)",
-        path.display()
-    );
-    path
-}
+use common::{anomaly_batch, component, root};
 
 fn vectors(name: &str) -> Value {
     let path = root().join(format!("plugins/{name}/vectors.json"));
@@ -384,16 +369,6 @@ fn a_component_of_another_world_is_refused() {
     assert!(err.contains("anomaly-rule"), "{err}");
 }
 
-fn batch(n: usize) -> plugins::anomaly::ReadingBatch {
-    plugins::anomaly::ReadingBatch {
-        power_kw: (0..n)
-            .map(|i| if i % 100 == 0 { 20.0 } else { 5.0 })
-            .collect(),
-        baseline_kw: vec![5.0; n],
-        sample_count: vec![50; n],
-    }
-}
-
 #[test]
 fn a_memory_blow_up_fails_that_call_only() {
     let rt = Runtime::new(Limits {
@@ -402,13 +377,13 @@ fn a_memory_blow_up_fails_that_call_only() {
     })
     .unwrap();
     let mut rule = AnomalyRule::load(&rt, "anomaly", &component("anomaly"), vec![]).unwrap();
-    assert_eq!(rule.detect(&batch(1000)).unwrap().len(), 10);
+    assert_eq!(rule.detect(&anomaly_batch(1000)).unwrap().len(), 10);
     // 500,000 readings need ~10 MiB of guest memory: over the 2 MiB cap.
-    let err = rule.detect(&batch(500_000)).unwrap_err();
+    let err = rule.detect(&anomaly_batch(500_000)).unwrap_err();
     assert!(matches!(err, plugins::PluginError::Trap { .. }), "{err:?}");
     assert_eq!(rule.failures(), 1);
     // The instance is rebuilt and configured again: the next batch works.
-    assert_eq!(rule.detect(&batch(1000)).unwrap().len(), 10);
+    assert_eq!(rule.detect(&anomaly_batch(1000)).unwrap().len(), 10);
 }
 
 #[test]
@@ -422,9 +397,9 @@ fn a_call_over_its_time_bound_is_interrupted() {
     let mut rule = AnomalyRule::load(&rt, "anomaly", &component("anomaly"), vec![]).unwrap();
     // Millions of readings with a finding (and a formatted message) each
     // take far longer than one epoch tick.
-    let mut big = batch(2_000_000);
+    let mut big = anomaly_batch(2_000_000);
     big.power_kw.iter_mut().for_each(|p| *p = 20.0);
     let err = rule.detect(&big).unwrap_err();
     assert!(err.to_string().contains("timed out"), "{err}");
-    assert_eq!(rule.detect(&batch(100)).unwrap().len(), 1);
+    assert_eq!(rule.detect(&anomaly_batch(100)).unwrap().len(), 1);
 }

@@ -17,6 +17,32 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A built component of `target/plugins` (or `SEGS_PLUGIN_DIR`).
+pub fn component(name: &str) -> PathBuf {
+    let dir = std::env::var_os("SEGS_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/plugins"));
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask build-plugins` (or `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// An anomaly batch of `n` readings at a 5 kW baseline, one in a hundred a
+/// 20 kW spike.
+pub fn anomaly_batch(n: usize) -> segs::plugins::anomaly::ReadingBatch {
+    segs::plugins::anomaly::ReadingBatch {
+        power_kw: (0..n)
+            .map(|i| if i % 100 == 0 { 20.0 } else { 5.0 })
+            .collect(),
+        baseline_kw: vec![5.0; n],
+        sample_count: vec![50; n],
+    }
+}
+
 pub const METERS: u32 = 100;
 
 pub fn free_port() -> u16 {
