@@ -30,8 +30,12 @@ use crate::plugins::{AnomalyRule, anomaly};
 /// The consumer group of replays.
 pub const DEAD_LETTER_GROUP: &str = "dead-letter-replay-group";
 
-/// How long a replay waits for more letters before it is done.
+/// One poll's wait for letters.
 const POLL_WAIT: Duration = Duration::from_millis(300);
+/// How long a replay waits for letters it knows are parked (Kafka assigns
+/// the partition to a new member after a group join; another process may
+/// hold it).
+const ASSIGN_WAIT: Duration = Duration::from_secs(30);
 /// Letters taken per poll.
 const POLL_MAX: usize = 64;
 
@@ -61,15 +65,18 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    /// Registers the replay group on the topic, so that what is parked from
-    /// now on is kept until it is replayed (the in-process buses keep a
-    /// topic's records for its groups; Kafka keeps them for its retention).
+    /// On the in-process buses, registers the replay group on the topic, so
+    /// that what is parked from now on is kept until it is replayed (they
+    /// keep a topic's records for its groups; Kafka keeps them for the
+    /// topic's retention, and a new group starts from the earliest).
     pub async fn new(ctx: Context, anomaly: AnomalyRule) -> Result<DeadLetters, BusError> {
-        drop(
-            ctx.bus
-                .subscribe(DEAD_LETTER_GROUP, &[Topic::PluginDeadLetter])
-                .await?,
-        );
+        if ctx.config.bus.kind != crate::config::BusKind::Kafka {
+            drop(
+                ctx.bus
+                    .subscribe(DEAD_LETTER_GROUP, &[Topic::PluginDeadLetter])
+                    .await?,
+            );
+        }
         Ok(DeadLetters {
             ctx,
             anomaly: Mutex::new(anomaly),
@@ -91,16 +98,34 @@ impl DeadLetters {
     pub async fn replay(&self) -> Result<ReplayReport, BusError> {
         let mut anomaly = self.anomaly.lock().await;
         let mut report = ReplayReport::default();
+        let parked = self.parked().await?;
+        if parked == 0 {
+            return Ok(report);
+        }
         let mut consumer = self
             .ctx
             .bus
             .subscribe(DEAD_LETTER_GROUP, &[Topic::PluginDeadLetter])
             .await?;
+        let mut waiting_since = std::time::Instant::now();
         'letters: loop {
             let letters = consumer.poll(POLL_MAX, POLL_WAIT).await?;
             if letters.is_empty() {
-                break;
+                if report.replayed + report.unreadable >= parked {
+                    break;
+                }
+                if waiting_since.elapsed() >= ASSIGN_WAIT {
+                    report.stopped = Some(format!(
+                        "no parked letter came within {} s: another process may hold \
+                         {} in group {DEAD_LETTER_GROUP}",
+                        ASSIGN_WAIT.as_secs(),
+                        Topic::PluginDeadLetter.name()
+                    ));
+                    break;
+                }
+                continue;
             }
+            waiting_since = std::time::Instant::now();
             for d in letters {
                 let next = (d.topic, d.partition, d.offset + 1);
                 match decode::<DeadLetter>(&d.record.value) {
