@@ -252,6 +252,30 @@ fn installed(program: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Installs Debian `packages` with apt-get, when this user is root and
+/// apt-get is there; whether it went through.
+fn apt_install(packages: &[&str], why: &str) -> bool {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !root || !installed("apt-get") {
+        return false;
+    }
+    eprintln!(
+        "xtask: installing {} for {why} (apt-get, once)",
+        packages.join(" ")
+    );
+    Command::new("apt-get")
+        .args(["install", "-y", "-q"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
 /// The headless browser the dashboard test drives: Debian's `chromium` and
 /// `chromium-driver` (WebDriver). Installed with apt-get when missing and
 /// this user may; otherwise named.
@@ -260,25 +284,11 @@ fn ensure_browser(missing: &mut Vec<String>) {
         eprintln!("xtask: chromium and chromedriver are installed (dashboard test)");
         return;
     }
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    if root && installed("apt-get") {
-        eprintln!(
-            "xtask: installing chromium and chromium-driver for the dashboard test \
-             (apt-get, about a minute, once)"
-        );
-        let ok = Command::new("apt-get")
-            .args(["install", "-y", "-q", "chromium", "chromium-driver"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok && installed("chromium") && installed("chromedriver") {
-            return;
-        }
+    if apt_install(&["chromium", "chromium-driver"], "the dashboard test")
+        && installed("chromium")
+        && installed("chromedriver")
+    {
+        return;
     }
     missing.push(
         "headless browser: `chromium` and `chromedriver` are not installed \
@@ -416,17 +426,23 @@ fn test(extra: &[String]) -> Result<()> {
 
 /// Validates docker-compose.yml with `docker-compose config -q` (or
 /// `docker compose config -q`): syntax, schema and interpolation, no engine
-/// needed. Skipped, and said so, when neither is installed. The Dockerfile
+/// needed. When neither is installed, Debian's `docker-compose` is installed
+/// (as for the browser); skipped, and said so, when that cannot be done. The Dockerfile
 /// is checked against a local build by `host/tests/container.rs`.
 fn check_compose() -> Result<()> {
     let compose = root().join("docker-compose.yml");
-    let v1 = installed("docker-compose");
-    let v2 = !v1
-        && Command::new("docker")
+    let has_docker_compose_v2 = || {
+        Command::new("docker")
             .args(["compose", "version"])
             .output()
             .map(|o| o.status.success())
-            .unwrap_or(false);
+            .unwrap_or(false)
+    };
+    if !installed("docker-compose") && !has_docker_compose_v2() {
+        apt_install(&["docker-compose"], "validating docker-compose.yml");
+    }
+    let v1 = installed("docker-compose");
+    let v2 = !v1 && has_docker_compose_v2();
     let mut cmd = if v1 {
         Command::new("docker-compose")
     } else if v2 {
