@@ -458,6 +458,31 @@ async fn simulate(args: SimulateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Sends one admin API request with the bearer token; its JSON answer, or
+/// an error carrying the answer's message when it is not a success.
+async fn admin_call(
+    request: reqwest::RequestBuilder,
+    token: &str,
+    base: &str,
+) -> Result<serde_json::Value> {
+    let response = request
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("segs at {base} did not answer"))?;
+    let status = response.status();
+    let body = response.bytes().await.context("reading the answer")?;
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| serde_json::json!({ "message": String::from_utf8_lossy(&body) }));
+    if !status.is_success() {
+        anyhow::bail!(
+            "{status}: {}",
+            json["message"].as_str().unwrap_or(&json.to_string())
+        );
+    }
+    Ok(json)
+}
+
 /// `segs plugins …`: one admin API call, its answer printed.
 async fn plugins(args: PluginsArgs) -> Result<()> {
     let client = reqwest::Client::new();
@@ -496,21 +521,7 @@ async fn plugins(args: PluginsArgs) -> Result<()> {
             client.post(format!("{base}/admin/plugins/{name}/rollback"))
         }
     };
-    let response = request
-        .bearer_auth(&args.token)
-        .send()
-        .await
-        .with_context(|| format!("segs at {base} did not answer"))?;
-    let status = response.status();
-    let body = response.bytes().await.context("reading the answer")?;
-    let json: serde_json::Value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| serde_json::json!({ "message": String::from_utf8_lossy(&body) }));
-    if !status.is_success() {
-        anyhow::bail!(
-            "{status}: {}",
-            json["message"].as_str().unwrap_or(&json.to_string())
-        );
-    }
+    let json = admin_call(request, &args.token, base).await?;
     match &args.action {
         PluginsAction::List { json: true } => println!("{}", serde_json::to_string_pretty(&json)?),
         PluginsAction::List { json: false } => {
@@ -561,21 +572,7 @@ async fn replay_dead_letters(args: ReplayArgs) -> Result<()> {
     } else {
         client.post(format!("{base}/admin/dead-letters/replay"))
     };
-    let response = request
-        .bearer_auth(&args.token)
-        .send()
-        .await
-        .with_context(|| format!("segs at {base} did not answer"))?;
-    let status = response.status();
-    let body = response.bytes().await.context("reading the answer")?;
-    let json: serde_json::Value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| serde_json::json!({ "message": String::from_utf8_lossy(&body) }));
-    if !status.is_success() {
-        anyhow::bail!(
-            "{status}: {}",
-            json["message"].as_str().unwrap_or(&json.to_string())
-        );
-    }
+    let json = admin_call(request, &args.token, base).await?;
     if args.count {
         println!("{} parked", json["parked"]);
         return Ok(());

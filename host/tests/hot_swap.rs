@@ -164,8 +164,14 @@ fn tariff_config(m: [f64; 4]) -> Value {
 
 /// `segs plugins …` against `base`; (success, stdout + stderr).
 async fn cli(base: &str, token: &str, args: &[&str]) -> (bool, String) {
+    segs_admin("plugins", base, token, args).await
+}
+
+/// `segs <command> --url base --token token …`, a client of the admin API;
+/// (success, stdout + stderr).
+async fn segs_admin(command: &str, base: &str, token: &str, args: &[&str]) -> (bool, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_segs"))
-        .arg("plugins")
+        .arg(command)
         .args(["--url", base, "--token", token])
         .args(args)
         .env_remove("SEGS_ADMIN_TOKEN")
@@ -986,20 +992,7 @@ fn walk(dir: &Path) -> usize {
 
 /// `segs replay-dead-letters` through the binary: its output and success.
 async fn replay_cli(base: &str, args: &[&str]) -> (bool, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_segs"))
-        .arg("replay-dead-letters")
-        .args(["--url", base, "--token", TOKEN])
-        .args(args)
-        .env_remove("SEGS_ADMIN_TOKEN")
-        .output()
-        .await
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    segs_admin("replay-dead-letters", base, TOKEN, args).await
 }
 
 /// `on_fault = "dead_letter"`: every anomaly batch the serving version
