@@ -107,17 +107,22 @@ impl Admin {
         self.send(req, token).await
     }
 
-    /// The serving (version, sha256) of `name`.
-    async fn serving(&self, name: &str) -> (u64, String) {
+    /// The listing of plugin `name` (`GET /admin/plugins`).
+    async fn slot(&self, name: &str) -> Value {
         let (status, body) = self.list(Some(TOKEN)).await;
         assert_eq!(status, 200, "{body}");
-        let slot = body["plugins"]
+        body["plugins"]
             .as_array()
             .unwrap()
             .iter()
             .find(|p| p["name"] == name)
             .unwrap_or_else(|| panic!("{name} not listed: {body}"))
-            .clone();
+            .clone()
+    }
+
+    /// The serving (version, sha256) of `name`.
+    async fn serving(&self, name: &str) -> (u64, String) {
+        let slot = self.slot(name).await;
         (
             slot["serving"]["version"].as_u64().unwrap(),
             slot["serving"]["sha256"].as_str().unwrap().to_owned(),
@@ -752,14 +757,7 @@ async fn a_rule_that_traps_on_the_stream_is_contained_and_rolled_back() {
     // check.
     let mut waited = Duration::ZERO;
     let rolled_back = loop {
-        let (_, body) = admin.list(Some(TOKEN)).await;
-        let tariff = body["plugins"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == "tariff")
-            .unwrap()
-            .clone();
+        let tariff = admin.slot("tariff").await;
         let rollback_stored = store
             .list_alerts(&AlertFilter {
                 alert_type: Some("PLUGIN_ROLLBACK".into()),
@@ -1060,15 +1058,9 @@ async fn failed_anomaly_batches_are_parked_and_replayed_once() {
         body["parked"].as_u64().unwrap()
     };
     let faults_of_v2 = || async {
-        let (_, body) = admin.list(Some(TOKEN)).await;
-        let slot = body["plugins"]
-            .as_array()
+        admin.slot("anomaly").await["serving"]["faults"]
+            .as_u64()
             .unwrap()
-            .iter()
-            .find(|p| p["name"] == "anomaly")
-            .unwrap()
-            .clone();
-        slot["serving"]["faults"].as_u64().unwrap()
     };
     // Every reading folded, and every failed batch parked (as many letters
     // as faults, and still so a second later). Bounded so that a lost
