@@ -169,7 +169,7 @@ on_both_backends! {
     alert_lifecycle: file,
     concurrent_acknowledgements_change_the_alert_once: file,
     an_alert_is_stored_once_per_id_and_once_per_dedupe_key: memory,
-    raw_readings_hold_each_reading_once: memory,
+    raw_readings_hold_each_reading_once: file,
     alert_filters_and_limit: memory,
     alerts_with_equal_timestamps_list_newest_insert_first: memory,
     rows_serialize_with_the_seeds_column_names: memory,

@@ -55,8 +55,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite"
 pub struct SqliteStore {
     pool: SqlitePool,
     retention: Retention,
-    /// `raw_readings` inserts for a database file (`None`: in memory, where
-    /// they go through the pool's one connection).
+    /// `raw_readings` for a database file, in the archive file beside it
+    /// (`None`: in memory, where they stay in the pool's one database).
     archive: Option<super::sqlite_archive::ArchiveWriter>,
 }
 
@@ -105,10 +105,9 @@ impl SqliteStore {
         };
         MIGRATOR.run(&pool).await?;
         let archive = match file {
-            Some(path) => Some(super::sqlite_archive::ArchiveWriter::open(
-                &path,
-                BUSY_TIMEOUT,
-            )?),
+            Some(path) => {
+                Some(super::sqlite_archive::ArchiveWriter::open(&path, BUSY_TIMEOUT).await?)
+            }
             None => None,
         };
         Ok(SqliteStore {
@@ -1266,6 +1265,9 @@ impl Store for SqliteStore {
     }
 
     async fn count_raw_readings(&self) -> Result<u64, StoreError> {
+        if let Some(archive) = &self.archive {
+            return archive.count().await;
+        }
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM raw_readings")
             .fetch_one(&self.pool)
             .await?;
@@ -1284,13 +1286,17 @@ impl Store for SqliteStore {
             format_rfc3339_ms(now_ms.saturating_sub(keep_ms))
         };
         Ok(RetentionReport {
-            raw_readings: self
-                .delete_before(
-                    "DELETE FROM raw_readings WHERE reading_id IN \
-                     (SELECT reading_id FROM raw_readings WHERE timestamp < ? LIMIT ?)",
-                    &cutoff(r.raw_readings),
-                )
-                .await?,
+            raw_readings: match &self.archive {
+                Some(archive) => archive.delete_before(cutoff(r.raw_readings)).await?,
+                None => {
+                    self.delete_before(
+                        "DELETE FROM raw_readings WHERE reading_id IN \
+                         (SELECT reading_id FROM raw_readings WHERE timestamp < ? LIMIT ?)",
+                        &cutoff(r.raw_readings),
+                    )
+                    .await?
+                }
+            },
             aggregates_1m: self
                 .delete_before(
                     "DELETE FROM aggregates_1m WHERE (meter_id, window_start) IN \
@@ -1465,6 +1471,95 @@ mod tests {
         assert!(is_memory_url("sqlite://?mode=memory&cache=shared"));
         assert!(!is_memory_url("sqlite://segs.db"));
         assert!(!is_memory_url("sqlite:///var/lib/segs/memory.db"));
+    }
+
+    fn raw(meter: &str, ts: i64) -> RawReading {
+        RawReading {
+            meter_id: meter.to_owned(),
+            region: "north".to_owned(),
+            timestamp_ms: ts,
+            power_kw: 1.5,
+            voltage: Some(230.0),
+            current: None,
+            frequency: None,
+            power_factor: None,
+            temperature: None,
+            energy_kwh: None,
+        }
+    }
+
+    #[test]
+    fn the_archive_file_sits_beside_the_store_file() {
+        use super::super::sqlite_archive::ArchiveWriter;
+        use std::path::Path;
+        let at = |p: &str| ArchiveWriter::path_for(Path::new(p));
+        assert_eq!(
+            at("/var/lib/segs/segs.db"),
+            Path::new("/var/lib/segs/segs-raw.db")
+        );
+        assert_eq!(at("data/store"), Path::new("data/store-raw"));
+        assert_eq!(at("a.b.sqlite"), Path::new("a.b-raw.sqlite"));
+    }
+
+    /// The archive is a file of its own (its writes never wait for the
+    /// stages' write lock): the store file's raw_readings stays empty, and
+    /// what a store file from before the split held is moved over once.
+    #[tokio::test]
+    async fn raw_readings_live_in_the_archive_file_and_old_rows_move_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segs.db");
+        let url = format!("sqlite://{}", path.display());
+        let store = SqliteStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        store
+            .insert_raw_readings(std::sync::Arc::from([raw("MTR-1", 0), raw("MTR-2", 0)]))
+            .await
+            .unwrap();
+        assert_eq!(store.count_raw_readings().await.unwrap(), 2);
+        let in_store: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM raw_readings")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(in_store, 0, "the store file's own table is not written");
+        // A store file from before the split: rows in its own table, one of
+        // them also in the archive already.
+        sqlx::query(
+            "INSERT INTO raw_readings (meter_id, region, timestamp, power_kw) VALUES \
+             ('MTR-1', 'north', '1970-01-01T00:00:00.000Z', 1.5), \
+             ('MTR-3', 'south', '1970-01-01T00:00:10.000Z', 2.5)",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        drop(store);
+        let again = SqliteStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            again.count_raw_readings().await.unwrap(),
+            3,
+            "each reading once"
+        );
+        let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM raw_readings")
+            .fetch_one(again.pool())
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
+        let archive = path.with_file_name("segs-raw.db");
+        let conn = rusqlite::Connection::open(&archive).unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let south: String = conn
+            .query_row(
+                "SELECT meter_id FROM raw_readings WHERE region = 'south'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(south, "MTR-3");
     }
 
     #[tokio::test]
