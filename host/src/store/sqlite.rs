@@ -58,6 +58,8 @@ pub struct SqliteStore {
     /// `raw_readings` for a database file, in the archive file beside it
     /// (`None`: in memory, where they stay in the pool's one database).
     archive: Option<super::sqlite_archive::ArchiveWriter>,
+    /// Held by every write of this process ([`WriteTx`]).
+    write_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -114,6 +116,7 @@ impl SqliteStore {
             pool,
             retention: options.retention,
             archive,
+            write_lock: Default::default(),
         })
     }
 
@@ -122,8 +125,46 @@ impl SqliteStore {
         &self.pool
     }
 
-    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// A write transaction, begun once this process's other writers are
+    /// done (see [`WriteTx`]).
+    async fn write_tx(&self) -> Result<WriteTx, StoreError> {
+        let lock = self.write_lock.clone().lock_owned().await;
+        Ok(WriteTx {
+            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            _lock: lock,
+        })
+    }
+}
+
+/// A `BEGIN IMMEDIATE` transaction holding the store's in-process write
+/// lock until it ends. SQLite has one writer per file; without the lock the
+/// stages' writers (stream checkpoints, regional, alert and tariff stages,
+/// outbox clean-up) met on the file's lock, and the one that lost slept in
+/// SQLite's busy handler, in steps of 1 to 100 ms, even after the lock was
+/// free again. With it they queue in order and start the moment the
+/// previous write ends. (Another process on the same file still meets the
+/// busy timeout.)
+struct WriteTx {
+    tx: Transaction<'static, Sqlite>,
+    _lock: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl WriteTx {
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
     }
 }
 
@@ -1120,6 +1161,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_outbox(&self, stage: &str, through_seq: i64) -> Result<(), StoreError> {
+        let _lock = self.write_lock.lock().await;
         sqlx::query("DELETE FROM outbox WHERE stage = ? AND seq <= ?")
             .bind(stage)
             .bind(through_seq)
@@ -1184,7 +1226,7 @@ impl Store for SqliteStore {
     }
 
     async fn claim_checkpoint(&self, group: &str) -> Result<(i64, Option<Checkpoint>), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let epoch: i64 = sqlx::query_scalar(
             "INSERT INTO stream_checkpoints (consumer_group, bus_id, positions, state, \
              updated_at, epoch) VALUES (?, '', '[]', x'', ?, 1) ON CONFLICT (consumer_group) \
@@ -1331,6 +1373,7 @@ impl SqliteStore {
     async fn delete_before(&self, sql: &'static str, cutoff: &str) -> Result<u64, StoreError> {
         let mut total = 0u64;
         loop {
+            let _lock = self.write_lock.lock().await;
             let done = sqlx::query(sql)
                 .bind(cutoff)
                 .bind(RETENTION_BATCH)
