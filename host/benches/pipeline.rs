@@ -1190,6 +1190,24 @@ fn cores_by_thread(before: &HashMap<u32, (String, u64)>, wall: Duration) -> Stri
     format!("{} = {:.2} cores", parts.join(" + "), total / w)
 }
 
+/// Each running stage's lag (records of its inputs its group has not
+/// committed, summed over the partitions), as `/readyz` reports them.
+fn stage_lags(rt: &tokio::runtime::Runtime, app: &App) -> String {
+    let parts: Vec<String> = segs::pipeline::STAGE_INPUTS
+        .iter()
+        .map(
+            |(name, group, topics)| match rt.block_on(app.ctx.bus.lag(group, topics)) {
+                Ok(lag) => format!(
+                    "{name} {}",
+                    thousands(lag.iter().map(|(_, _, n)| n).sum::<u64>())
+                ),
+                Err(e) => format!("{name} ? ({e})"),
+            },
+        )
+        .collect();
+    parts.join(", ")
+}
+
 fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
     use segs::config::BusKind;
     use std::sync::atomic::AtomicBool;
@@ -1284,6 +1302,7 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
         let per_s = |n: u64, s: f64| thousands((n as f64 / s) as u64);
         let total = counters(&metrics).accepted;
         let ended = Instant::now();
+        let lags = stage_lags(&rt, &app);
         let caught_up = wait_for(SUSTAIN_DRAIN_MAX, || {
             let c = counters(&metrics);
             c.processed >= total && (!archive || c.archived >= total)
@@ -1321,6 +1340,7 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
             },
         );
         println!("      CPU while sustained, by thread: {cpu}");
+        println!("      stage lags as the load ended (records not committed): {lags}");
         rt.shutdown_timeout(Duration::from_secs(1));
     }
 }
