@@ -41,7 +41,7 @@ const MAX_VARIABLES: usize = 32_766;
 const MAX_CHUNK_ROWS: usize = 2048;
 /// Rows deleted per statement by the retention job, so that writers are
 /// never locked out for long.
-const RETENTION_BATCH: i64 = 20_000;
+pub(super) const RETENTION_BATCH: i64 = 20_000;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const FILE_POOL_CONNECTIONS: u32 = 4;
 /// Page cache per connection, KiB (`PRAGMA cache_size`).

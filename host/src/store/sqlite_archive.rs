@@ -34,9 +34,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, Transaction, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
+use super::sqlite::RETENTION_BATCH;
 use super::{RawReading, StoreError};
 
 /// `created_at` is bound once per call (the column's default would format
@@ -46,10 +47,6 @@ const INSERT: &str = "INSERT INTO raw_readings (meter_id, region, timestamp, pow
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite-archive");
-
-/// Rows deleted per statement by retention, so that the writer is never
-/// held up for long.
-const RETENTION_BATCH: i64 = 20_000;
 
 type Answer<T> = oneshot::Sender<Result<T, StoreError>>;
 
@@ -143,7 +140,8 @@ impl ArchiveWriter {
     }
 
     /// Deletes the readings before `cutoff` (RFC 3339), in batches of
-    /// [`RETENTION_BATCH`], each its own transaction; how many it deleted.
+    /// [`RETENTION_BATCH`] as the pool's retention does; how many it
+    /// deleted.
     pub(super) async fn delete_before(&self, cutoff: String) -> Result<u64, StoreError> {
         self.call(|answer| Job::DeleteBefore(cutoff, answer)).await
     }
@@ -189,24 +187,19 @@ fn move_legacy_rows(conn: &Connection, store: &Path) -> Result<(), StoreError> {
         if !legacy {
             return Ok(0);
         }
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let moved = conn.execute(
+        // Rolled back when dropped uncommitted.
+        let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+        let moved = tx.execute(
             "INSERT OR IGNORE INTO main.raw_readings (meter_id, region, timestamp, power_kw, voltage, \
              current, frequency, power_factor, temperature, energy_kwh, created_at) \
              SELECT meter_id, region, timestamp, power_kw, voltage, current, frequency, \
              power_factor, temperature, energy_kwh, created_at FROM store.raw_readings \
              ORDER BY reading_id",
             [],
-        );
-        let done = moved.and_then(|n| {
-            conn.execute("DELETE FROM store.raw_readings", [])?;
-            conn.execute_batch("COMMIT")?;
-            Ok(n)
-        });
-        if done.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        done
+        )?;
+        tx.execute("DELETE FROM store.raw_readings", [])?;
+        tx.commit()?;
+        Ok(moved)
     })();
     let detached = conn.execute_batch("DETACH DATABASE store");
     let moved = moved.map_err(|e| database("cannot move the store file's raw readings", e))?;
