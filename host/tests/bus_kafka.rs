@@ -192,6 +192,18 @@ async fn a_lagging_group_makes_the_telemetry_topic_refuse_producers() {
     bus.produce(Topic::TelemetryReadings, records.clone())
         .await
         .unwrap();
+    // The lag monitor polls the broker: under load its first look may
+    // come before all nine records are visible. Produce only once it has
+    // seen them all, so the refusal below is the one the nine cause.
+    for _ in 0..100 {
+        if bus
+            .backlog(Topic::TelemetryReadings)
+            .is_some_and(|b| b.waiting >= 9)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let full = async {
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(200)).await;
