@@ -516,6 +516,62 @@ async fn aggregate_queries_filter_and_order(db: &Db) {
     assert_eq!(one.len(), 1, "from inclusive, to exclusive");
     assert_eq!(one[0].window_start_ms, t("2025-11-12T06:31:00Z"));
 
+    // One meter over every window, over an open range, capped, and in a
+    // region it is not in (SQLite walks the window starts for these).
+    let by_meter = |meter: &str, from: Option<&str>, region: Option<&str>, limit: u32| {
+        let q = AggregateQuery {
+            meter_id: Some(meter.into()),
+            from_ms: from.map(t),
+            region: region.map(Into::into),
+            limit,
+            ..AggregateQuery::default()
+        };
+        let store = &store;
+        async move {
+            store
+                .meter_aggregates(WindowWidth::OneMinute, &q)
+                .await
+                .unwrap()
+                .iter()
+                .map(|a| {
+                    (
+                        a.meter_id.clone(),
+                        format_rfc3339_ms(a.window_start_ms)[14..16].to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let w = |m: &str, minute: &str| (m.to_string(), minute.to_string());
+    assert_eq!(
+        by_meter("MTR-3", None, None, 1000).await,
+        vec![w("MTR-3", "30"), w("MTR-3", "31"), w("MTR-3", "32")]
+    );
+    assert_eq!(
+        by_meter("MTR-3", None, None, 2).await,
+        vec![w("MTR-3", "30"), w("MTR-3", "31")]
+    );
+    assert_eq!(
+        by_meter("MTR-1", Some("2025-11-12T06:30:30Z"), None, 1000).await,
+        vec![w("MTR-1", "31"), w("MTR-1", "32")]
+    );
+    assert_eq!(
+        by_meter("MTR-9", None, None, 1000).await,
+        vec![w("MTR-9", "31")]
+    );
+    assert_eq!(
+        by_meter("MTR-9", None, Some("Delhi-South"), 1000)
+            .await
+            .len(),
+        1
+    );
+    assert!(
+        by_meter("MTR-9", None, Some("Mumbai-North"), 1000)
+            .await
+            .is_empty()
+    );
+    assert!(by_meter("MTR-404", None, None, 1000).await.is_empty());
+
     let q = AggregateQuery {
         region: Some("Delhi-South".into()),
         ..AggregateQuery::default()

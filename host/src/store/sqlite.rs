@@ -240,7 +240,7 @@ fn agg_upsert_head(table: &str) -> String {
 
 fn agg_upsert_tail(t: &str) -> String {
     format!(
-        "ON CONFLICT (meter_id, window_start) DO UPDATE SET \
+        "ON CONFLICT (window_start, meter_id) DO UPDATE SET \
          count = {t}.count + excluded.count, \
          power_sum = {t}.power_sum + excluded.power_sum, \
          voltage_sum = {t}.voltage_sum + excluded.voltage_sum, \
@@ -534,34 +534,46 @@ async fn upsert_meter_aggregates(
     let table = width.table();
     let merged = merge_duplicate_windows(aggs);
     let head = agg_upsert_head(table);
-    let tail = agg_upsert_tail(table);
     let now = format_rfc3339_ms(now_ms());
     let max = max_chunk_rows(AGG_INSERT_COLUMNS);
+    // Windows closed on time are new rows, stored as given: inserted without
+    // reading them back (RETURNING streamed every row back through sqlx's
+    // worker, most of the upsert's time). Only if one of them is there
+    // already (a late window) is the try undone and the chunk merged.
+    sqlx::query("SAVEPOINT new_windows")
+        .execute(&mut *tx)
+        .await?;
+    let mut inserted = 0;
+    let mut rest = merged.as_slice();
+    for size in chunk_sizes(merged.len(), max) {
+        let (chunk, after) = rest.split_at(size);
+        rest = after;
+        let sql = values_sql(&head, AGG_INSERT_COLUMNS, size, "ON CONFLICT DO NOTHING");
+        let done = bind_aggregates(sqlx::query(&sql), chunk, &now)
+            .execute(&mut *tx)
+            .await?;
+        inserted += done.rows_affected();
+        if done.rows_affected() < size as u64 {
+            break;
+        }
+    }
+    if inserted == merged.len() as u64 {
+        sqlx::query("RELEASE new_windows").execute(&mut *tx).await?;
+        return Ok(merged);
+    }
+    sqlx::query("ROLLBACK TO new_windows; RELEASE new_windows")
+        .execute(&mut *tx)
+        .await?;
+    let tail = agg_upsert_tail(table);
     let mut out = Vec::with_capacity(merged.len());
     let mut rest = merged.as_slice();
     for size in chunk_sizes(merged.len(), max) {
         let (chunk, after) = rest.split_at(size);
         rest = after;
         let sql = values_sql(&head, AGG_INSERT_COLUMNS, size, &tail);
-        let mut q = sqlx::query(&sql);
-        for a in chunk {
-            q = q
-                .bind(a.meter_id.as_str())
-                .bind(a.region.as_str())
-                .bind(format_rfc3339_ms(a.window_start_ms))
-                .bind(a.avg_power_kw)
-                .bind(a.max_power_kw)
-                .bind(a.min_power_kw)
-                .bind(a.energy_kwh_sum)
-                .bind(a.voltage_avg)
-                .bind(i64::from(a.count))
-                .bind(a.power_sum)
-                .bind(a.voltage_sum)
-                .bind(i64::from(a.voltage_count))
-                .bind(now.as_str())
-                .bind(now.as_str());
-        }
-        let rows = q.fetch_all(&mut *tx).await?;
+        let rows = bind_aggregates(sqlx::query(&sql), chunk, &now)
+            .fetch_all(&mut *tx)
+            .await?;
         // RETURNING promises no order: put the rows back in input order.
         let mut stored: HashMap<(String, i64), MeterAggregate> = HashMap::with_capacity(rows.len());
         for row in &rows {
@@ -583,6 +595,32 @@ async fn upsert_meter_aggregates(
         }
     }
     Ok(out)
+}
+
+/// Binds the [`AGG_INSERT_COLUMNS`] of each row of `chunk`.
+fn bind_aggregates<'q>(
+    mut q: sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    chunk: &'q [MeterAggregate],
+    now: &'q str,
+) -> sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    for a in chunk {
+        q = q
+            .bind(a.meter_id.as_str())
+            .bind(a.region.as_str())
+            .bind(format_rfc3339_ms(a.window_start_ms))
+            .bind(a.avg_power_kw)
+            .bind(a.max_power_kw)
+            .bind(a.min_power_kw)
+            .bind(a.energy_kwh_sum)
+            .bind(a.voltage_avg)
+            .bind(i64::from(a.count))
+            .bind(a.power_sum)
+            .bind(a.voltage_sum)
+            .bind(i64::from(a.voltage_count))
+            .bind(now)
+            .bind(now);
+    }
+    q
 }
 
 async fn upsert_regional_aggregates(
@@ -1272,13 +1310,42 @@ impl Store for SqliteStore {
         query: &AggregateQuery,
     ) -> Result<Vec<MeterAggregate>, StoreError> {
         let table = width.table();
-        let mut qb: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("SELECT {AGG_COLUMNS} FROM {table} WHERE 1 = 1"));
-        if let Some(m) = &query.meter_id {
-            qb.push(" AND meter_id = ");
-            qb.push_bind(m.as_str());
-        }
-        push_window_filters(&mut qb, query);
+        let mut qb: QueryBuilder<Sqlite> = match &query.meter_id {
+            // Keyed (window_start, meter_id) with no index by meter
+            // (migration 0008): walk the distinct window starts of the range
+            // along the key, one seek each, and look the meter up in each.
+            Some(m) => {
+                let mut qb = QueryBuilder::new(format!(
+                    "WITH RECURSIVE starts(ws) AS (SELECT MIN(window_start) FROM {table} WHERE 1 = 1"
+                ));
+                push_time_filters(&mut qb, query);
+                qb.push(format!(
+                    " UNION ALL SELECT (SELECT MIN(window_start) FROM {table} \
+                     WHERE window_start > starts.ws"
+                ));
+                if let Some(to) = query.to_ms {
+                    qb.push(" AND window_start < ");
+                    qb.push_bind(format_rfc3339_ms(to));
+                }
+                qb.push(format!(
+                    ") FROM starts WHERE starts.ws IS NOT NULL) \
+                     SELECT {AGG_COLUMNS} FROM starts JOIN {table} \
+                     ON window_start = starts.ws AND meter_id = "
+                ));
+                qb.push_bind(m.as_str());
+                if let Some(r) = &query.region {
+                    qb.push(" AND region = ");
+                    qb.push_bind(r.as_str());
+                }
+                qb
+            }
+            None => {
+                let mut qb =
+                    QueryBuilder::new(format!("SELECT {AGG_COLUMNS} FROM {table} WHERE 1 = 1"));
+                push_window_filters(&mut qb, query);
+                qb
+            }
+        };
         qb.push(" ORDER BY window_start, meter_id LIMIT ");
         qb.push_bind(i64::from(query.limit));
         let rows = qb.build().fetch_all(&self.pool).await?;
@@ -1341,17 +1408,17 @@ impl Store for SqliteStore {
             },
             aggregates_1m: self
                 .delete_before(
-                    "DELETE FROM aggregates_1m WHERE (meter_id, window_start) IN \
-                     (SELECT meter_id, window_start FROM aggregates_1m \
-                      WHERE window_start < ? LIMIT ?)",
+                    "DELETE FROM aggregates_1m WHERE (window_start, meter_id) IN \
+                     (SELECT window_start, meter_id FROM aggregates_1m \
+                      WHERE window_start < ? ORDER BY window_start LIMIT ?)",
                     &cutoff(r.aggregates_1m),
                 )
                 .await?,
             aggregates_15m: self
                 .delete_before(
-                    "DELETE FROM aggregates_15m WHERE (meter_id, window_start) IN \
-                     (SELECT meter_id, window_start FROM aggregates_15m \
-                      WHERE window_start < ? LIMIT ?)",
+                    "DELETE FROM aggregates_15m WHERE (window_start, meter_id) IN \
+                     (SELECT window_start, meter_id FROM aggregates_15m \
+                      WHERE window_start < ? ORDER BY window_start LIMIT ?)",
                     &cutoff(r.aggregates_15m),
                 )
                 .await?,
@@ -1393,6 +1460,11 @@ fn push_window_filters<'a>(qb: &mut QueryBuilder<'a, Sqlite>, query: &'a Aggrega
         qb.push(" AND region = ");
         qb.push_bind(r.as_str());
     }
+    push_time_filters(qb, query);
+}
+
+/// `from_ms` and `to_ms` of `query` on `window_start`.
+fn push_time_filters(qb: &mut QueryBuilder<'_, Sqlite>, query: &AggregateQuery) {
     if let Some(from) = query.from_ms {
         qb.push(" AND window_start >= ");
         qb.push_bind(format_rfc3339_ms(from));
@@ -1547,6 +1619,72 @@ mod tests {
     /// The archive is a file of its own (its writes never wait for the
     /// stages' write lock): the store file's raw_readings stays empty, and
     /// what a store file from before the split held is moved over once.
+    #[tokio::test]
+    async fn windows_stored_keyed_by_meter_move_to_the_time_first_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("segs.db").display());
+        // A store file as the builds before migration 0008 left it.
+        let before: Vec<_> = MIGRATOR
+            .migrations
+            .iter()
+            .filter(|m| m.version < 8)
+            .cloned()
+            .collect();
+        let old = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(before),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        {
+            let pool = SqlitePoolOptions::new()
+                .connect_with(
+                    SqliteConnectOptions::from_str(&url)
+                        .unwrap()
+                        .create_if_missing(true),
+                )
+                .await
+                .unwrap();
+            old.run(&pool).await.unwrap();
+            sqlx::query(
+                "INSERT INTO aggregates_1m (meter_id, region, window_start, avg_power_kw, \
+                 max_power_kw, min_power_kw, energy_kwh_sum, count, power_sum) VALUES \
+                 ('MTR-2', 'north', '2025-11-12T06:31:00.000Z', 1.0, 1.0, 1.0, 0.1, 1, 1.0), \
+                 ('MTR-1', 'north', '2025-11-12T06:31:00.000Z', 2.0, 2.0, 2.0, 0.2, 1, 2.0), \
+                 ('MTR-1', 'north', '2025-11-12T06:30:00.000Z', 3.0, 3.0, 3.0, 0.3, 1, 3.0)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let store = SqliteStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        let key: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM pragma_index_info('sqlite_autoindex_aggregates_1m_1')",
+        )
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(key, ["window_start", "meter_id"]);
+        let all = store
+            .meter_aggregates(WindowWidth::OneMinute, &AggregateQuery::default())
+            .await
+            .unwrap();
+        let rows: Vec<(&str, f64)> = all
+            .iter()
+            .map(|a| (a.meter_id.as_str(), a.avg_power_kw))
+            .collect();
+        assert_eq!(rows, [("MTR-1", 3.0), ("MTR-1", 2.0), ("MTR-2", 1.0)]);
+        // And the upsert still merges into a moved row.
+        let mut again = all[2].clone();
+        again.count = 1;
+        let merged = store
+            .upsert_meter_aggregates(WindowWidth::OneMinute, &[again])
+            .await
+            .unwrap();
+        assert_eq!(merged[0].count, 2);
+    }
+
     #[tokio::test]
     async fn raw_readings_live_in_the_archive_file_and_old_rows_move_there() {
         let dir = tempfile::tempdir().unwrap();
