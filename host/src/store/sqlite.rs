@@ -10,6 +10,7 @@
 //! cache. Timestamps are TEXT in the canonical RFC 3339 form, which sorts
 //! and compares correctly as text.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
@@ -660,53 +661,58 @@ async fn upsert_regional_aggregates(
     Ok(())
 }
 
-/// Inserts an `active` alert; `None` when one with the same id or the same
-/// dedupe key is already stored (nothing is written then).
-/// The outbox rows of one `apply`, in multi-row statements (a window close
-/// puts one message per meter here: one statement per message cost a
-/// round trip to the connection's worker thread each).
+/// The outbox of one `apply`: its messages as one row of `outbox_batches`
+/// (migration 0009), whose seq every message shares.
 async fn insert_outbox(
     tx: &mut SqliteConnection,
     stage: &str,
     messages: Vec<KeyedMessage>,
 ) -> Result<Vec<OutboxRecord>, StoreError> {
-    const COLUMNS: usize = 5;
-    let headers: Vec<String> = messages
-        .iter()
-        .map(|m| serde_json::to_string(&m.headers))
-        .collect::<Result<_, _>>()?;
-    let mut seqs: Vec<i64> = Vec::with_capacity(messages.len());
-    let mut at = 0;
-    for size in chunk_sizes(messages.len(), max_chunk_rows(COLUMNS)) {
-        let sql = values_sql(
-            "INSERT INTO outbox (stage, topic, key, value, headers)",
-            COLUMNS,
-            size,
-            "RETURNING seq",
-        );
-        let mut q = sqlx::query_scalar::<_, i64>(&sql);
-        for (m, h) in messages[at..at + size].iter().zip(&headers[at..at + size]) {
-            q = q
-                .bind(stage)
-                .bind(m.topic.name())
-                .bind(m.key.as_str())
-                .bind(m.value.as_slice())
-                .bind(h.as_str());
-        }
-        // Rows get increasing seqs in VALUES order (the write lock is held);
-        // RETURNING may list them in any order.
-        let mut chunk = q.fetch_all(&mut *tx).await?;
-        chunk.sort_unstable();
-        seqs.extend(chunk);
-        at += size;
+    if messages.is_empty() {
+        return Ok(Vec::new());
     }
+    let stored: Vec<StoredMessage<'_>> = messages
+        .iter()
+        .map(|m| StoredMessage {
+            topic: Cow::Borrowed(m.topic.name()),
+            key: Cow::Borrowed(&m.key),
+            value: Cow::Borrowed(&m.value),
+            headers: Cow::Borrowed(&m.headers),
+        })
+        .collect();
+    // Strings, bytes and pairs of strings: encoding cannot fail.
+    let blob = postcard::to_stdvec(&stored).expect("outbox messages encode");
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox_batches (stage, messages) VALUES (?, ?) RETURNING seq",
+    )
+    .bind(stage)
+    .bind(blob)
+    .fetch_one(&mut *tx)
+    .await?;
     Ok(messages
         .into_iter()
-        .zip(seqs)
-        .map(|(message, seq)| OutboxRecord { seq, message })
+        .map(|message| OutboxRecord { seq, message })
         .collect())
 }
 
+/// One message of an outbox batch as stored: borrowed to write, owned to
+/// read back.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredMessage<'a> {
+    topic: Cow<'a, str>,
+    key: Cow<'a, str>,
+    #[serde(with = "serde_bytes", borrow)]
+    value: Cow<'a, [u8]>,
+    headers: Cow<'a, [(String, String)]>,
+}
+
+/// Messages an earlier build left in the one-row-per-message `outbox` get
+/// seqs below every batch's (this minus their own), so they go first and
+/// are deleted by the same `delete_outbox`.
+const LEGACY_OUTBOX_BASE: i64 = 1 << 62;
+
+/// Inserts an `active` alert; `None` when one with the same id or the same
+/// dedupe key is already stored (nothing is written then).
 async fn insert_alert(
     tx: &mut SqliteConnection,
     alert: &NewAlert,
@@ -1169,42 +1175,80 @@ impl Store for SqliteStore {
     }
 
     async fn pending_outbox(&self, stage: &str) -> Result<Vec<OutboxRecord>, StoreError> {
-        let rows = sqlx::query(
+        let corrupt =
+            |table: &'static str, column: &'static str, value: &str| StoreError::Corrupt {
+                table,
+                column,
+                value: value.to_owned(),
+            };
+        let legacy = sqlx::query(
             "SELECT seq, topic, key, value, headers FROM outbox WHERE stage = ? ORDER BY seq",
         )
         .bind(stage)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let topic: &str = row.try_get("topic")?;
-                let headers: &str = row.try_get("headers")?;
-                let corrupt = |column: &'static str, value: &str| StoreError::Corrupt {
-                    table: "outbox",
-                    column,
-                    value: value.to_owned(),
-                };
-                Ok(OutboxRecord {
-                    seq: row.try_get("seq")?,
+        let mut out = Vec::with_capacity(legacy.len());
+        for row in &legacy {
+            let topic: &str = row.try_get("topic")?;
+            let headers: &str = row.try_get("headers")?;
+            let seq: i64 = row.try_get("seq")?;
+            out.push(OutboxRecord {
+                seq: seq - LEGACY_OUTBOX_BASE,
+                message: KeyedMessage {
+                    topic: Topic::from_name(topic)
+                        .ok_or_else(|| corrupt("outbox", "topic", topic))?,
+                    key: row.try_get("key")?,
+                    value: row.try_get("value")?,
+                    headers: serde_json::from_str(headers)
+                        .map_err(|_| corrupt("outbox", "headers", headers))?,
+                },
+            });
+        }
+        let batches =
+            sqlx::query("SELECT seq, messages FROM outbox_batches WHERE stage = ? ORDER BY seq")
+                .bind(stage)
+                .fetch_all(&self.pool)
+                .await?;
+        for row in &batches {
+            let seq: i64 = row.try_get("seq")?;
+            let blob: &[u8] = row.try_get("messages")?;
+            let messages: Vec<StoredMessage<'_>> = postcard::from_bytes(blob)
+                .map_err(|e| corrupt("outbox_batches", "messages", &format!("seq {seq}: {e}")))?;
+            for m in messages {
+                out.push(OutboxRecord {
+                    seq,
                     message: KeyedMessage {
-                        topic: Topic::from_name(topic).ok_or_else(|| corrupt("topic", topic))?,
-                        key: row.try_get("key")?,
-                        value: row.try_get("value")?,
-                        headers: serde_json::from_str(headers)
-                            .map_err(|_| corrupt("headers", headers))?,
+                        topic: Topic::from_name(&m.topic)
+                            .ok_or_else(|| corrupt("outbox_batches", "messages", &m.topic))?,
+                        key: m.key.into_owned(),
+                        value: m.value.into_owned(),
+                        headers: m.headers.into_owned(),
                     },
-                })
-            })
-            .collect()
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn delete_outbox(&self, stage: &str, through_seq: i64) -> Result<(), StoreError> {
         let _lock = self.write_lock.lock().await;
+        let legacy_through = if through_seq < 0 {
+            through_seq + LEGACY_OUTBOX_BASE
+        } else {
+            i64::MAX
+        };
         sqlx::query("DELETE FROM outbox WHERE stage = ? AND seq <= ?")
             .bind(stage)
-            .bind(through_seq)
+            .bind(legacy_through)
             .execute(&self.pool)
             .await?;
+        if through_seq >= 0 {
+            sqlx::query("DELETE FROM outbox_batches WHERE stage = ? AND seq <= ?")
+                .bind(stage)
+                .bind(through_seq)
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(())
     }
 
@@ -1552,6 +1596,63 @@ async fn load_checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_outbox_is_one_row_per_apply_and_older_rows_go_first() {
+        let store = SqliteStore::open("sqlite::memory:", &StoreOptions::default())
+            .await
+            .unwrap();
+        let msg = |key: &str| KeyedMessage {
+            topic: Topic::Aggregates1m,
+            key: key.into(),
+            value: format!("{{\"meterId\":\"{key}\"}}").into_bytes(),
+            headers: vec![("type".into(), "METER_1M".into())],
+        };
+        // A message an earlier build left, one row per message.
+        sqlx::query(
+            "INSERT INTO outbox (stage, topic, key, value, headers) \
+             VALUES ('s', 'aggregates_1m', 'old', x'7b7d', '[]')",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let none = Effects::default();
+        let (_, first) = store
+            .apply("s", &none, &|_| vec![msg("a"), msg("b")])
+            .await
+            .unwrap();
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[0].seq, first[1].seq, "one batch, one seq");
+        let (_, second) = store.apply("s", &none, &|_| vec![msg("c")]).await.unwrap();
+        assert!(second[0].seq > first[0].seq);
+        store
+            .apply("other", &none, &|_| vec![msg("x")])
+            .await
+            .unwrap();
+        let batches: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox_batches")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(batches, 3);
+
+        let keys = |records: &[OutboxRecord]| -> Vec<String> {
+            records.iter().map(|r| r.message.key.clone()).collect()
+        };
+        let pending = store.pending_outbox("s").await.unwrap();
+        assert_eq!(keys(&pending), ["old", "a", "b", "c"]);
+        assert_eq!(pending[1].message, msg("a"), "stored as given");
+        assert!(pending.windows(2).all(|w| w[0].seq <= w[1].seq));
+        store.delete_outbox("s", pending[0].seq).await.unwrap();
+        assert_eq!(
+            keys(&store.pending_outbox("s").await.unwrap()),
+            ["a", "b", "c"]
+        );
+        store.delete_outbox("s", first[1].seq).await.unwrap();
+        assert_eq!(keys(&store.pending_outbox("s").await.unwrap()), ["c"]);
+        store.delete_outbox("s", second[0].seq).await.unwrap();
+        assert!(store.pending_outbox("s").await.unwrap().is_empty());
+        assert_eq!(keys(&store.pending_outbox("other").await.unwrap()), ["x"]);
+    }
 
     #[test]
     fn chunks_cover_exactly_with_few_shapes() {
