@@ -187,6 +187,44 @@ async fn commit_positions_commits_exactly_those_offsets() {
 }
 
 #[tokio::test]
+async fn commits_that_do_not_wait_land_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = journal(&dir);
+    let bus = open(&path, 1);
+    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+    bus.produce(T, records(0, 10, 1)).await.expect("produce");
+    assert_eq!(c.poll(100, Duration::ZERO).await.expect("poll").len(), 10);
+    let err = c
+        .commit_positions_soon(&[(T, 0, 11)])
+        .await
+        .expect_err("past the position");
+    assert!(
+        matches!(err, BusError::CommitBeyondPosition { .. }),
+        "{err:?}"
+    );
+    c.commit_positions_soon(&[(T, 0, 4)])
+        .await
+        .expect("commit 4");
+    c.commit_positions_soon(&[(T, 0, 7)])
+        .await
+        .expect("commit 7");
+    // Counted at once (the lag bound and /readyz see it)...
+    assert_eq!(bus.lag("g", &[T]).await.unwrap(), [(T, 0, 3)]);
+    // ...and on disk, in order, once the bus has let its journal finish.
+    drop(c);
+    drop(bus);
+    let bus = open(&path, 1);
+    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+    assert_eq!(values(&drain(&mut *c).await), (7..10).collect::<Vec<_>>());
+    c.commit_soon().await.expect("commit all");
+    drop(c);
+    drop(bus);
+    let bus = open(&path, 1);
+    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+    assert!(drain(&mut *c).await.is_empty());
+}
+
+#[tokio::test]
 async fn commit_positions_on_the_volatile_bus() {
     let bus = MemoryBus::new(1, 10_000);
     let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");

@@ -303,6 +303,12 @@ impl Journal {
         self.shared.wake.notify_one();
     }
 
+    /// Queues `op` without a confirmation: it is committed in queue order
+    /// with the rest, and a failure fails the journal (see [`Journal::failed`]).
+    pub(crate) fn enqueue_unconfirmed(&self, op: Op) {
+        self.push(op, None);
+    }
+
     /// Waits for an enqueued operation's commit.
     pub(crate) async fn wait(rx: oneshot::Receiver<Result<(), String>>) -> Result<(), BusError> {
         match rx.await {

@@ -808,10 +808,46 @@ impl MemoryConsumer {
         self.inner.closed.load(Ordering::Acquire)
     }
 
+    /// The position after everything polled, per owned partition.
+    fn polled_positions(&mut self) -> Vec<(Topic, u32, u64)> {
+        self.refresh();
+        self.owned
+            .iter()
+            .map(|o| (o.topic, o.partition, o.position))
+            .collect()
+    }
+
+    /// Refuses positions beyond what poll has reached.
+    fn check_positions(&mut self, positions: &[(Topic, u32, u64)]) -> Result<(), BusError> {
+        self.refresh();
+        for &(topic, partition, offset) in positions {
+            if let Some(o) = self
+                .owned
+                .iter()
+                .find(|o| o.topic == topic && o.partition == partition)
+                && offset > o.position
+            {
+                return Err(BusError::CommitBeyondPosition {
+                    group: self.group.clone(),
+                    topic,
+                    partition,
+                    offset,
+                    position: o.position,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Commits `offsets` (each at most the partition's position) of the
     /// partitions this member still owns; the others are reported as lost
-    /// to a rebalance. Returns once the new offsets are in the journal.
-    async fn commit_offsets(&mut self, offsets: &[(Topic, u32, u64)]) -> Result<(), BusError> {
+    /// to a rebalance. In memory at once; `wait`: returns once the journal
+    /// has them on disk, else once they are queued there (in order).
+    async fn commit_offsets(
+        &mut self,
+        offsets: &[(Topic, u32, u64)],
+        wait: bool,
+    ) -> Result<(), BusError> {
         let inner = self.inner.clone();
         if let Some(e) = inner.journal.as_ref().and_then(Journal::failed) {
             return Err(e);
@@ -853,10 +889,18 @@ impl MemoryConsumer {
             }
             // Queued under the groups lock: queue order is commit order.
             match &inner.journal {
-                Some(j) if !changed.is_empty() => Some(j.enqueue(Op::Offsets {
-                    group: self.group.clone(),
-                    offsets: changed,
-                })),
+                Some(j) if !changed.is_empty() => {
+                    let op = Op::Offsets {
+                        group: self.group.clone(),
+                        offsets: changed,
+                    };
+                    if wait {
+                        Some(j.enqueue(op))
+                    } else {
+                        j.enqueue_unconfirmed(op);
+                        None
+                    }
+                }
                 _ => None,
             }
         };
@@ -934,35 +978,26 @@ impl Consumer for MemoryConsumer {
     }
 
     async fn commit(&mut self) -> Result<(), BusError> {
-        let all: Vec<(Topic, u32, u64)> = {
-            self.refresh();
-            self.owned
-                .iter()
-                .map(|o| (o.topic, o.partition, o.position))
-                .collect()
-        };
-        self.commit_offsets(&all).await
+        let all = self.polled_positions();
+        self.commit_offsets(&all, true).await
+    }
+
+    async fn commit_soon(&mut self) -> Result<(), BusError> {
+        let all = self.polled_positions();
+        self.commit_offsets(&all, false).await
     }
 
     async fn commit_positions(&mut self, positions: &[(Topic, u32, u64)]) -> Result<(), BusError> {
-        self.refresh();
-        for &(topic, partition, offset) in positions {
-            if let Some(o) = self
-                .owned
-                .iter()
-                .find(|o| o.topic == topic && o.partition == partition)
-                && offset > o.position
-            {
-                return Err(BusError::CommitBeyondPosition {
-                    group: self.group.clone(),
-                    topic,
-                    partition,
-                    offset,
-                    position: o.position,
-                });
-            }
-        }
-        self.commit_offsets(positions).await
+        self.check_positions(positions)?;
+        self.commit_offsets(positions, true).await
+    }
+
+    async fn commit_positions_soon(
+        &mut self,
+        positions: &[(Topic, u32, u64)],
+    ) -> Result<(), BusError> {
+        self.check_positions(positions)?;
+        self.commit_offsets(positions, false).await
     }
 
     fn assignment(&self) -> Vec<(Topic, u32)> {

@@ -276,6 +276,25 @@ pub trait Consumer: Send {
     /// listed keep their committed offsets.
     async fn commit_positions(&mut self, positions: &[(Topic, u32, u64)]) -> Result<(), BusError>;
 
+    /// As [`Consumer::commit`], but it may return once the commit is
+    /// ordered, before it is durable (Kafka: `commitAsync`), so a stage
+    /// goes on with its next poll meanwhile. Commits still land in order; a
+    /// crash before this one is on disk replays from the one before, as a
+    /// crash just before the call would; a failure is reported by a later
+    /// call. By default the same as [`Consumer::commit`].
+    async fn commit_soon(&mut self) -> Result<(), BusError> {
+        self.commit().await
+    }
+
+    /// As [`Consumer::commit_positions`], returning as
+    /// [`Consumer::commit_soon`] does.
+    async fn commit_positions_soon(
+        &mut self,
+        positions: &[(Topic, u32, u64)],
+    ) -> Result<(), BusError> {
+        self.commit_positions(positions).await
+    }
+
     /// Whether this member has read everything its partitions held when
     /// asked (a stage stopping drains its topics first). The in-process bus
     /// has nothing in flight: an empty poll means caught up, the default.

@@ -431,17 +431,22 @@ async fn drive<S: Stage>(
             stage.process(&records).await;
             health.health.progressed(S::NAME);
         }
-        commit(&mut stage, &mut consumer).await;
+        commit(&mut stage, &mut consumer, true).await;
     }
     stage.finish().await;
-    commit(&mut stage, &mut consumer).await;
+    commit(&mut stage, &mut consumer, false).await;
 }
 
-async fn commit<S: Stage>(stage: &mut S, consumer: &mut Box<dyn Consumer>) {
-    let result = match stage.commit_point() {
-        CommitPoint::Polled => consumer.commit().await,
-        CommitPoint::Positions(p) => consumer.commit_positions(&p).await,
-        CommitPoint::Nothing => Ok(()),
+/// Commits what the stage allows; `soon`: without waiting for the commit to
+/// be durable (every commit but the last: a crash before it is on disk
+/// replays from the one before, which the stages handle as any replay).
+async fn commit<S: Stage>(stage: &mut S, consumer: &mut Box<dyn Consumer>, soon: bool) {
+    let result = match (stage.commit_point(), soon) {
+        (CommitPoint::Polled, false) => consumer.commit().await,
+        (CommitPoint::Polled, true) => consumer.commit_soon().await,
+        (CommitPoint::Positions(p), false) => consumer.commit_positions(&p).await,
+        (CommitPoint::Positions(p), true) => consumer.commit_positions_soon(&p).await,
+        (CommitPoint::Nothing, _) => Ok(()),
     };
     let ctx = stage.context();
     if let Err(e) = result {
