@@ -225,6 +225,57 @@ async fn commits_that_do_not_wait_land_in_order() {
 }
 
 #[tokio::test]
+async fn a_journal_with_the_keyed_batches_table_converts_and_keeps_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = journal(&dir);
+    let bus = open(&path, 1);
+    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+    bus.produce(T, records(0, 6, 1)).await.expect("produce");
+    bus.produce(T, records(6, 10, 1)).await.expect("produce");
+    assert_eq!(c.poll(100, Duration::ZERO).await.expect("poll").len(), 10);
+    c.commit_positions(&[(T, 0, 3)]).await.expect("commit 3");
+    drop(c);
+    drop(bus);
+    // As builds before the rowid table left it.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DROP INDEX batches_key;
+         ALTER TABLE batches RENAME TO rowid_batches;
+         CREATE TABLE batches (topic TEXT NOT NULL, partition INTEGER NOT NULL,
+             base INTEGER NOT NULL, count INTEGER NOT NULL, max_ts INTEGER NOT NULL,
+             records BLOB NOT NULL, PRIMARY KEY (topic, partition, base)) WITHOUT ROWID;
+         INSERT INTO batches SELECT topic, partition, base, count, max_ts, records
+             FROM rowid_batches;
+         DROP TABLE rowid_batches;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let bus = open(&path, 1);
+    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+    assert_eq!(values(&drain(&mut *c).await), (3..10).collect::<Vec<_>>());
+    bus.produce(T, records(10, 12, 1))
+        .await
+        .expect("produce after");
+    assert_eq!(values(&drain(&mut *c).await), [10, 11]);
+    drop(c);
+    drop(bus);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let sql: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'batches'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!sql.to_ascii_uppercase().contains("WITHOUT ROWID"), "{sql}");
+    let rows: i64 = conn
+        .query_row("SELECT COUNT(*) FROM batches", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 3, "each produce call's row once");
+}
+
+#[tokio::test]
 async fn commit_positions_on_the_volatile_bus() {
     let bus = MemoryBus::new(1, 10_000);
     let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
