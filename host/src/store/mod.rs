@@ -563,7 +563,10 @@ pub type OutboxBuilder<'a> = dyn Fn(&Applied) -> Vec<KeyedMessage> + Send + Sync
 /// A message stored in the outbox, waiting to be published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRecord {
-    /// Increasing per store; delete through it once published.
+    /// Not decreasing per store: the records of one `Store::apply` may
+    /// share one (SQLite stores them as one batch), later applies get
+    /// higher ones. Delete through it once published: every record with
+    /// this seq or a lower one goes.
     pub seq: i64,
     pub message: KeyedMessage,
 }
