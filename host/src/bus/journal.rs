@@ -180,23 +180,18 @@ fn rowid_batches(conn: &Connection) -> rusqlite::Result<()> {
     if !sql.is_some_and(|s| s.to_ascii_uppercase().contains("WITHOUT ROWID")) {
         return Ok(());
     }
-    conn.execute_batch(
+    // SCHEMA makes the rowid table beside the renamed one (the rest of it
+    // is there already).
+    conn.execute_batch(&format!(
         "BEGIN IMMEDIATE;
          ALTER TABLE batches RENAME TO batches_keyed;
-         CREATE TABLE batches (
-             topic TEXT NOT NULL,
-             partition INTEGER NOT NULL,
-             base INTEGER NOT NULL,
-             count INTEGER NOT NULL,
-             max_ts INTEGER NOT NULL,
-             records BLOB NOT NULL
-         );
+         {SCHEMA}
          INSERT INTO batches (topic, partition, base, count, max_ts, records)
              SELECT topic, partition, base, count, max_ts, records FROM batches_keyed
              ORDER BY topic, partition, base;
          DROP TABLE batches_keyed;
-         COMMIT;",
-    )
+         COMMIT;"
+    ))
 }
 
 const SCHEMA: &str = "
