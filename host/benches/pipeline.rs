@@ -1256,7 +1256,13 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
             false,
         ),
     ];
+    // `SEGS_BENCH_SCENARIO=fsync` runs only the scenarios whose label
+    // holds that text (to profile one of them).
+    let only = std::env::var("SEGS_BENCH_SCENARIO").ok();
     for (label, kind, fsync, archive) in scenarios {
+        if only.as_deref().is_some_and(|o| !label.contains(o)) {
+            continue;
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         let rt = app_runtime();
         let mut cfg = pipeline_config(dir.path(), archive, shipped.bus.max_lag_per_partition);

@@ -45,6 +45,11 @@
 //! varint value_len, value, varint header_count, (varint name_len, name,
 //! varint value_len, value)*, zigzag-varint timestamp_ms`. Varints are
 //! LEB128 (7 bits per byte, least significant first, at most 10 bytes).
+//! A blob of 512 bytes or more is stored compressed when that is shorter:
+//! `u8 version (2)`, `varint length` of the plain encoding after its
+//! version byte, then that encoding as one LZ4 block (readings' JSON
+//! shrinks several times, and the journal's writes are the embedded bus's
+//! largest cost). Files written before compression read as they were.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -75,7 +80,12 @@ pub struct JournalOptions {
 }
 
 const FORMAT_VERSION: i64 = 1;
-const BLOB_VERSION: u8 = 1;
+/// A batch blob's first byte: the records as they are (the encoding below)…
+const BLOB_PLAIN: u8 = 1;
+/// …or that encoding after the byte, compressed (LZ4 block).
+const BLOB_LZ4: u8 = 2;
+/// Blobs shorter than this are kept plain (too small to gain).
+const COMPRESS_FROM: usize = 512;
 
 /// One partition's part of a produce call, encoded.
 pub(crate) struct Append {
@@ -700,7 +710,7 @@ pub(crate) fn encode(records: &[Record]) -> Vec<u8> {
         })
         .sum();
     let mut out = Vec::with_capacity(size + 6);
-    out.push(BLOB_VERSION);
+    out.push(BLOB_PLAIN);
     put_varint(&mut out, records.len() as u64);
     for r in records {
         put_bytes(&mut out, &r.key);
@@ -713,7 +723,21 @@ pub(crate) fn encode(records: &[Record]) -> Vec<u8> {
         let ts = r.timestamp_ms;
         put_varint(&mut out, ((ts << 1) ^ (ts >> 63)) as u64);
     }
-    out
+    if out.len() < COMPRESS_FROM {
+        return out;
+    }
+    // Compressed: the journal's writes (WAL, then checkpoint) are the
+    // embedded bus's largest cost per record, and readings' JSON shrinks
+    // several times under LZ4 for little CPU.
+    let mut packed = Vec::with_capacity(out.len() / 2 + 16);
+    packed.push(BLOB_LZ4);
+    put_varint(&mut packed, (out.len() - 1) as u64);
+    packed.extend_from_slice(&lz4_flex::block::compress(&out[1..]));
+    if packed.len() < out.len() {
+        packed
+    } else {
+        out
+    }
 }
 
 struct Reader {
@@ -763,10 +787,31 @@ pub(crate) fn decode(blob: Bytes) -> Result<Vec<Record>, String> {
     let Some(&version) = blob.first() else {
         return Err("empty batch".into());
     };
-    if version != BLOB_VERSION {
-        return Err(format!("unknown batch encoding version {version}"));
-    }
-    let mut r = Reader { blob, at: 1 };
+    let mut r = match version {
+        BLOB_PLAIN => Reader { blob, at: 1 },
+        BLOB_LZ4 => {
+            let mut head = Reader { blob, at: 1 };
+            let len = head.varint()?;
+            let packed = &head.blob[head.at..];
+            // LZ4 expands at most 255 times: a bound before allocating.
+            if len > (packed.len() as u64).saturating_mul(255) {
+                return Err(format!(
+                    "unpacked length {len} exceeds what the batch can hold"
+                ));
+            }
+            let mut plain = vec![0u8; len as usize];
+            let n = lz4_flex::block::decompress_into(packed, &mut plain)
+                .map_err(|e| format!("compressed batch: {e}"))?;
+            if n != plain.len() {
+                return Err(format!("compressed batch unpacks to {n} bytes, not {len}"));
+            }
+            Reader {
+                blob: Bytes::from(plain),
+                at: 0,
+            }
+        }
+        _ => return Err(format!("unknown batch encoding version {version}")),
+    };
     let count = r.varint()?;
     // Each record takes at least 4 bytes: a bound before allocating.
     if count > (r.blob.len() as u64) / 4 + 1 {
@@ -848,6 +893,65 @@ mod tests {
         let mut wrong_version = blob;
         wrong_version[0] = 9;
         assert!(decode(Bytes::from(wrong_version)).is_err());
+    }
+
+    /// Records like the readings on `telemetry-readings`: large enough to
+    /// be compressed.
+    fn readings() -> Vec<Record> {
+        (0..200)
+            .map(|i| {
+                Record::new(
+                    format!("MTR-{i:08}"),
+                    format!(
+                        "{{\"meterId\":\"MTR-{i:08}\",\"region\":\"north\",\
+                         \"timestamp\":\"2025-11-12T06:30:{:02}.000Z\",\"powerKw\":{}.25}}",
+                        i % 60,
+                        i * 7
+                    ),
+                    1_700_000_000_000 + i,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn large_batches_are_compressed_and_round_trip() {
+        let records = readings();
+        let blob = encode(&records);
+        assert_eq!(blob[0], BLOB_LZ4);
+        let plain_len: usize = records.iter().map(|r| r.key.len() + r.value.len()).sum();
+        assert!(blob.len() * 2 < plain_len, "{} of {plain_len}", blob.len());
+        assert_eq!(decode(Bytes::from(blob)).unwrap(), records);
+        // Small ones stay plain.
+        assert_eq!(encode(&records[..1])[0], BLOB_PLAIN);
+    }
+
+    #[test]
+    fn damaged_compressed_blobs_are_refused() {
+        let blob = encode(&readings());
+        assert_eq!(blob[0], BLOB_LZ4);
+        for cut in 0..blob.len() {
+            assert!(
+                decode(Bytes::copy_from_slice(&blob[..cut])).is_err(),
+                "cut at {cut}"
+            );
+        }
+        let mut padded = blob.clone();
+        padded.push(0);
+        assert!(decode(Bytes::from(padded)).is_err());
+        // A length the block cannot hold, and one it does not fill.
+        let mut head = vec![BLOB_LZ4];
+        put_varint(&mut head, u64::MAX);
+        assert!(decode(Bytes::from(head)).is_err());
+        let mut longer = vec![BLOB_LZ4];
+        let mut r = Reader {
+            blob: Bytes::from(blob.clone()),
+            at: 1,
+        };
+        let len = r.varint().unwrap();
+        put_varint(&mut longer, len + 1);
+        longer.extend_from_slice(&blob[r.at..]);
+        assert!(decode(Bytes::from(longer)).is_err());
     }
 
     #[test]
