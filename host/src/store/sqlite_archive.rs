@@ -42,9 +42,8 @@ use super::{RawReading, StoreError};
 
 /// `created_at` is bound once per call (the column's default would format
 /// the clock for every row).
-const INSERT: &str = "INSERT INTO raw_readings (meter_id, region, timestamp, power_kw, \
-     voltage, current, frequency, power_factor, temperature, energy_kwh, created_at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING";
+const INSERT_HEAD: &str = "INSERT INTO raw_readings (meter_id, region, timestamp, power_kw, \
+     voltage, current, frequency, power_factor, temperature, energy_kwh, created_at) VALUES ";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite-archive");
 
@@ -255,36 +254,90 @@ fn delete_before(conn: &Connection, cutoff: &str) -> Result<u64, StoreError> {
     }
 }
 
+/// Rows per INSERT statement: one statement of many rows costs SQLite less
+/// per row than one statement per row (11 parameters each, far below
+/// SQLite's limit of 32,766).
+const ROWS_PER_INSERT: usize = 64;
+
+/// The INSERT of `rows` rows.
+fn insert_sql(rows: usize) -> String {
+    const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    let mut sql = String::with_capacity(INSERT_HEAD.len() + rows * (ROW.len() + 2) + 32);
+    sql.push_str(INSERT_HEAD);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(ROW);
+    }
+    sql.push_str(" ON CONFLICT DO NOTHING");
+    sql
+}
+
 fn write(conn: &mut Connection, rows: &[RawReading], ts: &mut String) -> Result<(), StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| database("cannot begin", e))?;
     {
         let created_at = crate::time::format_rfc3339_ms(crate::time::now_ms());
+        let full = insert_sql(ROWS_PER_INSERT);
+        let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
         let mut insert = tx
-            .prepare_cached(INSERT)
+            .prepare_cached(&full)
             .map_err(|e| database("cannot prepare", e))?;
-        for r in rows {
-            ts.clear();
-            crate::time::write_rfc3339_ms(ts, r.timestamp_ms);
+        for chunk in &mut chunks {
+            bind_rows(&mut insert, chunk, &created_at, ts)?;
             insert
-                .execute(params![
-                    r.meter_id,
-                    r.region,
-                    ts.as_str(),
-                    r.power_kw,
-                    r.voltage,
-                    r.current,
-                    r.frequency,
-                    r.power_factor,
-                    r.temperature,
-                    r.energy_kwh,
-                    created_at,
-                ])
+                .raw_execute()
                 .map_err(|e| database("cannot insert", e))?;
+        }
+        // The rest one row at a time: two statements in the cache, not one
+        // per remainder length.
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut insert = tx
+                .prepare_cached(&insert_sql(1))
+                .map_err(|e| database("cannot prepare", e))?;
+            for row in rest.chunks(1) {
+                bind_rows(&mut insert, row, &created_at, ts)?;
+                insert
+                    .raw_execute()
+                    .map_err(|e| database("cannot insert", e))?;
+            }
         }
     }
     tx.commit().map_err(|e| database("cannot commit", e))
+}
+
+/// Binds `rows` to a statement of [`insert_sql`]`(rows.len())`.
+fn bind_rows(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    rows: &[RawReading],
+    created_at: &str,
+    ts: &mut String,
+) -> Result<(), StoreError> {
+    let bind = |insert: &mut rusqlite::CachedStatement<'_>, at: usize, v: &dyn rusqlite::ToSql| {
+        insert
+            .raw_bind_parameter(at, v)
+            .map_err(|e| database("cannot bind", e))
+    };
+    for (i, r) in rows.iter().enumerate() {
+        let at = i * 11;
+        ts.clear();
+        crate::time::write_rfc3339_ms(ts, r.timestamp_ms);
+        bind(insert, at + 1, &r.meter_id)?;
+        bind(insert, at + 2, &r.region)?;
+        bind(insert, at + 3, &ts.as_str())?;
+        bind(insert, at + 4, &r.power_kw)?;
+        bind(insert, at + 5, &r.voltage)?;
+        bind(insert, at + 6, &r.current)?;
+        bind(insert, at + 7, &r.frequency)?;
+        bind(insert, at + 8, &r.power_factor)?;
+        bind(insert, at + 9, &r.temperature)?;
+        bind(insert, at + 10, &r.energy_kwh)?;
+        bind(insert, at + 11, &created_at)?;
+    }
+    Ok(())
 }
 
 /// A rusqlite error as the store reports it: constraint failures are bad
@@ -298,4 +351,95 @@ fn database(what: &str, e: rusqlite::Error) -> StoreError {
     StoreError::Database(sqlx::Error::Io(std::io::Error::other(format!(
         "raw archive: {what}: {e}"
     ))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(i: usize) -> RawReading {
+        RawReading {
+            meter_id: format!("MTR-{}", i % 50),
+            region: if i % 2 == 0 { "north" } else { "south" }.into(),
+            timestamp_ms: 1_700_000_000_000 + (i / 50) as i64 * 10_000,
+            power_kw: i as f64 + 0.5,
+            voltage: (i % 3 == 0).then_some(230.0),
+            current: None,
+            frequency: Some(50.0),
+            power_factor: None,
+            temperature: Some(-(i as f64)),
+            energy_kwh: (i % 5 == 0).then_some(0.25),
+        }
+    }
+
+    /// Row `i` as stored: (meter, region, timestamp, power, voltage,
+    /// temperature, energy).
+    type Stored = (
+        String,
+        String,
+        String,
+        f64,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+    );
+
+    fn stored(conn: &Connection, meter: &str, ts: &str) -> Stored {
+        conn.query_row(
+            "SELECT meter_id, region, timestamp, power_kw, voltage, temperature, energy_kwh \
+             FROM raw_readings WHERE meter_id = ?1 AND timestamp = ?2",
+            params![meter, ts],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn many_rows_per_statement_store_each_reading_once_and_whole() {
+        use crate::store::{Store, StoreOptions, sqlite::SqliteStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("segs.db");
+        let url = format!("sqlite://{}", store.display());
+        let writer = SqliteStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        // Two full statements and a rest of 22 rows; the second call
+        // replays rows 100..150 (across a statement's edge) and adds 50.
+        let first: Vec<RawReading> = (0..150).map(reading).collect();
+        writer.insert_raw_readings(first.into()).await.unwrap();
+        let mut second: Vec<RawReading> = (100..200).map(reading).collect();
+        second.push(reading(180));
+        writer.insert_raw_readings(second.into()).await.unwrap();
+        assert_eq!(writer.count_raw_readings().await.unwrap(), 200);
+        drop(writer);
+
+        let conn = Connection::open(ArchiveWriter::path_for(&store)).unwrap();
+        for i in [0, 63, 64, 70, 127, 128, 149, 150, 199] {
+            let r = reading(i);
+            let ts = crate::time::format_rfc3339_ms(r.timestamp_ms);
+            assert_eq!(
+                stored(&conn, &r.meter_id, &ts),
+                (
+                    r.meter_id.clone(),
+                    r.region.clone(),
+                    ts.clone(),
+                    r.power_kw,
+                    r.voltage,
+                    r.temperature,
+                    r.energy_kwh
+                ),
+                "row {i}"
+            );
+        }
+    }
 }
