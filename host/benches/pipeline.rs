@@ -54,6 +54,10 @@ use segs::reading::Reading;
 use segs::simulator::{SimConfig, Simulator};
 use segs::windows::{ClosedWindow, Windows, WindowsParams};
 
+/// The allocator of the `segs` binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ROUNDS: usize = 9;
 /// Rounds of the benchmarks whose one round is a whole pass over a data set.
 const PASSES: usize = 5;
@@ -893,24 +897,27 @@ fn send_load(
                     .expect("reqwest client");
                 let (mut ok, mut non_2xx, mut errors) = (0u64, 0u64, 0u64);
                 let mut latency = Vec::with_capacity(4096);
-                let mut retry: Option<usize> = None;
+                // A refused body is re-sent as it was (not made again).
+                let mut retry: Option<Bytes> = None;
                 while start.elapsed() < send_time && !stop.load(Ordering::Relaxed) {
-                    let i = match retry.take() {
-                        Some(i) => i,
-                        None => next.fetch_add(1, Ordering::Relaxed),
-                    };
-                    if !cycle && i >= pool.len() {
-                        break;
-                    }
-                    let body = match sending {
-                        Sending::Endless { cycle_ms } => endless_body(&pool, i, cycle_ms),
-                        _ => pool[i % pool.len()].clone(),
+                    let body = match retry.take() {
+                        Some(body) => body,
+                        None => {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            if !cycle && i >= pool.len() {
+                                break;
+                            }
+                            match sending {
+                                Sending::Endless { cycle_ms } => endless_body(&pool, i, cycle_ms),
+                                _ => pool[i % pool.len()].clone(),
+                            }
+                        }
                     };
                     let sent = Instant::now();
                     let resp = client
                         .post(&url)
                         .header(reqwest::header::CONTENT_TYPE, "application/json")
-                        .body(body)
+                        .body(body.clone())
                         .send()
                         .await;
                     match resp {
@@ -923,7 +930,7 @@ fn send_load(
                             } else {
                                 non_2xx += 1;
                                 if retry_503 && status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
-                                    retry = Some(i);
+                                    retry = Some(body);
                                     tokio::time::sleep(RETRY_PAUSE).await;
                                 }
                             }
