@@ -193,8 +193,12 @@ async fn sigkill_anywhere(kafka: bool) {
     // (On Kafka, where a restarted process waits for its partitions, the
     // stream's second outbox publication may come only at the clean stop:
     // the first one is the kill point there.)
+    // (`archive.after_commit`: the archive commits while later writes are
+    // still under way; what it committed must be stored, or readings go
+    // missing from raw_readings.)
     let points = [
         "ingest.after_publish#10",
+        "archive.after_commit#40",
         "stream.replay#5",
         "stream.before_checkpoint#2",
         "alerts.after_apply#1",

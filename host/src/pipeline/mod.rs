@@ -441,7 +441,9 @@ async fn drive<S: Stage>(
 /// be durable (every commit but the last: a crash before it is on disk
 /// replays from the one before, which the stages handle as any replay).
 async fn commit<S: Stage>(stage: &mut S, consumer: &mut Box<dyn Consumer>, soon: bool) {
-    let result = match (stage.commit_point(), soon) {
+    let point = stage.commit_point();
+    let committed = !matches!(point, CommitPoint::Nothing);
+    let result = match (point, soon) {
         (CommitPoint::Polled, false) => consumer.commit().await,
         (CommitPoint::Polled, true) => consumer.commit_soon().await,
         (CommitPoint::Positions(p), false) => consumer.commit_positions(&p).await,
@@ -453,6 +455,8 @@ async fn commit<S: Stage>(stage: &mut S, consumer: &mut Box<dyn Consumer>, soon:
         // The records will be delivered again (at-least-once).
         ctx.metrics.stage_errors.fetch_add(1, Ordering::Relaxed);
         tracing::error!(stage = S::NAME, error = %e, "commit failed");
+    } else if committed {
+        crate::crash::point(&format!("{}.after_commit", S::NAME));
     }
 }
 
