@@ -878,18 +878,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn truncated_or_padded_blobs_are_refused() {
-        let blob = encode(&sample());
+    /// Every prefix of `blob`, and `blob` with a byte more, are refused.
+    fn assert_cut_or_padded_refused(blob: &[u8]) {
         for cut in 0..blob.len() {
             assert!(
                 decode(Bytes::copy_from_slice(&blob[..cut])).is_err(),
                 "cut at {cut}"
             );
         }
-        let mut padded = blob.clone();
+        let mut padded = blob.to_vec();
         padded.push(0);
         assert!(decode(Bytes::from(padded)).is_err());
+    }
+
+    #[test]
+    fn truncated_or_padded_blobs_are_refused() {
+        let blob = encode(&sample());
+        assert_cut_or_padded_refused(&blob);
         let mut wrong_version = blob;
         wrong_version[0] = 9;
         assert!(decode(Bytes::from(wrong_version)).is_err());
@@ -930,15 +935,7 @@ mod tests {
     fn damaged_compressed_blobs_are_refused() {
         let blob = encode(&readings());
         assert_eq!(blob[0], BLOB_LZ4);
-        for cut in 0..blob.len() {
-            assert!(
-                decode(Bytes::copy_from_slice(&blob[..cut])).is_err(),
-                "cut at {cut}"
-            );
-        }
-        let mut padded = blob.clone();
-        padded.push(0);
-        assert!(decode(Bytes::from(padded)).is_err());
+        assert_cut_or_padded_refused(&blob);
         // A length the block cannot hold, and one it does not fill.
         let mut head = vec![BLOB_LZ4];
         put_varint(&mut head, u64::MAX);
