@@ -86,6 +86,9 @@ fn main() {
             stream_stage(&data);
         }
     }
+    if wanted("validate") {
+        ingest_validation();
+    }
     let (http, sustained) = (wanted("http"), wanted("sustained"));
     if (http || sustained) && plugin_path("anomaly").exists() {
         let pool = HttpPool::generate();
@@ -365,7 +368,7 @@ impl HotPath {
 
     fn poll(&mut self, rule: &mut AnomalyRule, data: &Published, records: Range<usize>) {
         for i in records {
-            let reading: Reading<'_> = serde_json::from_slice(data.value(i)).expect("a reading");
+            let reading = Reading::from_json(data.value(i)).expect("a reading");
             let ts = reading.event_time_ms().expect("RFC 3339");
             let obs = self.windows.add(
                 &reading.meter_id,
@@ -451,7 +454,7 @@ fn hot_path(data: &Published) {
         || (),
         |_| {
             for i in timed.clone() {
-                let r: Reading<'_> = serde_json::from_slice(data.value(i)).expect("a reading");
+                let r = Reading::from_json(data.value(i)).expect("a reading");
                 black_box(r.event_time_ms());
                 black_box(&r);
             }
@@ -465,7 +468,7 @@ fn hot_path(data: &Published) {
     let stamps: Vec<String> = timed
         .clone()
         .map(|i| {
-            let r: Reading<'_> = serde_json::from_slice(data.value(i)).expect("a reading");
+            let r = Reading::from_json(data.value(i)).expect("a reading");
             r.timestamp.into_owned()
         })
         .collect();
@@ -486,7 +489,7 @@ fn hot_path(data: &Published) {
     // 2. Windows::add (+ advance per poll) alone, on pre-parsed fields.
     let parsed: Vec<Parsed> = (0..data.spans.len())
         .map(|i| {
-            let r: Reading<'_> = serde_json::from_slice(data.value(i)).expect("a reading");
+            let r = Reading::from_json(data.value(i)).expect("a reading");
             Parsed {
                 meter: Box::from(&*r.meter_id),
                 region: Box::from(&*r.region),
@@ -1012,6 +1015,37 @@ impl HttpPool {
     }
 }
 
+/// Ingest's validation alone (what a request costs before dedupe and the
+/// bus): simulator bodies of 1,000 readings, as POST /telemetry/batch gets
+/// them, checked and rewritten into the published form.
+fn ingest_validation() {
+    let pool = HttpPool::simulate(10_000, 10, 5);
+    let n = pool.readings;
+    let mut out = Vec::with_capacity(512 * BATCH);
+    let (best, median) = measure_passes(
+        n,
+        || (),
+        |_| {
+            for body in pool.bodies.iter() {
+                let v = validate::validate_batch(body, BATCH, validate::TimeBounds::UNBOUNDED)
+                    .expect("simulator output is valid");
+                out.clear();
+                for r in &v.readings {
+                    validate::write_published(r, "2025-11-12T06:30:00.000Z", &mut out);
+                }
+                black_box(&out);
+            }
+        },
+    );
+    println!(
+        "ingest validation, one core ({} bodies of {BATCH} readings, ~{} KiB each): validate + \
+         write the published form {best:7.1} ns/reading  {:>11} readings/s  (median {median:.1} ns)",
+        pool.bodies.len(),
+        pool.body_kib,
+        per_s(best)
+    );
+}
+
 fn http_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
     let (pool_readings, body_kib) = (pool.readings, pool.body_kib);
     let pool = &pool.bodies;
@@ -1160,6 +1194,8 @@ const SUSTAIN_DRAIN_MAX: Duration = Duration::from_secs(120);
 struct Counters {
     accepted: u64,
     refused: u64,
+    held: u64,
+    held_ms: u64,
     processed: u64,
     archived: u64,
 }
@@ -1168,6 +1204,8 @@ fn counters(m: &segs::pipeline::Metrics) -> Counters {
     Counters {
         accepted: m.accepted.load(Ordering::Relaxed),
         refused: m.refused_busy.load(Ordering::Relaxed),
+        held: m.held_requests.load(Ordering::Relaxed),
+        held_ms: m.held_ms.load(Ordering::Relaxed),
         processed: m.readings_processed.load(Ordering::Relaxed),
         archived: m.raw_archived.load(Ordering::Relaxed),
     }
@@ -1227,7 +1265,8 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
          every stage and rule consuming), per bus: the same generator as above ({CONNECTIONS} \
          connections), round and round its pool with the timestamps moved on each round (every \
          reading new, event time in order); each refused (503) body re-sent after {} ms. It \
-         sends until the bus first refuses (at most {} s: \"filling\", readings/s accepted \
+         sends until ingest first holds or refuses a request (past half the lag bound; at most \
+         {} s: \"filling\", readings/s accepted \
          meanwhile), then {} s measured (\"sustained\"; SEGS_BENCH_SUSTAIN_S); \"drained\": from \
          the end of the load until every accepted reading is folded into the windows and in \
          raw_readings; \"shutdown\": closing the open windows into aggregates_1m/_15m:",
@@ -1286,6 +1325,7 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
                 let start = Instant::now();
                 let filled = wait_for(SUSTAIN_WARMUP_MAX, || {
                     metrics.refused_busy.load(Ordering::Relaxed) > 0
+                        || metrics.held_requests.load(Ordering::Relaxed) > 0
                 });
                 let fill = (start.elapsed(), counters(&metrics));
                 let (t0, c0, cpu0) = (Instant::now(), counters(&metrics), thread_cpu());
@@ -1312,6 +1352,9 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
         let refused = c1.refused - c0.refused;
         let ok_requests = accepted / BATCH as u64;
         let refused_pct = 100.0 * refused as f64 / (refused + ok_requests).max(1) as f64;
+        let held = c1.held - c0.held;
+        let held_pct = 100.0 * held as f64 / (refused + ok_requests).max(1) as f64;
+        let held_mean_ms = (c1.held_ms - c0.held_ms) as f64 / held.max(1) as f64;
         let per_s = |n: u64, s: f64| thousands((n as f64 / s) as u64);
         let total = counters(&metrics).accepted;
         let ended = Instant::now();
@@ -1335,13 +1378,15 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
         };
         println!(
             "  {label}  filling {:>8}/s for {:4.1} s{} | sustained {:>8} readings/s accepted, \
-             {:5.1} % of requests refused (503); stream {}/s, archive {}/s; {} late of {} \
-             accepted; drained {drained}, shutdown {shutdown}{}",
+             {:5.1} % of requests refused (503), {:.0} % held for room (mean {:.0} ms); stream \
+             {}/s, archive {}/s; {} late of {} accepted; drained {drained}, shutdown {shutdown}{}",
             per_s(fill_counters.accepted, fill_time.as_secs_f64()),
             fill_time.as_secs_f64(),
             if filled { "" } else { " (never full)" },
             per_s(accepted, secs),
             refused_pct,
+            held_pct,
+            held_mean_ms,
             per_s(c1.processed - c0.processed, secs),
             per_s(c1.archived - c0.archived, secs),
             thousands(late),
@@ -1525,6 +1570,8 @@ fn progress_row(t: Duration, c: &Counters, prev: Option<&(Duration, Counters)>) 
         Counters {
             accepted: 0,
             refused: 0,
+            held: 0,
+            held_ms: 0,
             processed: 0,
             archived: 0,
         },

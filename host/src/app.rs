@@ -213,6 +213,7 @@ impl App {
             reading_ttl: Duration::from_secs(config.dedupe.reading_ttl_s),
             hold: Duration::from_secs(config.dedupe.hold_s),
             retry_after_s: config.ingest.retry_after_s,
+            max_wait: Duration::from_millis(config.ingest.max_wait_ms),
             max_clock_skew_s: config.ingest.max_clock_skew_s,
             max_reading_age_s: config.ingest.max_reading_age_s,
             shed: Default::default(),

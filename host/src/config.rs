@@ -171,6 +171,12 @@ pub struct IngestConfig {
     /// least ingest names (it names the backlog's drain time when longer,
     /// up to a minute), and the whole delay of other 503s.
     pub retry_after_s: u32,
+    /// How long a request may wait for room on the bus, milliseconds: past
+    /// half the lag bound a request is held (not refused) until the stages
+    /// have drained below it, and only then, if it still does not fit, is
+    /// it refused with 503. 0: refuse at once, as a share that grows with
+    /// the backlog.
+    pub max_wait_ms: u64,
     /// A reading whose timestamp is more than this many seconds ahead of
     /// the server clock is refused (400); 0 = no bound.
     pub max_clock_skew_s: u64,
@@ -183,6 +189,9 @@ pub struct IngestConfig {
 /// Largest `ingest.max_clock_skew_s`: a reading this far ahead moves the
 /// watermark this far, so every reading until the clock catches up is late.
 pub const MAX_CLOCK_SKEW_S: u64 = 86_400;
+/// Largest `ingest.max_wait_ms`: a held request keeps its body in memory
+/// and its slot of `http.max_in_flight_requests`.
+pub const MAX_INGEST_WAIT_MS: u64 = 30_000;
 /// Largest `ingest.max_reading_age_s` (0 turns the bound off instead).
 pub const MAX_READING_AGE_S: u64 = 366 * 86_400;
 
@@ -192,6 +201,7 @@ impl Default for IngestConfig {
             max_batch: 1000,
             max_body_bytes: 4 << 20,
             retry_after_s: 1,
+            max_wait_ms: 1000,
             max_clock_skew_s: 300,
             max_reading_age_s: 7 * 86_400,
         }
@@ -684,6 +694,13 @@ impl PipelineConfig {
             "ingest.max_body_bytes: must be at least 1024".into(),
         );
         need(
+            self.ingest.max_wait_ms <= MAX_INGEST_WAIT_MS,
+            format!(
+                "ingest.max_wait_ms = {}: must be 0 (refuse at once) ..= {MAX_INGEST_WAIT_MS} (30 s)",
+                self.ingest.max_wait_ms
+            ),
+        );
+        need(
             self.ingest.max_clock_skew_s <= MAX_CLOCK_SKEW_S,
             format!(
                 "ingest.max_clock_skew_s = {}: must be 0 (no bound) ..= {MAX_CLOCK_SKEW_S} (1 day)",
@@ -1156,7 +1173,7 @@ component = "g.wasm"
     #[test]
     fn every_semantic_problem_is_reported_at_once() {
         let text = format!(
-            "{MINIMAL}\n[ingest]\nmax_clock_skew_s = 86401\nmax_reading_age_s = 31622401\n[bus]\npartitions = 0\n[regions.\"X\"]\ncapacity_kw = -1\nbase_price_per_kwh = 0\n[plugins.magic]\ncomponent = \"m.wasm\"\n"
+            "{MINIMAL}\n[ingest]\nmax_wait_ms = 30001\nmax_clock_skew_s = 86401\nmax_reading_age_s = 31622401\n[bus]\npartitions = 0\n[regions.\"X\"]\ncapacity_kw = -1\nbase_price_per_kwh = 0\n[plugins.magic]\ncomponent = \"m.wasm\"\n"
         );
         let ConfigError::Invalid { problems, .. } = parse(&text).unwrap_err() else {
             panic!("expected Invalid");
@@ -1164,6 +1181,7 @@ component = "g.wasm"
         let all = problems.join("\n");
         assert!(all.contains("bus.partitions"), "{all}");
         assert!(all.contains("ingest.max_clock_skew_s = 86401"), "{all}");
+        assert!(all.contains("ingest.max_wait_ms = 30001"), "{all}");
         assert!(all.contains("ingest.max_reading_age_s = 31622401"), "{all}");
         assert!(all.contains("regions.\"X\".capacity_kw"), "{all}");
         assert!(all.contains("regions.\"X\".base_price_per_kwh"), "{all}");

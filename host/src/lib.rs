@@ -11,6 +11,7 @@ pub mod crash;
 pub mod dedupe;
 pub mod health;
 pub mod ingest;
+pub mod json_scan;
 pub mod live;
 pub mod messages;
 pub mod metrics;

@@ -138,6 +138,10 @@ counters! {
     rejected_requests => "requests_rejected", "Requests refused as invalid (4xx)";
     /// Requests refused because the pipeline was behind (503).
     refused_busy => "requests_refused_busy", "Requests refused with 503 because the pipeline is behind";
+    /// Requests held for room on the bus (`ingest.max_wait_ms`), and the
+    /// time they spent held, whether they were then taken or refused.
+    held_requests => "requests_held", "Requests held for room on the bus before they were taken or refused";
+    held_ms => "requests_held_milliseconds", "Milliseconds requests spent held for room on the bus";
     readings_processed => "readings_processed", "Readings folded into windows by the stream stage";
     late_readings => "readings_late", "Readings that arrived after their window closed";
     bad_records => "bus_bad_records", "Bus records that were not the topic's message (skipped)";

@@ -10,12 +10,17 @@
 //! bus refuses (backpressure) the dedupe marks are taken back and the client
 //! gets 503 with `Retry-After`, so a retry is not mistaken for duplicates.
 //!
-//! Backpressure is early and even, not accept-then-wall: while the
-//! consumers of `telemetry-readings` are less than half way to the bus's
-//! lag bound every request is taken; past that, a growing share of
-//! requests is refused at random (all of them at the bound), before the
-//! body is parsed, so the backlog settles where intake equals what the
-//! stages drain and every client sees the same few 503s. A 503's
+//! Backpressure slows clients down before it refuses them, and is even, not
+//! accept-then-wall: while the consumers of `telemetry-readings` are less
+//! than half way to the bus's lag bound every request is taken; past that,
+//! a request is held (before its body is parsed) until the stages have
+//! drained below half, for at most `ingest.max_wait_ms`, as a Kafka
+//! producer blocks on a full buffer. So a client sending faster than the
+//! stages drain gets its answers later, not 503s, and no work is spent on
+//! bodies that are then refused. A request still held at the end of its
+//! wait is refused at random with a chance that grows with the backlog
+//! (all of them at the bound), so the backlog settles where intake equals
+//! what the stages drain and every client sees the same few 503s. A 503's
 //! `Retry-After` is the backlog over the recent drain rate (at least
 //! `ingest.retry_after_s`, at most a minute).
 //!
@@ -60,6 +65,9 @@ pub struct IngestState {
     /// `dedupe.hold_s`: how long a request holds the keys it publishes.
     pub hold: Duration,
     pub retry_after_s: u32,
+    /// `[ingest] max_wait_ms`: how long a request may be held for room on
+    /// the bus before it is refused (zero: not held).
+    pub max_wait: Duration,
     /// `[ingest] max_clock_skew_s`: how far ahead of the server clock event
     /// time may be, seconds; 0 = no bound.
     pub max_clock_skew_s: u64,
@@ -109,6 +117,12 @@ impl Default for Shedding {
 }
 
 impl Shedding {
+    /// Whether a request that may add `room` records is taken without
+    /// waiting: no bound, or the backlog stays below [`SHED_FROM`] with it.
+    fn has_room(backlog: Option<crate::bus::Backlog>, room: usize) -> bool {
+        backlog.is_none_or(|b| b.fill + room as f64 / b.max_lag as f64 <= SHED_FROM)
+    }
+
     /// `None`: take the request; `Some(s)`: refuse it with `Retry-After: s`.
     /// `room`: the records the request may add; `accepted`: readings this
     /// process has put on the bus so far.
@@ -206,9 +220,10 @@ pub async fn post_batch(
         Ok(b) => b,
         Err(e) => return body_rejected(&s, e),
     };
-    // Saturated, or shedding early: refuse before parsing a body that
-    // could not be published, so the stages behind get the CPU to catch up.
-    if let Some(retry) = shed(&s, body.len() / MIN_READING_BYTES) {
+    // Behind: hold the request until the stages catch up, or refuse it,
+    // before parsing a body that could not be published, so the stages
+    // behind get the CPU to catch up.
+    if let Some(retry) = admit(&s, body.len() / MIN_READING_BYTES).await {
         return saturated(&s, retry);
     }
     run_to_end(s, move |s| async move {
@@ -260,7 +275,7 @@ pub async fn post_one(
         Ok(b) => b,
         Err(e) => return body_rejected(&s, e),
     };
-    if let Some(retry) = shed(&s, 1) {
+    if let Some(retry) = admit(&s, 1).await {
         return saturated(&s, retry);
     }
     run_to_end(s, move |s| async move {
@@ -332,12 +347,38 @@ fn invalid(s: &IngestState, e: ValidationError) -> Response {
 /// fields): a body's length over this bounds how many readings it holds.
 const MIN_READING_BYTES: usize = 80;
 
-/// Whether to refuse a request that may add up to `room` readings (more
-/// than `max_batch` is capped): `Some(Retry-After)`, or `None` to take it.
-fn shed(s: &IngestState, room: usize) -> Option<u32> {
+/// How often a held request looks at the backlog again.
+const HOLD_POLL: Duration = Duration::from_millis(2);
+
+/// Whether to take a request that may add up to `room` readings (more than
+/// `max_batch` is capped): `None` to take it, at once or once the stages
+/// have made room within `ingest.max_wait_ms`; else `Some(Retry-After)`.
+async fn admit(s: &IngestState, room: usize) -> Option<u32> {
     let room = room.clamp(1, s.max_batch);
+    let backlog = || s.bus.backlog(Topic::TelemetryReadings);
+    if Shedding::has_room(backlog(), room) {
+        return None;
+    }
+    if !s.max_wait.is_zero() {
+        let held = std::time::Instant::now();
+        s.metrics.held_requests.fetch_add(1, Ordering::Relaxed);
+        let mut taken = false;
+        while held.elapsed() < s.max_wait {
+            tokio::time::sleep(HOLD_POLL.min(s.max_wait.saturating_sub(held.elapsed()))).await;
+            if Shedding::has_room(backlog(), room) {
+                taken = true;
+                break;
+            }
+        }
+        s.metrics
+            .held_ms
+            .fetch_add(held.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if taken {
+            return None;
+        }
+    }
     s.shed.refuse(
-        s.bus.backlog(Topic::TelemetryReadings),
+        backlog(),
         room,
         s.metrics.accepted.load(Ordering::Relaxed),
         s.retry_after_s,
@@ -443,9 +484,8 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
     let duplicates = readings.len() - accepted.len();
 
     // All accepted readings go into one buffer; records are slices of it.
-    let mut values = Vec::with_capacity(
-        accepted.len() * (readings.first().map_or(0, |r| r.raw.get().len()) + 40),
-    );
+    let mut values =
+        Vec::with_capacity(accepted.len() * (readings.first().map_or(0, |r| r.raw.len()) + 40));
     let mut key_buf = Vec::with_capacity(accepted.len() * 16);
     let mut spans = Vec::with_capacity(accepted.len());
     for &i in &accepted {
@@ -578,6 +618,84 @@ mod tests {
         assert_eq!(refused(1.0001), 10_000);
         // A request that would not fit is refused however full the rest is.
         assert!(shed.refuse(backlog(0.2, 0), 900, 0, 1).is_some());
+    }
+
+    /// Ingest over a one-partition memory bus whose lag bound is 1,000
+    /// records, holding requests up to `max_wait`.
+    fn ingest(max_wait: Duration) -> (IngestState, crate::bus::MemoryBus) {
+        let bus = crate::bus::MemoryBus::new(1, 1000);
+        let state = IngestState {
+            bus: Arc::new(bus.clone()),
+            dedupe: Arc::new(crate::dedupe::MemoryDedupe::new()),
+            metrics: Arc::new(Metrics::default()),
+            max_batch: 1000,
+            max_body_bytes: 1 << 20,
+            reading_ttl: Duration::from_secs(60),
+            hold: Duration::from_secs(30),
+            retry_after_s: 1,
+            max_wait,
+            max_clock_skew_s: 0,
+            max_reading_age_s: 0,
+            shed: Default::default(),
+        };
+        (state, bus)
+    }
+
+    async fn fill(bus: &crate::bus::MemoryBus, n: usize) {
+        let records = (0..n)
+            .map(|i| crate::bus::Record::new(vec![1u8], (i as u32).to_be_bytes().to_vec(), 0))
+            .collect();
+        bus.produce(Topic::TelemetryReadings, records)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn past_half_the_bound_a_request_is_held_until_the_stages_drain() {
+        let (s, bus) = ingest(Duration::from_secs(600));
+        let mut stage = bus
+            .subscribe("g", &[Topic::TelemetryReadings])
+            .await
+            .unwrap();
+        fill(&bus, 600).await;
+        let held = tokio::spawn({
+            let s = s.clone();
+            async move { admit(&s, 100).await }
+        });
+        // The stages do not move: the request waits (its wait is far off).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!held.is_finished(), "taken past half the bound");
+        assert_eq!(s.metrics.held_requests.load(Ordering::Relaxed), 1);
+        // They drain: it is taken, not refused.
+        let got = stage.poll(1000, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(got.len(), 600);
+        stage.commit().await.unwrap();
+        assert_eq!(held.await.unwrap(), None);
+        assert_eq!(s.metrics.refused_busy.load(Ordering::Relaxed), 0);
+        // Below half, nothing waits.
+        assert_eq!(admit(&s, 100).await, None);
+        assert_eq!(s.metrics.held_requests.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_still_held_when_its_wait_ends_is_refused_at_the_bound() {
+        let (s, bus) = ingest(Duration::from_millis(20));
+        let _stage = bus
+            .subscribe("g", &[Topic::TelemetryReadings])
+            .await
+            .unwrap();
+        fill(&bus, 950).await;
+        assert_eq!(admit(&s, 100).await, Some(1));
+        assert_eq!(s.metrics.held_requests.load(Ordering::Relaxed), 1);
+        // Not held at all when holding is off.
+        let (s, bus) = ingest(Duration::ZERO);
+        let _stage = bus
+            .subscribe("g", &[Topic::TelemetryReadings])
+            .await
+            .unwrap();
+        fill(&bus, 950).await;
+        assert_eq!(admit(&s, 100).await, Some(1));
+        assert_eq!(s.metrics.held_requests.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -561,7 +561,7 @@ impl Partition {
     /// Folds one record into the windows and the anomaly batch; its event
     /// time, or `None` for a record that is not a reading.
     fn fold_one(&mut self, ctx: &Context, anomaly: &mut AnomalyRule, d: &Delivered) -> Option<i64> {
-        let reading: Reading<'_> = match serde_json::from_slice(&d.record.value) {
+        let reading = match Reading::from_json(&d.record.value) {
             Ok(r) => r,
             Err(e) => {
                 bad_record(ctx, d, &e.to_string());
