@@ -1265,7 +1265,7 @@ fn sustained_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
          every stage and rule consuming), per bus: the same generator as above ({CONNECTIONS} \
          connections), round and round its pool with the timestamps moved on each round (every \
          reading new, event time in order); each refused (503) body re-sent after {} ms. It \
-         sends until ingest first holds or refuses a request (past half the lag bound; at most \
+         sends until ingest first holds or refuses a request (near the lag bound; at most \
          {} s: \"filling\", readings/s accepted \
          meanwhile), then {} s measured (\"sustained\"; SEGS_BENCH_SUSTAIN_S); \"drained\": from \
          the end of the load until every accepted reading is folded into the windows and in \

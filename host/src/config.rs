@@ -172,10 +172,10 @@ pub struct IngestConfig {
     /// up to a minute), and the whole delay of other 503s.
     pub retry_after_s: u32,
     /// How long a request may wait for room on the bus, milliseconds: past
-    /// half the lag bound a request is held (not refused) until the stages
-    /// have drained below it, and only then, if it still does not fit, is
-    /// it refused with 503. 0: refuse at once, as a share that grows with
-    /// the backlog.
+    /// 90 % of the lag bound a request is held (not refused) until the
+    /// stages have committed enough, and only then, if it still does not
+    /// fit, may it be refused with 503. 0: not held; past half the bound a
+    /// share that grows with the backlog is refused at once.
     pub max_wait_ms: u64,
     /// A reading whose timestamp is more than this many seconds ahead of
     /// the server clock is refused (400); 0 = no bound.

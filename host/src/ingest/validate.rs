@@ -1050,6 +1050,16 @@ mod tests {
                 "the quick split took {body}"
             );
         }
+        // Damaged bodies: every prefix, every byte changed to one that
+        // matters to JSON.
+        let body = format!("[{OK},{}]", r(&[r#""metadata":{"a":[1,null]}"#]));
+        for damaged in crate::json_scan::damaged(&body) {
+            let parsed = validate_parsed(damaged.as_bytes(), MAX_BATCH, TimeBounds::UNBOUNDED);
+            let batch = validate_batch(damaged.as_bytes(), MAX_BATCH, TimeBounds::UNBOUNDED);
+            if damaged.starts_with('[') {
+                assert_eq!(outcome(&batch), outcome(&parsed), "{damaged}");
+            }
+        }
         // Over the batch limit: declined, for the whole-body path to count.
         assert!(validate_split(well_formed[8].as_bytes(), 2, TimeBounds::UNBOUNDED).is_none());
     }
