@@ -1174,7 +1174,7 @@ fn http_ingest(pool: &HttpPool, generator: &tokio::runtime::Runtime) {
 
 // --------------------------------------------------------------- sustained --
 
-/// The longest warm-up: sending until the bus first refuses (its lag bound
+/// The longest warm-up: sending until ingest first holds or refuses (its lag bound
 /// reached, so what follows is the rate the slowest stage sustains).
 const SUSTAIN_WARMUP_MAX: Duration = Duration::from_secs(40);
 /// The sustained measurement after the warm-up, seconds
