@@ -376,14 +376,16 @@ async fn admit(s: &IngestState, room: usize) -> Option<u32> {
     if !s.max_wait.is_zero() {
         let held = std::time::Instant::now();
         s.metrics.held_requests.fetch_add(1, Ordering::Relaxed);
-        let mut taken = false;
-        while held.elapsed() < s.max_wait {
-            tokio::time::sleep(HOLD_POLL.min(s.max_wait.saturating_sub(held.elapsed()))).await;
-            if Shedding::has_room(backlog(), room, up_to) {
-                taken = true;
-                break;
+        let taken = loop {
+            let left = s.max_wait.saturating_sub(held.elapsed());
+            if left.is_zero() {
+                break false;
             }
-        }
+            tokio::time::sleep(HOLD_POLL.min(left)).await;
+            if Shedding::has_room(backlog(), room, up_to) {
+                break true;
+            }
+        };
         s.metrics
             .held_ms
             .fetch_add(held.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -655,23 +657,26 @@ mod tests {
         (state, bus)
     }
 
-    async fn fill(bus: &crate::bus::MemoryBus, n: usize) {
+    /// Ingest as [`ingest`] does, with a stage in group `g` that has not
+    /// committed the `n` records waiting on the bus.
+    async fn behind(max_wait: Duration, n: usize) -> (IngestState, Box<dyn crate::bus::Consumer>) {
+        let (s, bus) = ingest(max_wait);
+        let stage = bus
+            .subscribe("g", &[Topic::TelemetryReadings])
+            .await
+            .unwrap();
         let records = (0..n)
             .map(|i| crate::bus::Record::new(vec![1u8], (i as u32).to_be_bytes().to_vec(), 0))
             .collect();
         bus.produce(Topic::TelemetryReadings, records)
             .await
             .unwrap();
+        (s, stage)
     }
 
     #[tokio::test]
     async fn near_the_bound_a_request_is_held_until_the_stages_drain() {
-        let (s, bus) = ingest(Duration::from_secs(600));
-        let mut stage = bus
-            .subscribe("g", &[Topic::TelemetryReadings])
-            .await
-            .unwrap();
-        fill(&bus, 850).await;
+        let (s, mut stage) = behind(Duration::from_secs(600), 850).await;
         let held = tokio::spawn({
             let s = s.clone();
             async move { admit(&s, 100).await }
@@ -693,21 +698,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_still_held_when_its_wait_ends_is_refused_at_the_bound() {
-        let (s, bus) = ingest(Duration::from_millis(20));
-        let _stage = bus
-            .subscribe("g", &[Topic::TelemetryReadings])
-            .await
-            .unwrap();
-        fill(&bus, 950).await;
+        let (s, _stage) = behind(Duration::from_millis(20), 950).await;
         assert_eq!(admit(&s, 100).await, Some(1));
         assert_eq!(s.metrics.held_requests.load(Ordering::Relaxed), 1);
         // Not held at all when holding is off.
-        let (s, bus) = ingest(Duration::ZERO);
-        let _stage = bus
-            .subscribe("g", &[Topic::TelemetryReadings])
-            .await
-            .unwrap();
-        fill(&bus, 950).await;
+        let (s, _stage) = behind(Duration::ZERO, 950).await;
         assert_eq!(admit(&s, 100).await, Some(1));
         assert_eq!(s.metrics.held_requests.load(Ordering::Relaxed), 0);
     }

@@ -200,7 +200,7 @@ pub fn validate_batch(
             _ => "Request body must be a JSON array of readings",
         }));
     }
-    if let Some(valid) = validate_split(body, max_batch, time) {
+    if let Some(valid) = validate_scanned(body, max_batch, time) {
         return valid;
     }
     validate_parsed(body, max_batch, time)
@@ -265,7 +265,7 @@ fn validate_parsed(
 /// taken here is a JSON array of objects, as serde_json would have found it.
 ///
 /// [`json_scan`]: crate::json_scan
-fn validate_split(
+fn validate_scanned(
     body: &[u8],
     max: usize,
     time: TimeBounds,
@@ -979,12 +979,12 @@ mod tests {
         }
     }
 
-    /// The quick split takes well-formed bodies and gives exactly what
+    /// The scanned path takes well-formed bodies and gives exactly what
     /// serde_json's whole-body path gives; whatever it declines (or gets
     /// wrong inside an object) is left to that path, so every body gets the
     /// same answer either way.
     #[test]
-    fn the_quick_split_agrees_with_serde_json() {
+    fn the_scanned_path_agrees_with_serde_json() {
         let r = |extra: &[&str]| reading(extra);
         let well_formed = [
             format!("[{OK}]"),
@@ -1032,22 +1032,22 @@ mod tests {
             .chain([(2, &well_formed[8])])
         {
             let parsed = validate_parsed(body.as_bytes(), max, TimeBounds::UNBOUNDED);
-            if let Some(split) = validate_split(body.as_bytes(), max, TimeBounds::UNBOUNDED) {
-                assert_eq!(outcome(&split), outcome(&parsed), "{body}");
+            if let Some(scanned) = validate_scanned(body.as_bytes(), max, TimeBounds::UNBOUNDED) {
+                assert_eq!(outcome(&scanned), outcome(&parsed), "{body}");
             }
             let batch = validate_batch(body.as_bytes(), max, TimeBounds::UNBOUNDED);
             assert_eq!(outcome(&batch), outcome(&parsed), "{body}");
         }
         for body in &well_formed {
             assert!(
-                validate_split(body.as_bytes(), MAX_BATCH, TimeBounds::UNBOUNDED).is_some(),
-                "the quick split declined {body}"
+                validate_scanned(body.as_bytes(), MAX_BATCH, TimeBounds::UNBOUNDED).is_some(),
+                "the scanned path declined {body}"
             );
         }
         for body in &declined {
             assert!(
-                validate_split(body.as_bytes(), MAX_BATCH, TimeBounds::UNBOUNDED).is_none(),
-                "the quick split took {body}"
+                validate_scanned(body.as_bytes(), MAX_BATCH, TimeBounds::UNBOUNDED).is_none(),
+                "the scanned path took {body}"
             );
         }
         // Damaged bodies: every prefix, every byte changed to one that
@@ -1061,7 +1061,7 @@ mod tests {
             }
         }
         // Over the batch limit: declined, for the whole-body path to count.
-        assert!(validate_split(well_formed[8].as_bytes(), 2, TimeBounds::UNBOUNDED).is_none());
+        assert!(validate_scanned(well_formed[8].as_bytes(), 2, TimeBounds::UNBOUNDED).is_none());
     }
 
     #[test]
