@@ -1440,7 +1440,10 @@ impl Store for SqliteStore {
         };
         Ok(RetentionReport {
             raw_readings: match &self.archive {
-                Some(archive) => archive.delete_before(cutoff(r.raw_readings)).await?,
+                Some(archive) => {
+                    let keep_ms = i64::try_from(r.raw_readings.as_millis()).unwrap_or(i64::MAX);
+                    archive.delete_before(now_ms.saturating_sub(keep_ms)).await?
+                }
                 None => {
                     self.delete_before(
                         "DELETE FROM raw_readings WHERE reading_id IN \

@@ -1,8 +1,13 @@
 //! The embedded store's raw archive: `raw_readings` in a database file of
 //! its own (`segs.db` → `segs-raw.db`, beside it), written on a thread of
-//! its own over its own SQLite connection (rusqlite), with one prepared
-//! single-row INSERT reused for every row of a call and the whole call one
+//! its own over its own SQLite connection (rusqlite), with prepared
+//! many-row INSERTs reused for every row of a call and the whole call one
 //! `BEGIN IMMEDIATE` transaction.
+//!
+//! The rows are in `raw_reading_rows`, keyed by (timestamp, meter_id) with
+//! times as integer milliseconds and no rowid (one b-tree, a small key);
+//! `raw_readings` is a view over it with the times as RFC 3339 text, as the
+//! table read before (migration 0002 says why and what it measured).
 //!
 //! Why a file of its own: SQLite has one writer per database file, and the
 //! archive (every reading) and the stages (windows, checkpoints, outbox)
@@ -12,8 +17,7 @@
 //! statements bind each value through a boxed argument list and a formatted
 //! timestamp string per row, on a connection worker shared with the
 //! stages' transactions. Here a row is bound straight from the
-//! [`RawReading`] (the timestamp written into one reused buffer), off the
-//! async runtime.
+//! [`RawReading`], off the async runtime.
 //!
 //! The archive file's schema is `migrations/sqlite-archive/`. A store file
 //! from before the split keeps an empty `raw_readings`; the rows it held are
@@ -26,7 +30,7 @@
 //! [`StoreError::Rejected`], anything else [`StoreError::Database`] (retried
 //! by the stage).
 //!
-//! Must not: hold anything but `raw_readings`.
+//! Must not: hold anything but `raw_reading_rows` and its view.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,7 +46,7 @@ use super::{RawReading, StoreError};
 
 /// `created_at` is bound once per call (the column's default would format
 /// the clock for every row).
-const INSERT_HEAD: &str = "INSERT INTO raw_readings (meter_id, region, timestamp, power_kw, \
+const INSERT_HEAD: &str = "INSERT INTO raw_reading_rows (timestamp, meter_id, region, power_kw, \
      voltage, current, frequency, power_factor, temperature, energy_kwh, created_at) VALUES ";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite-archive");
@@ -53,8 +57,9 @@ type Answer<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Job {
     Insert(Arc<[RawReading]>, Answer<()>),
     Count(Answer<u64>),
-    /// Deletes readings older than the RFC 3339 cutoff; answers how many.
-    DeleteBefore(String, Answer<u64>),
+    /// Deletes readings older than the cutoff (ms since the epoch);
+    /// answers how many.
+    DeleteBefore(i64, Answer<u64>),
 }
 
 /// The writer thread's handle; dropping it lets the thread finish what it
@@ -138,11 +143,11 @@ impl ArchiveWriter {
         self.call(Job::Count).await
     }
 
-    /// Deletes the readings before `cutoff` (RFC 3339), in batches of
+    /// Deletes the readings before `cutoff_ms`, in batches of
     /// [`RETENTION_BATCH`] as the pool's retention does; how many it
     /// deleted.
-    pub(super) async fn delete_before(&self, cutoff: String) -> Result<u64, StoreError> {
-        self.call(|answer| Job::DeleteBefore(cutoff, answer)).await
+    pub(super) async fn delete_before(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
+        self.call(|answer| Job::DeleteBefore(cutoff_ms, answer)).await
     }
 
     async fn call<T>(&self, job: impl FnOnce(Answer<T>) -> Job) -> Result<T, StoreError> {
@@ -189,11 +194,13 @@ fn move_legacy_rows(conn: &Connection, store: &Path) -> Result<(), StoreError> {
         // Rolled back when dropped uncommitted.
         let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
         let moved = tx.execute(
-            "INSERT OR IGNORE INTO main.raw_readings (meter_id, region, timestamp, power_kw, voltage, \
-             current, frequency, power_factor, temperature, energy_kwh, created_at) \
-             SELECT meter_id, region, timestamp, power_kw, voltage, current, frequency, \
-             power_factor, temperature, energy_kwh, created_at FROM store.raw_readings \
-             ORDER BY reading_id",
+            "INSERT OR IGNORE INTO main.raw_reading_rows (timestamp, meter_id, region, power_kw, \
+             voltage, current, frequency, power_factor, temperature, energy_kwh, created_at) \
+             SELECT CAST(round((julianday(timestamp) - 2440587.5) * 86400000.0) AS INTEGER), \
+             meter_id, region, power_kw, voltage, current, frequency, power_factor, \
+             temperature, energy_kwh, \
+             CAST(round((julianday(created_at) - 2440587.5) * 86400000.0) AS INTEGER) \
+             FROM store.raw_readings ORDER BY timestamp, meter_id",
             [],
         )?;
         tx.execute("DELETE FROM store.raw_readings", [])?;
@@ -213,15 +220,14 @@ fn move_legacy_rows(conn: &Connection, store: &Path) -> Result<(), StoreError> {
 }
 
 fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
-    let mut ts = String::with_capacity(32);
     while let Ok(job) = jobs.recv() {
         match job {
             Job::Insert(rows, answer) => {
-                let _ = answer.send(write(&mut conn, &rows, &mut ts));
+                let _ = answer.send(write(&mut conn, &rows));
             }
             Job::Count(answer) => {
                 let n = conn
-                    .query_row("SELECT COUNT(*) FROM raw_readings", [], |r| {
+                    .query_row("SELECT COUNT(*) FROM raw_reading_rows", [], |r| {
                         r.get::<_, i64>(0)
                     })
                     .map(|n| n.max(0) as u64)
@@ -229,23 +235,24 @@ fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
                 let _ = answer.send(n);
             }
             Job::DeleteBefore(cutoff, answer) => {
-                let _ = answer.send(delete_before(&conn, &cutoff));
+                let _ = answer.send(delete_before(&conn, cutoff));
             }
         }
     }
 }
 
-fn delete_before(conn: &Connection, cutoff: &str) -> Result<u64, StoreError> {
+fn delete_before(conn: &Connection, cutoff_ms: i64) -> Result<u64, StoreError> {
     let mut total = 0u64;
     let mut delete = conn
         .prepare_cached(
-            "DELETE FROM raw_readings WHERE reading_id IN \
-             (SELECT reading_id FROM raw_readings WHERE timestamp < ?1 LIMIT ?2)",
+            "DELETE FROM raw_reading_rows WHERE (timestamp, meter_id) IN \
+             (SELECT timestamp, meter_id FROM raw_reading_rows WHERE timestamp < ?1 \
+              ORDER BY timestamp LIMIT ?2)",
         )
         .map_err(|e| database("cannot prepare", e))?;
     loop {
         let done = delete
-            .execute(params![cutoff, RETENTION_BATCH])
+            .execute(params![cutoff_ms, RETENTION_BATCH])
             .map_err(|e| database("cannot delete", e))? as u64;
         total += done;
         if done < RETENTION_BATCH as u64 {
@@ -274,19 +281,19 @@ fn insert_sql(rows: usize) -> String {
     sql
 }
 
-fn write(conn: &mut Connection, rows: &[RawReading], ts: &mut String) -> Result<(), StoreError> {
+fn write(conn: &mut Connection, rows: &[RawReading]) -> Result<(), StoreError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| database("cannot begin", e))?;
     {
-        let created_at = crate::time::format_rfc3339_ms(crate::time::now_ms());
+        let created_at = crate::time::now_ms();
         let full = insert_sql(ROWS_PER_INSERT);
         let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
         let mut insert = tx
             .prepare_cached(&full)
             .map_err(|e| database("cannot prepare", e))?;
         for chunk in &mut chunks {
-            bind_rows(&mut insert, chunk, &created_at, ts)?;
+            bind_rows(&mut insert, chunk, created_at)?;
             insert
                 .raw_execute()
                 .map_err(|e| database("cannot insert", e))?;
@@ -299,7 +306,7 @@ fn write(conn: &mut Connection, rows: &[RawReading], ts: &mut String) -> Result<
                 .prepare_cached(&insert_sql(1))
                 .map_err(|e| database("cannot prepare", e))?;
             for row in rest.chunks(1) {
-                bind_rows(&mut insert, row, &created_at, ts)?;
+                bind_rows(&mut insert, row, created_at)?;
                 insert
                     .raw_execute()
                     .map_err(|e| database("cannot insert", e))?;
@@ -313,8 +320,7 @@ fn write(conn: &mut Connection, rows: &[RawReading], ts: &mut String) -> Result<
 fn bind_rows(
     insert: &mut rusqlite::CachedStatement<'_>,
     rows: &[RawReading],
-    created_at: &str,
-    ts: &mut String,
+    created_at_ms: i64,
 ) -> Result<(), StoreError> {
     let bind = |insert: &mut rusqlite::CachedStatement<'_>, at: usize, v: &dyn rusqlite::ToSql| {
         insert
@@ -323,11 +329,9 @@ fn bind_rows(
     };
     for (i, r) in rows.iter().enumerate() {
         let at = i * 11;
-        ts.clear();
-        crate::time::write_rfc3339_ms(ts, r.timestamp_ms);
-        bind(insert, at + 1, &r.meter_id)?;
-        bind(insert, at + 2, &r.region)?;
-        bind(insert, at + 3, &ts.as_str())?;
+        bind(insert, at + 1, &r.timestamp_ms)?;
+        bind(insert, at + 2, &r.meter_id)?;
+        bind(insert, at + 3, &r.region)?;
         bind(insert, at + 4, &r.power_kw)?;
         bind(insert, at + 5, &r.voltage)?;
         bind(insert, at + 6, &r.current)?;
@@ -335,7 +339,7 @@ fn bind_rows(
         bind(insert, at + 8, &r.power_factor)?;
         bind(insert, at + 9, &r.temperature)?;
         bind(insert, at + 10, &r.energy_kwh)?;
-        bind(insert, at + 11, &created_at)?;
+        bind(insert, at + 11, &created_at_ms)?;
     }
     Ok(())
 }
@@ -402,6 +406,123 @@ mod tests {
             },
         )
         .unwrap()
+    }
+
+    /// An archive file of migration 0001 (text times, a rowid table) is
+    /// moved into `raw_reading_rows` when opened: every row once, the same
+    /// values, and `raw_readings` reads exactly as the old table did.
+    #[tokio::test]
+    async fn an_archive_of_text_times_is_moved_to_integer_times_unchanged() {
+        use crate::store::{Store, StoreOptions, sqlite::SqliteStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("segs.db");
+        let archive = ArchiveWriter::path_for(&store);
+        // The archive as 0001 left it.
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&archive)
+            .create_if_missing(true);
+        let pool = sqlx::sqlite::SqlitePool::connect_with(options).await.unwrap();
+        let first = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(MIGRATOR.migrations[..1].to_vec()),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        first.run(&pool).await.unwrap();
+        let old: Vec<RawReading> = (0..150).map(reading).collect();
+        for r in &old {
+            sqlx::query(
+                "INSERT INTO raw_readings (meter_id, region, timestamp, power_kw, voltage, \
+                 current, frequency, power_factor, temperature, energy_kwh, created_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '2025-11-12T06:30:00.123Z')",
+            )
+            .bind(&r.meter_id)
+            .bind(&r.region)
+            .bind(crate::time::format_rfc3339_ms(r.timestamp_ms + 999))
+            .bind(r.power_kw)
+            .bind(r.voltage)
+            .bind(r.current)
+            .bind(r.frequency)
+            .bind(r.power_factor)
+            .bind(r.temperature)
+            .bind(r.energy_kwh)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        pool.close().await;
+
+        let url = format!("sqlite://{}", store.display());
+        let writer = SqliteStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(writer.count_raw_readings().await.unwrap(), 150);
+        // A replay of an old reading is still a no-op.
+        let mut replay = reading(7);
+        replay.timestamp_ms += 999;
+        writer.insert_raw_readings(Arc::from([replay])).await.unwrap();
+        assert_eq!(writer.count_raw_readings().await.unwrap(), 150);
+        drop(writer);
+
+        let conn = Connection::open(&archive).unwrap();
+        for r in &old {
+            let ts = crate::time::format_rfc3339_ms(r.timestamp_ms + 999);
+            assert_eq!(
+                stored(&conn, &r.meter_id, &ts),
+                (
+                    r.meter_id.clone(),
+                    r.region.clone(),
+                    ts.clone(),
+                    r.power_kw,
+                    r.voltage,
+                    r.temperature,
+                    r.energy_kwh
+                )
+            );
+            let (ms, created): (i64, String) = conn
+                .query_row(
+                    "SELECT timestamp_ms, created_at FROM raw_readings \
+                     WHERE meter_id = ?1 AND timestamp = ?2",
+                    params![r.meter_id, ts],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(ms, r.timestamp_ms + 999);
+            assert_eq!(created, "2025-11-12T06:30:00.123Z");
+        }
+    }
+
+    /// The view gives each stored millisecond back as the RFC 3339 text
+    /// segs writes everywhere else.
+    #[test]
+    fn the_view_reads_times_as_segs_formats_them() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATOR.migrations[0].sql.as_ref()).unwrap();
+        conn.execute_batch(MIGRATOR.migrations[1].sql.as_ref()).unwrap();
+        let times = [
+            0,
+            1,
+            999,
+            1_000,
+            1_762_929_000_001,
+            1_762_929_059_999,
+            4_102_444_799_999,
+        ];
+        for (i, ms) in times.into_iter().enumerate() {
+            conn.execute(
+                "INSERT INTO raw_reading_rows (timestamp, meter_id, region, power_kw, created_at) \
+                 VALUES (?1, ?2, 'r', 1.0, ?1)",
+                params![ms, format!("MTR-{i}")],
+            )
+            .unwrap();
+            let (ts, created): (String, String) = conn
+                .query_row(
+                    "SELECT timestamp, created_at FROM raw_readings WHERE meter_id = ?1",
+                    params![format!("MTR-{i}")],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(ts, crate::time::format_rfc3339_ms(ms), "{ms}");
+            assert_eq!(created, ts);
+        }
     }
 
     #[tokio::test]
