@@ -20,8 +20,7 @@
 //!
 //! Exactly once: what a partition derives (closed windows, its regional
 //! report, anomaly alerts) is held until its next *checkpoint* — at least
-//! every [`CHECKPOINT_INTERVAL`] while records arrive, after every quarter
-//! of the bus's lag bound folded ([`CHECKPOINT_PER_BOUND`]), and soon after
+//! every [`CHECKPOINT_INTERVAL`] while records arrive, and soon after
 //! windows close. A checkpoint is one store transaction holding those rows,
 //! the messages to publish (outbox), the open windows and baselines
 //! ([`crate::windows::Snapshot`]) and the partition's bus position. Bus
@@ -91,15 +90,6 @@ impl PartitionState {
 /// Bus offsets are committed only at checkpoints, so this bounds the replay
 /// after a crash and, with the bus's lag bound, the rate ingest can sustain.
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1000);
-
-/// A partition is also checkpointed once it has folded this share of the
-/// bus's lag bound (`bus.max_lag_per_partition`) since its last
-/// checkpoint. Ingest holds requests from 90 % of the bound, counted in
-/// records not *committed*, and the stage commits only at checkpoints: at
-/// one checkpoint a second, a partition taking more than about half the
-/// bound a second kept ingest waiting on records the stage had already
-/// folded.
-const CHECKPOINT_PER_BOUND: u64 = 4;
 
 /// How long, in processing time, the watermark waits for readings older
 /// than the newest one seen. Requests are taken concurrently (one client
@@ -443,8 +433,6 @@ impl StreamStage {
         let w = &self.ctx.config.windows;
         let flush_1m = Duration::from_secs(w.flush_interval_1m_s);
         let flush_15m = Duration::from_secs(w.flush_interval_15m_s);
-        let by_count =
-            (self.ctx.config.bus.max_lag_per_partition as u64 / CHECKPOINT_PER_BOUND).max(1);
         let mut due = Vec::new();
         for part in self.parts.values_mut() {
             part.detect(&self.ctx, &mut self.anomaly);
@@ -460,7 +448,12 @@ impl StreamStage {
                     .close_width(Width::FifteenMinutes, &mut part.closed);
             }
             part.handle_closed(&self.ctx, &mut self.aggregate);
-            if part.checkpoint_due(idle, by_count) {
+            let since = part.last_checkpoint.elapsed();
+            let moved = part.next != part.checkpointed
+                || part.windows.closed_until(Width::OneMinute) != part.reported_until;
+            if (!part.pending.is_empty() && (idle || since >= CHECKPOINT_SPACING))
+                || (moved && (idle || since >= CHECKPOINT_INTERVAL))
+            {
                 due.push((part.last_checkpoint, part.id));
             }
         }
@@ -507,19 +500,6 @@ impl StreamStage {
 }
 
 impl Partition {
-    /// Whether a checkpoint is due: soon after windows closed (what they
-    /// produced waits for it), at [`CHECKPOINT_INTERVAL`] while records
-    /// arrive, once `by_count` records were folded since the last one, and
-    /// at once for anything moved when the bus is `idle`.
-    fn checkpoint_due(&self, idle: bool, by_count: u64) -> bool {
-        let since = self.last_checkpoint.elapsed();
-        let moved = self.next != self.checkpointed
-            || self.windows.closed_until(Width::OneMinute) != self.reported_until;
-        (!self.pending.is_empty() && (idle || since >= CHECKPOINT_SPACING))
-            || (moved && (idle || since >= CHECKPOINT_INTERVAL))
-            || self.next.saturating_sub(self.checkpointed) >= by_count
-    }
-
     fn new(id: u32, epoch: i64, windows: Windows, batch: usize) -> Partition {
         Partition {
             id,
@@ -1031,40 +1011,5 @@ fn plain_meter_aggregate(w: &aggregate::MeterWindow) -> aggregate::MeterAggregat
         voltage_avg: (w.voltage_count > 0).then(|| w.voltage_sum / f64::from(w.voltage_count)),
         count: w.count,
         publish: true,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A partition that took `folded` records since its last checkpoint,
-    /// which (for the test) is taken to be happening now, whatever the
-    /// clock does meanwhile.
-    fn folded(folded: u64) -> Partition {
-        let params = WindowsParams {
-            allowed_lateness_ms: 5_000,
-            baseline_window: 30,
-        };
-        let mut part = Partition::new(0, 1, Windows::new(params), 16);
-        part.checkpointed = 7;
-        part.next = 7 + folded;
-        part.last_checkpoint = Instant::now() + Duration::from_secs(3600);
-        part
-    }
-
-    /// Between interval checkpoints, a partition is checkpointed (and so
-    /// its records committed) once it has folded its share of the bus's
-    /// lag bound, not earlier; with nothing folded nothing is due.
-    #[test]
-    fn a_partition_is_checkpointed_after_its_share_of_the_lag_bound() {
-        let by_count = 200_000 / CHECKPOINT_PER_BOUND;
-        assert!(!folded(0).checkpoint_due(false, by_count));
-        assert!(!folded(by_count - 1).checkpoint_due(false, by_count));
-        assert!(folded(by_count).checkpoint_due(false, by_count));
-        assert!(folded(3 * by_count).checkpoint_due(false, by_count));
-        // An idle bus checkpoints whatever moved at once.
-        assert!(folded(1).checkpoint_due(true, by_count));
-        assert!(!folded(0).checkpoint_due(true, by_count));
     }
 }
