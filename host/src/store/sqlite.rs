@@ -1442,7 +1442,9 @@ impl Store for SqliteStore {
             raw_readings: match &self.archive {
                 Some(archive) => {
                     let keep_ms = i64::try_from(r.raw_readings.as_millis()).unwrap_or(i64::MAX);
-                    archive.delete_before(now_ms.saturating_sub(keep_ms)).await?
+                    archive
+                        .delete_before(now_ms.saturating_sub(keep_ms))
+                        .await?
                 }
                 None => {
                     self.delete_before(

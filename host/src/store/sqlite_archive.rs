@@ -147,7 +147,8 @@ impl ArchiveWriter {
     /// [`RETENTION_BATCH`] as the pool's retention does; how many it
     /// deleted.
     pub(super) async fn delete_before(&self, cutoff_ms: i64) -> Result<u64, StoreError> {
-        self.call(|answer| Job::DeleteBefore(cutoff_ms, answer)).await
+        self.call(|answer| Job::DeleteBefore(cutoff_ms, answer))
+            .await
     }
 
     async fn call<T>(&self, job: impl FnOnce(Answer<T>) -> Job) -> Result<T, StoreError> {
@@ -421,7 +422,9 @@ mod tests {
         let options = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(&archive)
             .create_if_missing(true);
-        let pool = sqlx::sqlite::SqlitePool::connect_with(options).await.unwrap();
+        let pool = sqlx::sqlite::SqlitePool::connect_with(options)
+            .await
+            .unwrap();
         let first = sqlx::migrate::Migrator {
             migrations: std::borrow::Cow::Owned(MIGRATOR.migrations[..1].to_vec()),
             ..sqlx::migrate::Migrator::DEFAULT
@@ -458,7 +461,10 @@ mod tests {
         // A replay of an old reading is still a no-op.
         let mut replay = reading(7);
         replay.timestamp_ms += 999;
-        writer.insert_raw_readings(Arc::from([replay])).await.unwrap();
+        writer
+            .insert_raw_readings(Arc::from([replay]))
+            .await
+            .unwrap();
         assert_eq!(writer.count_raw_readings().await.unwrap(), 150);
         drop(writer);
 
@@ -495,8 +501,10 @@ mod tests {
     #[test]
     fn the_view_reads_times_as_segs_formats_them() {
         let conn = Connection::open_in_memory().unwrap();
-        conn.execute_batch(MIGRATOR.migrations[0].sql.as_ref()).unwrap();
-        conn.execute_batch(MIGRATOR.migrations[1].sql.as_ref()).unwrap();
+        conn.execute_batch(MIGRATOR.migrations[0].sql.as_ref())
+            .unwrap();
+        conn.execute_batch(MIGRATOR.migrations[1].sql.as_ref())
+            .unwrap();
         let times = [
             0,
             1,
