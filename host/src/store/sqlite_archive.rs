@@ -389,6 +389,19 @@ mod tests {
         Option<f64>,
     );
 
+    /// What [`stored`] reads back for `r`, stored at `ts`.
+    fn as_stored(r: &RawReading, ts: &str) -> Stored {
+        (
+            r.meter_id.clone(),
+            r.region.clone(),
+            ts.to_owned(),
+            r.power_kw,
+            r.voltage,
+            r.temperature,
+            r.energy_kwh,
+        )
+    }
+
     fn stored(conn: &Connection, meter: &str, ts: &str) -> Stored {
         conn.query_row(
             "SELECT meter_id, region, timestamp, power_kw, voltage, temperature, energy_kwh \
@@ -471,18 +484,7 @@ mod tests {
         let conn = Connection::open(&archive).unwrap();
         for r in &old {
             let ts = crate::time::format_rfc3339_ms(r.timestamp_ms + 999);
-            assert_eq!(
-                stored(&conn, &r.meter_id, &ts),
-                (
-                    r.meter_id.clone(),
-                    r.region.clone(),
-                    ts.clone(),
-                    r.power_kw,
-                    r.voltage,
-                    r.temperature,
-                    r.energy_kwh
-                )
-            );
+            assert_eq!(stored(&conn, &r.meter_id, &ts), as_stored(r, &ts));
             let (ms, created): (i64, String) = conn
                 .query_row(
                     "SELECT timestamp_ms, created_at FROM raw_readings \
@@ -558,15 +560,7 @@ mod tests {
             let ts = crate::time::format_rfc3339_ms(r.timestamp_ms);
             assert_eq!(
                 stored(&conn, &r.meter_id, &ts),
-                (
-                    r.meter_id.clone(),
-                    r.region.clone(),
-                    ts.clone(),
-                    r.power_kw,
-                    r.voltage,
-                    r.temperature,
-                    r.energy_kwh
-                ),
+                as_stored(&r, &ts),
                 "row {i}"
             );
         }
