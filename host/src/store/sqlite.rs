@@ -1434,18 +1434,13 @@ impl Store for SqliteStore {
 
     async fn apply_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError> {
         let r = self.retention;
-        let cutoff = |keep: Duration| {
-            let keep_ms = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
-            format_rfc3339_ms(now_ms.saturating_sub(keep_ms))
+        let cutoff_ms = |keep: Duration| {
+            now_ms.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX))
         };
+        let cutoff = |keep: Duration| format_rfc3339_ms(cutoff_ms(keep));
         Ok(RetentionReport {
             raw_readings: match &self.archive {
-                Some(archive) => {
-                    let keep_ms = i64::try_from(r.raw_readings.as_millis()).unwrap_or(i64::MAX);
-                    archive
-                        .delete_before(now_ms.saturating_sub(keep_ms))
-                        .await?
-                }
+                Some(archive) => archive.delete_before(cutoff_ms(r.raw_readings)).await?,
                 None => {
                     self.delete_before(
                         "DELETE FROM raw_readings WHERE reading_id IN \

@@ -44,8 +44,8 @@ use tokio::sync::oneshot;
 use super::sqlite::RETENTION_BATCH;
 use super::{RawReading, StoreError};
 
-/// `created_at` is bound once per call (the column's default would format
-/// the clock for every row).
+/// The columns of a row; `created_at` (no default) is the same clock
+/// reading for every row of a call.
 const INSERT_HEAD: &str = "INSERT INTO raw_reading_rows (timestamp, meter_id, region, power_kw, \
      voltage, current, frequency, power_factor, temperature, energy_kwh, created_at) VALUES ";
 
