@@ -18,6 +18,14 @@
 /// is declined; serde_json refuses past 128.
 pub const MAX_DEPTH: usize = 64;
 
+/// `bytes` as text, when they are UTF-8 (JSON text must be): the first
+/// step of every scan, so checked with SIMD (`simdutf8`; `std`'s check was
+/// a seventh of the stream stage's time per reading).
+#[inline]
+pub fn utf8(bytes: &[u8]) -> Option<&str> {
+    simdutf8::basic::from_utf8(bytes).ok()
+}
+
 /// Scans the JSON object that starts at `s[at]` and hands each of its
 /// members to `member(key, value)` in order: the key without its quotes,
 /// the value as its JSON text (a string with its quotes). Returns the index
@@ -297,6 +305,31 @@ mod tests {
 
     /// Never takes what serde_json refuses; declines escapes and deep
     /// nesting, which serde_json may take.
+    #[test]
+    fn the_utf8_check_agrees_with_std() {
+        let mut cases: Vec<Vec<u8>> = vec![
+            b"{\"meterId\":\"MTR-00000001\"}".to_vec(),
+            "{\"region\":\"M\u{fc}nchen-S\u{fc}d \u{1f50c}\"}"
+                .as_bytes()
+                .to_vec(),
+            vec![0xc0, 0x80],             // overlong NUL
+            vec![0xed, 0xa0, 0x80],       // a surrogate
+            vec![0xf4, 0x90, 0x80, 0x80], // past U+10FFFF
+            vec![0xe2, 0x82],             // cut short
+            vec![0xff],
+            Vec::new(),
+        ];
+        // Each of them inside a long ASCII run, where SIMD takes over.
+        let long: Vec<Vec<u8>> = cases
+            .iter()
+            .map(|c| [vec![b'a'; 100], c.clone(), vec![b'z'; 100]].concat())
+            .collect();
+        cases.extend(long);
+        for c in &cases {
+            assert_eq!(utf8(c), std::str::from_utf8(c).ok(), "{c:?}");
+        }
+    }
+
     #[test]
     fn takes_nothing_serde_json_refuses() {
         let refused = [

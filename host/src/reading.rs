@@ -73,7 +73,7 @@ impl<'a> WireFields<'a> {
     /// Scans a record's JSON; `None` when the scanner declines it or a
     /// known field comes twice.
     pub fn scan(value: &'a [u8]) -> Option<WireFields<'a>> {
-        let text = std::str::from_utf8(value).ok()?;
+        let text = crate::json_scan::utf8(value)?;
         let mut f = WireFields::default();
         let mut repeated = false;
         crate::json_scan::whole_object(text, |key, v| {

@@ -271,7 +271,7 @@ fn validate_scanned(
     time: TimeBounds,
 ) -> Option<Result<Validated<'_>, ValidationError>> {
     use crate::json_scan::{object, ws};
-    let body = std::str::from_utf8(body).ok()?;
+    let body = crate::json_scan::utf8(body)?;
     let b = body.as_bytes();
     let mut i = ws(b, 0);
     if b.get(i) != Some(&b'[') {
@@ -340,7 +340,7 @@ pub fn validate_one(body: &[u8], time: TimeBounds) -> Result<Validated<'_>, Vali
 /// known fields, when [`crate::json_scan`] takes it.
 fn scan_one(body: &[u8]) -> Option<(&str, RawFields<'_>)> {
     use crate::json_scan::{object, ws};
-    let body = std::str::from_utf8(body).ok()?;
+    let body = crate::json_scan::utf8(body)?;
     let b = body.as_bytes();
     let start = ws(b, 0);
     let mut fields = RawFields::default();
