@@ -175,14 +175,10 @@ impl KeyedMessage {
         }
     }
 
-    /// The bus record, stamped `now_ms`.
-    pub fn record(&self, now_ms: i64) -> Record {
-        let mut r = Record::new(
-            bytes::Bytes::copy_from_slice(self.key.as_bytes()),
-            bytes::Bytes::copy_from_slice(&self.value),
-            now_ms,
-        );
-        r.headers = self.headers.clone();
+    /// The bus record, stamped `now_ms` (key and value move, uncopied).
+    pub fn into_record(self, now_ms: i64) -> Record {
+        let mut r = Record::new(self.key.into_bytes(), self.value, now_ms);
+        r.headers = self.headers;
         r
     }
 }

@@ -584,7 +584,7 @@ async fn transition(
                 row.region.as_deref(),
                 &update,
             );
-            let record = KeyedMessage::of(&update).record(now);
+            let record = KeyedMessage::of(&update).into_record(now);
             if let Err(e) = s.bus.produce(Topic::AlertStatusUpdates, vec![record]).await {
                 tracing::error!(error = %e, "could not publish an alert status update");
             }

@@ -133,8 +133,8 @@ impl DeadLetters {
                         Ok(alerts) => {
                             let n = alerts.len() as u64;
                             let records: Vec<_> = alerts
-                                .iter()
-                                .map(|m| m.record(crate::time::now_ms()))
+                                .into_iter()
+                                .map(|m| m.into_record(crate::time::now_ms()))
                                 .collect();
                             if let Err(e) = self.ctx.bus.produce(Topic::Alerts, records).await {
                                 report.stopped = Some(format!("publishing its alerts: {e}"));

@@ -75,7 +75,7 @@ pub fn alert(event: &PluginEvent) -> Alert {
 /// fails is retried (the bus refuses only while it is behind or down).
 pub async fn raise_alerts(ctx: Context, mut events: mpsc::UnboundedReceiver<PluginEvent>) {
     while let Some(event) = events.recv().await {
-        let record = KeyedMessage::of(&alert(&event)).record(crate::time::now_ms());
+        let record = KeyedMessage::of(&alert(&event)).into_record(crate::time::now_ms());
         super::publish(&ctx, "faults", Topic::Alerts, vec![record]).await;
     }
 }

@@ -626,14 +626,14 @@ async fn publish_outbox(
     let now = crate::time::now_ms();
     let mut run: Vec<Record> = Vec::new();
     let mut run_topic = None;
-    for r in &records {
+    for r in records {
         if run_topic != Some(r.message.topic) {
             if let Some(topic) = run_topic {
                 publish(ctx, stage, topic, std::mem::take(&mut run)).await;
             }
             run_topic = Some(r.message.topic);
         }
-        run.push(r.message.record(now));
+        run.push(r.message.into_record(now));
     }
     if let Some(topic) = run_topic {
         publish(ctx, stage, topic, run).await;
