@@ -254,6 +254,41 @@ struct OpenSnapshot {
     windows: Vec<(i64, bool, Vec<MeterSums>)>,
 }
 
+/// A [`Snapshot`] borrowed from the live windows: it serializes to the same
+/// bytes as the snapshot [`Windows::snapshot`] returns (so it decodes as
+/// one), without copying every open window first.
+#[derive(Serialize)]
+pub struct SnapshotRef<'a> {
+    meter_names: &'a [Box<str>],
+    region_names: &'a [Box<str>],
+    baselines: &'a [Baseline],
+    one_minute: OpenRef<'a>,
+    fifteen_minutes: OpenRef<'a>,
+    max_event_ms: i64,
+    stats: WindowStats,
+}
+
+/// [`OpenSnapshot`], borrowed.
+#[derive(Serialize)]
+struct OpenRef<'a> {
+    closed_until: i64,
+    windows: WindowSetsRef<'a>,
+}
+
+/// The open windows as [`OpenSnapshot::windows`] holds them: a sequence of
+/// (start, late, meters).
+struct WindowSetsRef<'a>(&'a BTreeMap<i64, WindowSet>);
+
+impl Serialize for WindowSetsRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            self.0
+                .iter()
+                .map(|(start, set)| (*start, set.late, &set.meters)),
+        )
+    }
+}
+
 /// A snapshot that cannot be read back.
 #[derive(Debug, thiserror::Error)]
 #[error("window snapshot unreadable: {0}")]
@@ -301,6 +336,13 @@ impl OpenWindows {
                 .iter()
                 .map(|(start, set)| (*start, set.late, set.meters.clone()))
                 .collect(),
+        }
+    }
+
+    fn snapshot_ref(&self) -> OpenRef<'_> {
+        OpenRef {
+            closed_until: self.closed_until,
+            windows: WindowSetsRef(&self.by_start),
         }
     }
 
@@ -359,6 +401,19 @@ impl Windows {
             baselines: self.baselines.clone(),
             one_minute: self.one_minute.snapshot(),
             fifteen_minutes: self.fifteen_minutes.snapshot(),
+            max_event_ms: self.max_event_ms,
+            stats: self.stats,
+        }
+    }
+
+    /// What [`Windows::snapshot`] holds, borrowed (to encode it).
+    pub fn snapshot_ref(&self) -> SnapshotRef<'_> {
+        SnapshotRef {
+            meter_names: &self.meter_names,
+            region_names: &self.region_names,
+            baselines: &self.baselines,
+            one_minute: self.one_minute.snapshot_ref(),
+            fifteen_minutes: self.fifteen_minutes.snapshot_ref(),
             max_event_ms: self.max_event_ms,
             stats: self.stats,
         }
@@ -695,6 +750,11 @@ mod tests {
             }
         }
         let bytes = a.snapshot().encode();
+        assert_eq!(
+            postcard::to_stdvec(&a.snapshot_ref()).unwrap(),
+            bytes,
+            "the borrowed snapshot encodes as the owned one"
+        );
         let mut b = Windows::restore(a.params, Snapshot::decode(&bytes).unwrap());
         assert_eq!(b.snapshot(), a.snapshot());
         let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
