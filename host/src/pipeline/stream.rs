@@ -1037,3 +1037,30 @@ fn plain_meter_aggregate(w: &aggregate::MeterWindow) -> aggregate::MeterAggregat
         publish: true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_state_decodes_as_the_partition_state_it_was_encoded_from() {
+        let params = WindowsParams {
+            allowed_lateness_ms: 5_000,
+            baseline_window: 4,
+        };
+        let mut part = Partition::new(0, 1, Windows::new(params), 8);
+        for i in 0..50i64 {
+            let meter = format!("M{}", i % 5);
+            part.windows
+                .add(&meter, "N", i * 7_000, i as f64, Some(0.1), None);
+        }
+        part.newest_event_ms = Some(49 * 7_000);
+        part.reported_until = 60_000;
+        let bytes = part.encode_state();
+        assert_eq!(part.encode_state(), bytes, "encoding is deterministic");
+        let state = PartitionState::decode(&bytes).expect("the state decodes");
+        assert_eq!(state.windows, part.windows.snapshot());
+        assert_eq!(state.newest_event_ms, Some(49 * 7_000));
+        assert_eq!(state.reported_until, 60_000);
+    }
+}
