@@ -20,7 +20,8 @@ pub const MAX_DEPTH: usize = 64;
 
 /// `bytes` as text, when they are UTF-8 (JSON text must be): the first
 /// step of every scan, so checked with SIMD (`simdutf8`; `std`'s check was
-/// a seventh of the stream stage's time per reading).
+/// a seventh of the stream stage's folding of a reading). Its answer is
+/// `std::str::from_utf8`'s (tested).
 #[inline]
 pub fn utf8(bytes: &[u8]) -> Option<&str> {
     simdutf8::basic::from_utf8(bytes).ok()
@@ -303,8 +304,6 @@ mod tests {
         }
     }
 
-    /// Never takes what serde_json refuses; declines escapes and deep
-    /// nesting, which serde_json may take.
     #[test]
     fn the_utf8_check_agrees_with_std() {
         let mut cases: Vec<Vec<u8>> = vec![
@@ -330,6 +329,8 @@ mod tests {
         }
     }
 
+    /// Never takes what serde_json refuses; declines escapes and deep
+    /// nesting, which serde_json may take.
     #[test]
     fn takes_nothing_serde_json_refuses() {
         let refused = [

@@ -656,8 +656,8 @@ impl Partition {
 
     /// The windows' state as a checkpoint stores it ([`PartitionState`]),
     /// encoded from the windows in place into one buffer the size of the
-    /// last one (megabytes: copied first, then grown by doubling, its pages
-    /// were written and zeroed several times over).
+    /// last one: it is megabytes, and a copy first or a buffer grown by
+    /// doubling would write (and zero) its pages several times over.
     fn encode_state(&mut self) -> Vec<u8> {
         let state = PartitionStateRef {
             windows: self.windows.snapshot_ref(),

@@ -255,8 +255,9 @@ struct OpenSnapshot {
 }
 
 /// A [`Snapshot`] borrowed from the live windows: it serializes to the same
-/// bytes as the snapshot [`Windows::snapshot`] returns (so it decodes as
-/// one), without copying every open window first.
+/// bytes as the owned snapshot of the same windows (so it decodes as one;
+/// the windows' tests compare the two), without copying every open window
+/// first. What checkpoints encode.
 #[derive(Serialize)]
 pub struct SnapshotRef<'a> {
     meter_names: &'a [Box<str>],
@@ -328,6 +329,7 @@ impl Snapshot {
 }
 
 impl OpenWindows {
+    #[cfg(test)]
     fn snapshot(&self) -> OpenSnapshot {
         OpenSnapshot {
             closed_until: self.closed_until,
@@ -393,7 +395,10 @@ impl Windows {
         }
     }
 
-    /// Everything held, as plain data (see [`Snapshot`]).
+    /// Everything held, as plain data (see [`Snapshot`]): for tests, to
+    /// compare a restore with the original; checkpoints encode
+    /// [`Windows::snapshot_ref`] instead.
+    #[cfg(test)]
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             meter_names: self.meter_names.clone(),
@@ -406,7 +411,7 @@ impl Windows {
         }
     }
 
-    /// What [`Windows::snapshot`] holds, borrowed (to encode it).
+    /// Everything held, borrowed, to encode as a [`Snapshot`].
     pub fn snapshot_ref(&self) -> SnapshotRef<'_> {
         SnapshotRef {
             meter_names: &self.meter_names,
