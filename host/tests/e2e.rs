@@ -51,6 +51,39 @@ async fn start(cfg: PipelineConfig) -> App {
 /// 2025-11-12T06:00:00Z: a fixed start so event time is repeatable.
 const START_MS: i64 = 1_762_927_200_000;
 
+/// What is on `aggregates_1m` (key, message), read from the start by a new
+/// consumer group: until `expected` messages came (waiting up to 30 s
+/// without any), and then whatever else comes within a second.
+async fn meter_windows_published(
+    bus: &dyn segs::bus::Bus,
+    expected: usize,
+) -> Vec<(String, segs::messages::MeterWindow)> {
+    let mut probe = bus
+        .subscribe("aggregates-probe", &[Topic::Aggregates1m])
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut quiet = 0;
+    loop {
+        let wait = if out.len() < expected { 5 } else { 1 };
+        let batch = probe.poll(10_000, Duration::from_secs(wait)).await.unwrap();
+        if batch.is_empty() {
+            quiet += 1;
+            if out.len() >= expected || quiet == 6 {
+                return out;
+            }
+            continue;
+        }
+        quiet = 0;
+        for d in batch {
+            let key = String::from_utf8(d.record.key.to_vec()).unwrap();
+            let window = serde_json::from_slice(&d.record.value)
+                .unwrap_or_else(|e| panic!("aggregates_1m message: {e}"));
+            out.push((key, window));
+        }
+    }
+}
+
 /// The same config on the Kafka bus (the test broker, `KAFKA_BROKERS`), in
 /// a namespace of its own.
 fn on_kafka(cfg: &mut PipelineConfig) {
@@ -174,6 +207,7 @@ async fn scripted_stream(services: Services) {
     let app = start(cfg).await;
     let store = app.ctx.store.clone();
     let metrics = app.ctx.metrics.clone();
+    let bus = app.ctx.bus.clone();
     let stats = SimStats::new();
     let target = SendTarget {
         url: format!("http://{}", app.addr),
@@ -329,6 +363,30 @@ async fn scripted_stream(services: Services) {
         .fold(0.0, f64::max);
     assert!(peak > 90.0, "{peak}");
     assert!(regional.iter().all(|r| r.meter_count == 25));
+
+    // The per-meter windows go on aggregates_1m for other Kafka clients:
+    // each stored window once, keyed by its meter. The in-process bus, which
+    // nothing outside this process reads, carries none.
+    let expected = if services.kafka { one.len() } else { 0 };
+    let published = meter_windows_published(&*bus, expected).await;
+    if services.kafka {
+        assert_eq!(published.len(), one.len(), "one message per stored window");
+        for (key, window) in &published {
+            assert_eq!(key, &window.meter_id);
+            assert!(
+                one.iter().any(|a| a.meter_id == window.meter_id
+                    && a.window_start_ms == window.window_start_ms
+                    && a.count == window.count),
+                "{window:?} is not a stored window"
+            );
+        }
+    } else {
+        assert_eq!(
+            published.len(),
+            0,
+            "the in-process bus carries no meter windows"
+        );
+    }
 
     if services.redis {
         // What other processes (and the seed's services) read in Redis: one

@@ -632,6 +632,12 @@ impl Bus for MemoryBus {
         self.inner.partitions
     }
 
+    /// Not the output-only topics: nothing outside this process reads an
+    /// in-process bus, and no stage reads those.
+    fn carries(&self, topic: Topic) -> bool {
+        !topic.is_output_only()
+    }
+
     fn log_id(&self) -> &str {
         &self.inner.log_id
     }

@@ -80,6 +80,14 @@ impl Topic {
         Topic::ALL.into_iter().find(|t| t.name() == name)
     }
 
+    /// Whether only other clients read this topic: no stage of segs
+    /// subscribes to it. The per-meter window topics are segs's output for
+    /// the rest of the grid's systems; segs itself reads the windows from
+    /// the store (aggregates_1m / aggregates_15m).
+    pub fn is_output_only(self) -> bool {
+        matches!(self, Topic::Aggregates1m | Topic::Aggregates15m)
+    }
+
     /// Position in [`Topic::ALL`]; used to index per-topic arrays.
     pub(crate) fn index(self) -> usize {
         self as usize
@@ -219,6 +227,14 @@ pub trait Bus: Send + Sync {
 
     /// Partitions of every topic.
     fn partitions(&self) -> u32;
+
+    /// Whether anyone can read what is produced on `topic`, so whether a
+    /// stage should produce it at all. Kafka's topics are read by other
+    /// clients: every topic. The in-process bus is read only by this
+    /// process: not the [output-only](Topic::is_output_only) topics.
+    fn carries(&self, _topic: Topic) -> bool {
+        true
+    }
 
     /// Whether the bus can be reached now (readiness): Kafka answers a
     /// metadata request; the in-process bus is always there.

@@ -42,7 +42,7 @@ use super::{
     CommitPoint, Context, PipelineError, STREAM_GROUP, Stage, apply_fenced, flush_outbox, keyed,
     plugin_failed, with_retry,
 };
-use crate::bus::{Delivered, Topic};
+use crate::bus::{Bus, Delivered, Topic};
 use crate::messages::{
     Alert, AlertMetadata, AlertType, AnomalyKind, AnomalyMetadata, DeadLetter, KeyedMessage,
     MeterWindow, ParkedReading, PartialRegion, PartialWindow, RegionalPartial, RuleRef,
@@ -922,7 +922,7 @@ async fn write_checkpoints(
     while let Some(job) = rx.recv().await {
         let _written = Written(&backlog);
         crate::crash::point("stream.before_checkpoint");
-        let outbox = |applied: &Applied| messages(&job, applied);
+        let outbox = |applied: &Applied| messages(&job, applied, &*ctx.bus);
         let stage = outbox_stage(job.partition);
         if apply_fenced(&ctx, STAGE, &stage, &job.effects, &outbox)
             .await
@@ -945,13 +945,23 @@ impl Drop for Written<'_> {
     }
 }
 
-/// What a checkpoint publishes: its anomaly alerts and parked batches, its meter windows as
-/// stored (merged, for a late window), its regional report.
-fn messages(job: &Job, applied: &Applied) -> Vec<KeyedMessage> {
+/// What a checkpoint publishes: its anomaly alerts and parked batches, its
+/// meter windows as stored (merged, for a late window) where the bus
+/// [carries](Bus::carries) them (on Kafka, not on the in-process bus: no
+/// one could read them there), its regional report.
+fn messages(job: &Job, applied: &Applied, bus: &dyn Bus) -> Vec<KeyedMessage> {
     let mut out = keyed(&job.alerts);
     out.extend(keyed(&job.dead_letters));
     for ((width, _), rows) in job.effects.meter_windows.iter().zip(&applied.meter_windows) {
         let fifteen = *width == WindowWidth::FifteenMinutes;
+        let topic = if fifteen {
+            Topic::Aggregates15m
+        } else {
+            Topic::Aggregates1m
+        };
+        if !bus.carries(topic) {
+            continue;
+        }
         out.extend(
             rows.iter()
                 .filter(|r| {
