@@ -110,10 +110,11 @@ impl Stage for ArchiveStage {
     }
 
     async fn process(&mut self, records: &[Delivered]) {
-        let rows: std::sync::Arc<[RawReading]> = records
-            .iter()
-            .filter_map(|d| row(&d.record.value))
-            .collect();
+        // Sized for every record up front: collected straight into the
+        // slice, the rows were grown by doubling and then copied over.
+        let mut parsed = Vec::with_capacity(records.len());
+        parsed.extend(records.iter().filter_map(|d| row(&d.record.value)));
+        let rows: std::sync::Arc<[RawReading]> = parsed.into();
         let mut positions: Positions = Vec::new();
         for d in records {
             match positions
