@@ -565,4 +565,45 @@ mod tests {
             );
         }
     }
+
+    /// Of two rows with one key in a call, the first in the call is the one
+    /// stored, whatever the order of the rest.
+    #[tokio::test]
+    async fn of_two_rows_with_one_key_in_a_call_the_first_is_stored() {
+        use crate::store::{Store, StoreOptions, sqlite::SqliteStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("segs.db");
+        let url = format!("sqlite://{}", store.display());
+        let writer = SqliteStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        let changed = |i: usize| RawReading {
+            power_kw: -1.0,
+            ..reading(i)
+        };
+        // Newest first (row i at 129 - i); a changed row 40 before its
+        // original, a changed row 3 after its.
+        let mut rows: Vec<RawReading> = (0..130).rev().map(reading).collect();
+        rows.insert(10, changed(40));
+        rows.push(changed(3));
+        writer.insert_raw_readings(rows.into()).await.unwrap();
+        assert_eq!(writer.count_raw_readings().await.unwrap(), 130);
+        drop(writer);
+
+        let conn = Connection::open(ArchiveWriter::path_for(&store)).unwrap();
+        for (i, expected) in [
+            (0, reading(0)),
+            (3, reading(3)),
+            (40, changed(40)),
+            (64, reading(64)),
+            (129, reading(129)),
+        ] {
+            let ts = crate::time::format_rfc3339_ms(expected.timestamp_ms);
+            assert_eq!(
+                stored(&conn, &expected.meter_id, &ts),
+                as_stored(&expected, &ts),
+                "row {i}"
+            );
+        }
+    }
 }
