@@ -535,15 +535,23 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn many_rows_per_statement_store_each_reading_once_and_whole() {
-        use crate::store::{Store, StoreOptions, sqlite::SqliteStore};
-        let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("segs.db");
+    /// A file store in `dir` (its archive file beside it), and the store
+    /// file's path.
+    async fn store_in(dir: &Path) -> (crate::store::sqlite::SqliteStore, PathBuf) {
+        use crate::store::{StoreOptions, sqlite::SqliteStore};
+        let store = dir.join("segs.db");
         let url = format!("sqlite://{}", store.display());
         let writer = SqliteStore::open(&url, &StoreOptions::default())
             .await
             .unwrap();
+        (writer, store)
+    }
+
+    #[tokio::test]
+    async fn many_rows_per_statement_store_each_reading_once_and_whole() {
+        use crate::store::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, store) = store_in(dir.path()).await;
         // Two full statements and a rest of 22 rows; the second call
         // replays rows 100..150 (across a statement's edge) and adds 50.
         let first: Vec<RawReading> = (0..150).map(reading).collect();
@@ -570,13 +578,9 @@ mod tests {
     /// stored, whatever the order of the rest.
     #[tokio::test]
     async fn of_two_rows_with_one_key_in_a_call_the_first_is_stored() {
-        use crate::store::{Store, StoreOptions, sqlite::SqliteStore};
+        use crate::store::Store;
         let dir = tempfile::tempdir().unwrap();
-        let store = dir.path().join("segs.db");
-        let url = format!("sqlite://{}", store.display());
-        let writer = SqliteStore::open(&url, &StoreOptions::default())
-            .await
-            .unwrap();
+        let (writer, store) = store_in(dir.path()).await;
         let changed = |i: usize| RawReading {
             power_kw: -1.0,
             ..reading(i)
