@@ -386,15 +386,24 @@ pub struct MeterWindow {
 }
 
 impl MeterWindow {
+    /// The 1-minute (`fifteen = false`) or 15-minute topic.
+    pub fn topic(fifteen: bool) -> Topic {
+        if fifteen {
+            Topic::Aggregates15m
+        } else {
+            Topic::Aggregates1m
+        }
+    }
+
     /// For the 1-minute (`fifteen = false`) or 15-minute topic.
     pub fn keyed(&self, fifteen: bool) -> KeyedMessage {
-        let (topic, kind) = if fifteen {
-            (Topic::Aggregates15m, "15m_aggregate")
+        let kind = if fifteen {
+            "15m_aggregate"
         } else {
-            (Topic::Aggregates1m, "1m_aggregate")
+            "1m_aggregate"
         };
         KeyedMessage {
-            topic,
+            topic: MeterWindow::topic(fifteen),
             key: self.meter_id.clone(),
             value: serde_json::to_vec(self).expect("messages serialize"),
             headers: headers([("type", kind), ("region", &self.region)]),

@@ -313,8 +313,8 @@ async fn metrics(State(s): State<ApiState>) -> Response {
         .collect();
     if s.plugins.is_some() {
         // Parked anomaly batches: the replay group's lag.
-        use crate::pipeline::dead_letters::DEAD_LETTER_GROUP;
-        let parked = s.bus.lag(DEAD_LETTER_GROUP, &[Topic::PluginDeadLetter]);
+        use crate::pipeline::dead_letters::{DEAD_LETTER_GROUP, INPUTS};
+        let parked = s.bus.lag(DEAD_LETTER_GROUP, INPUTS);
         let parked = tokio::time::timeout(READY_CHECK, parked).await;
         lags.push((DEAD_LETTER_GROUP, parked.ok().and_then(Result::ok)));
     }

@@ -110,8 +110,9 @@ impl Stage for ArchiveStage {
     }
 
     async fn process(&mut self, records: &[Delivered]) {
-        // Sized for every record up front: collected straight into the
-        // slice, the rows were grown by doubling and then copied over.
+        // Sized for every record up front, then moved into the shared slice
+        // in one copy (collected into it directly, the rows went through a
+        // vector grown by doubling first).
         let mut parsed = Vec::with_capacity(records.len());
         parsed.extend(records.iter().filter_map(|d| row(&d.record.value)));
         let rows: std::sync::Arc<[RawReading]> = parsed.into();

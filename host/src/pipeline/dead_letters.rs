@@ -29,6 +29,8 @@ use crate::plugins::{AnomalyRule, anomaly};
 
 /// The consumer group of replays.
 pub const DEAD_LETTER_GROUP: &str = "dead-letter-replay-group";
+/// What the replay group reads.
+pub const INPUTS: &[Topic] = &[Topic::PluginDeadLetter];
 
 /// One poll's wait for letters.
 const POLL_WAIT: Duration = Duration::from_millis(300);
@@ -71,11 +73,7 @@ impl DeadLetters {
     /// topic's retention, and a new group starts from the earliest).
     pub async fn new(ctx: Context, anomaly: AnomalyRule) -> Result<DeadLetters, BusError> {
         if ctx.config.bus.kind != crate::config::BusKind::Kafka {
-            drop(
-                ctx.bus
-                    .subscribe(DEAD_LETTER_GROUP, &[Topic::PluginDeadLetter])
-                    .await?,
-            );
+            drop(ctx.bus.subscribe(DEAD_LETTER_GROUP, INPUTS).await?);
         }
         Ok(DeadLetters {
             ctx,
@@ -85,11 +83,7 @@ impl DeadLetters {
 
     /// Letters parked and not replayed yet.
     pub async fn parked(&self) -> Result<u64, BusError> {
-        let lag = self
-            .ctx
-            .bus
-            .lag(DEAD_LETTER_GROUP, &[Topic::PluginDeadLetter])
-            .await?;
+        let lag = self.ctx.bus.lag(DEAD_LETTER_GROUP, INPUTS).await?;
         Ok(lag.iter().map(|(_, _, n)| n).sum())
     }
 
@@ -102,11 +96,7 @@ impl DeadLetters {
         if parked == 0 {
             return Ok(report);
         }
-        let mut consumer = self
-            .ctx
-            .bus
-            .subscribe(DEAD_LETTER_GROUP, &[Topic::PluginDeadLetter])
-            .await?;
+        let mut consumer = self.ctx.bus.subscribe(DEAD_LETTER_GROUP, INPUTS).await?;
         let mut waiting_since = std::time::Instant::now();
         'letters: loop {
             let letters = consumer.poll(POLL_MAX, POLL_WAIT).await?;

@@ -74,6 +74,16 @@ pub const STAGE_INPUTS: [(&str, &str, &[Topic]); 5] = [
     ("archive", ARCHIVE_GROUP, &[Topic::TelemetryReadings]),
 ];
 
+/// The input topics of the stage in consumer group `group`, from
+/// [`STAGE_INPUTS`] (what it subscribes to is what its lag is measured on).
+fn inputs(group: &str) -> &'static [Topic] {
+    STAGE_INPUTS
+        .iter()
+        .find(|(_, g, _)| *g == group)
+        .map(|(_, _, topics)| *topics)
+        .expect("every stage's group is in STAGE_INPUTS")
+}
+
 pub use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -256,7 +266,7 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
 
     let consumer = ctx
         .bus
-        .subscribe(STREAM_GROUP, &[Topic::TelemetryReadings])
+        .subscribe(STREAM_GROUP, inputs(STREAM_GROUP))
         .await?;
     let regional_aggregate = aggregate.another()?;
     let stage = stream::StreamStage::new(ctx.clone(), anomaly, aggregate).await?;
@@ -267,7 +277,7 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
 
     let consumer = ctx
         .bus
-        .subscribe(REGIONAL_GROUP, &[Topic::RegionalPartials])
+        .subscribe(REGIONAL_GROUP, inputs(REGIONAL_GROUP))
         .await?;
     let stage = regional::RegionalStage::new(ctx.clone(), regional_aggregate).await?;
     let regional = (
@@ -275,10 +285,7 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
         tokio::spawn(drive(stage, consumer, regional_rx)),
     );
 
-    let consumer = ctx
-        .bus
-        .subscribe(ALERT_GROUP, &[Topic::Alerts, Topic::Aggregates1mRegional])
-        .await?;
+    let consumer = ctx.bus.subscribe(ALERT_GROUP, inputs(ALERT_GROUP)).await?;
     let stage = alerts::AlertStage::new(ctx.clone(), overload).await?;
     tasks.push((
         alerts::AlertStage::NAME,
@@ -287,7 +294,7 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
 
     let consumer = ctx
         .bus
-        .subscribe(TARIFF_GROUP, &[Topic::Aggregates1mRegional])
+        .subscribe(TARIFF_GROUP, inputs(TARIFF_GROUP))
         .await?;
     let stage = tariff::TariffStage::new(ctx.clone(), tariff).await?;
     tasks.push((
@@ -298,7 +305,7 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
     if ctx.config.store.archive_raw_readings {
         let consumer = ctx
             .bus
-            .subscribe(ARCHIVE_GROUP, &[Topic::TelemetryReadings])
+            .subscribe(ARCHIVE_GROUP, inputs(ARCHIVE_GROUP))
             .await?;
         let stage = archive::ArchiveStage::new(ctx.clone());
         tasks.push((
@@ -313,10 +320,7 @@ pub async fn start(ctx: Context, plugins: Plugins) -> Result<Running, PipelineEr
     for hook in &ctx.config.notify.webhooks {
         let consumer = ctx
             .bus
-            .subscribe(
-                &notify::group(&hook.name),
-                &[Topic::AlertsProcessed, Topic::TariffUpdates],
-            )
+            .subscribe(&notify::group(&hook.name), notify::INPUTS)
             .await?;
         let stage = notify::NotifyStage::new(ctx.clone(), Arc::new(hook.clone()));
         notifiers.push((
@@ -719,7 +723,23 @@ pub(crate) fn retry_delays(first: Duration, max: Duration) -> impl Iterator<Item
 
 #[cfg(test)]
 mod tests {
-    use super::rounds_by_region;
+    use super::{STAGE_INPUTS, Topic, dead_letters, inputs, notify, rounds_by_region};
+
+    /// The in-process bus does not carry the output-only topics
+    /// (`Bus::carries`), so a stage that read one would wait for ever
+    /// there: every topic a stage subscribes to is one it carries.
+    #[test]
+    fn no_stage_reads_an_output_only_topic() {
+        let read = STAGE_INPUTS
+            .iter()
+            .flat_map(|(_, group, _)| inputs(group))
+            .chain(notify::INPUTS)
+            .chain(dead_letters::INPUTS);
+        for topic in read {
+            assert!(!topic.is_output_only(), "a stage reads {topic}");
+        }
+        assert!(Topic::ALL.iter().any(|t| t.is_output_only()));
+    }
 
     #[test]
     fn rounds_hold_each_region_once_and_keep_order() {

@@ -37,6 +37,9 @@ use crate::config::{NotifyEvent, WebhookConfig};
 use crate::messages::{AlertProcessed, TariffUpdate, decode};
 use crate::store::NotificationLog;
 
+/// What each webhook's group reads.
+pub const INPUTS: &[Topic] = &[Topic::AlertsProcessed, Topic::TariffUpdates];
+
 /// The consumer group of webhook `name`.
 pub fn group(name: &str) -> String {
     format!("notification-group/{name}")

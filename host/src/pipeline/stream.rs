@@ -954,12 +954,7 @@ fn messages(job: &Job, applied: &Applied, bus: &dyn Bus) -> Vec<KeyedMessage> {
     out.extend(keyed(&job.dead_letters));
     for ((width, _), rows) in job.effects.meter_windows.iter().zip(&applied.meter_windows) {
         let fifteen = *width == WindowWidth::FifteenMinutes;
-        let topic = if fifteen {
-            Topic::Aggregates15m
-        } else {
-            Topic::Aggregates1m
-        };
-        if !bus.carries(topic) {
+        if !bus.carries(MeterWindow::topic(fifteen)) {
             continue;
         }
         out.extend(
