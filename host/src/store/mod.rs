@@ -167,6 +167,81 @@ pub struct RawReading {
     pub energy_kwh: Option<f64>,
 }
 
+/// One record of `telemetry-readings` as the bus delivered it, for the raw
+/// archive ([`Store::archive_records`]): the reading's JSON as ingest
+/// published it, and where it was on the bus.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    pub partition: u32,
+    pub offset: u64,
+    pub value: bytes::Bytes,
+}
+
+impl RawReading {
+    /// The `raw_readings` row of a record's JSON; `None` for a record that
+    /// is not a reading (the archive skips it). One scan in the plain case,
+    /// else serde_json, whose answer counts.
+    pub fn from_record(value: &[u8]) -> Option<RawReading> {
+        crate::reading::WireFields::scan(value)
+            .and_then(|f| Self::from_fields(&f))
+            .or_else(|| Self::from_record_by_serde(value))
+    }
+
+    fn from_record_by_serde(value: &[u8]) -> Option<RawReading> {
+        /// The raw_readings columns, borrowed from the record.
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Wire<'a> {
+            #[serde(borrow)]
+            meter_id: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            region: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            timestamp: std::borrow::Cow<'a, str>,
+            power_kw: f64,
+            voltage: Option<f64>,
+            current: Option<f64>,
+            frequency: Option<f64>,
+            power_factor: Option<f64>,
+            temperature: Option<f64>,
+            energy_kwh: Option<f64>,
+        }
+        let w: Wire<'_> = serde_json::from_slice(value).ok()?;
+        Some(RawReading {
+            meter_id: w.meter_id.into_owned(),
+            region: w.region.into_owned(),
+            timestamp_ms: crate::time::parse_rfc3339_ms(&w.timestamp)?,
+            power_kw: w.power_kw,
+            voltage: w.voltage,
+            current: w.current,
+            frequency: w.frequency,
+            power_factor: w.power_factor,
+            temperature: w.temperature,
+            energy_kwh: w.energy_kwh,
+        })
+    }
+
+    /// The row of a record [`WireFields::scan`] took, when every column has
+    /// its type (else the record is left to serde_json).
+    ///
+    /// [`WireFields::scan`]: crate::reading::WireFields::scan
+    fn from_fields(f: &crate::reading::WireFields<'_>) -> Option<RawReading> {
+        use crate::reading::{number, optional_number, text};
+        Some(RawReading {
+            meter_id: text(f.meter_id)?.to_owned(),
+            region: text(f.region)?.to_owned(),
+            timestamp_ms: crate::time::parse_rfc3339_ms(text(f.timestamp)?)?,
+            power_kw: number(f.power_kw)?,
+            voltage: optional_number(f.voltage)?,
+            current: optional_number(f.current)?,
+            frequency: optional_number(f.frequency)?,
+            power_factor: optional_number(f.power_factor)?,
+            temperature: optional_number(f.temperature)?,
+            energy_kwh: optional_number(f.energy_kwh)?,
+        })
+    }
+}
+
 /// Which per-meter window table: `aggregates_1m` or `aggregates_15m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WindowWidth {
@@ -605,6 +680,25 @@ pub struct InvoiceFilter {
 
 // ----------------------------------------------------------------- trait
 
+/// [`Store::archive_records`] as rows: each reading through
+/// [`Store::insert_raw_readings`].
+async fn archive_as_rows<S: Store + ?Sized>(
+    store: &S,
+    records: &[RawRecord],
+) -> Result<u64, StoreError> {
+    let mut rows = Vec::with_capacity(records.len());
+    rows.extend(
+        records
+            .iter()
+            .filter_map(|r| RawReading::from_record(&r.value)),
+    );
+    let stored = rows.len() as u64;
+    if stored > 0 {
+        store.insert_raw_readings(rows.into()).await?;
+    }
+    Ok(stored)
+}
+
 /// The persistence seam. Write methods take whole batches and run one
 /// transaction per call.
 #[async_trait::async_trait]
@@ -613,6 +707,22 @@ pub trait Store: Send + Sync {
     /// embedded store hands them to its archive writer thread without a
     /// copy, and a retry passes the same batch again.
     async fn insert_raw_readings(&self, readings: Arc<[RawReading]>) -> Result<(), StoreError>;
+
+    /// Archives the readings among `records` (one poll of
+    /// `telemetry-readings`, in delivery order) into `raw_readings` in one
+    /// transaction, and answers how many it stored. A record that is not a
+    /// reading is skipped. A replayed record (one already archived, as
+    /// after a crash between the write and the commit of its offset) is
+    /// stored once.
+    ///
+    /// By default each record becomes a row ([`RawReading::from_record`])
+    /// through [`Store::insert_raw_readings`], whose key makes a replay a
+    /// no-op. The embedded store's archive file keeps each call's readings
+    /// as one batch and skips a replay by the partition's archived offset
+    /// (see `sqlite_archive`).
+    async fn archive_records(&self, records: Arc<[RawRecord]>) -> Result<u64, StoreError> {
+        archive_as_rows(self, &records).await
+    }
 
     /// Upserts per-meter windows on (meter_id, window_start). A window that
     /// is already stored is merged with the new one (counts and sums add,
@@ -818,6 +928,41 @@ pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Arc<dyn Stor
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const READING: &str = r#"{"readingId":"r-1","meterId":"MTR-00000001","timestamp":"2025-11-12T06:30:00.000Z","powerKw":5.234,"energyKwh":0.0436,"voltage":230.5,"current":null,"frequency":50,"powerFactor":0.97,"temperature":-3.5,"region":"Mumbai-North","metadata":{"mode":"normal"}}"#;
+
+    /// The scanned row is the row serde_json gives, for the
+    /// record and every damaged copy of it the scan takes.
+    #[test]
+    fn a_scanned_row_is_the_row_serde_json_gives() {
+        let scanned = |v: &[u8]| {
+            crate::reading::WireFields::scan(v).and_then(|f| RawReading::from_fields(&f))
+        };
+        let r = scanned(READING.as_bytes()).expect("scanned");
+        assert_eq!(r.meter_id, "MTR-00000001");
+        assert_eq!(r.region, "Mumbai-North");
+        assert_eq!(r.timestamp_ms, 1_762_929_000_000);
+        assert_eq!(
+            (r.power_kw, r.voltage, r.current),
+            (5.234, Some(230.5), None)
+        );
+        assert_eq!((r.frequency, r.power_factor), (Some(50.0), Some(0.97)));
+        assert_eq!((r.temperature, r.energy_kwh), (Some(-3.5), Some(0.0436)));
+        let mut taken = 0;
+        for v in crate::json_scan::damaged(READING) {
+            let fast = scanned(v.as_bytes());
+            if fast.is_some() {
+                taken += 1;
+                assert_eq!(fast, RawReading::from_record_by_serde(v.as_bytes()), "{v}");
+            }
+            assert_eq!(
+                RawReading::from_record(v.as_bytes()),
+                RawReading::from_record_by_serde(v.as_bytes()),
+                "{v}"
+            );
+        }
+        assert!(taken > 1000, "only {taken} records scanned");
+    }
 
     fn agg(meter: &str, start: i64, powers: &[f64], volts: &[f64]) -> MeterAggregate {
         let power_sum: f64 = powers.iter().sum();

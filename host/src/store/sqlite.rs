@@ -975,6 +975,17 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn archive_records(
+        &self,
+        records: std::sync::Arc<[super::RawRecord]>,
+    ) -> Result<u64, StoreError> {
+        match &self.archive {
+            Some(archive) if !records.is_empty() => archive.archive(records).await,
+            Some(_) => Ok(0),
+            None => super::archive_as_rows(self, &records).await,
+        }
+    }
+
     async fn insert_raw_readings(
         &self,
         readings: std::sync::Arc<[RawReading]>,

@@ -1,13 +1,23 @@
 //! The embedded store's raw archive: `raw_readings` in a database file of
 //! its own (`segs.db` → `segs-raw.db`, beside it), written on a thread of
-//! its own over its own SQLite connection (rusqlite), with prepared
-//! many-row INSERTs reused for every row of a call and the whole call one
+//! its own over its own SQLite connection (rusqlite), each call one
 //! `BEGIN IMMEDIATE` transaction.
 //!
-//! The rows are in `raw_reading_rows`, keyed by (timestamp, meter_id) with
-//! times as integer milliseconds and no rowid (one b-tree, a small key);
-//! `raw_readings` is a view over it with the times as RFC 3339 text, as the
-//! table read before (migration 0002 says why and what it measured).
+//! The archive stage's readings are kept as batches
+//! (`raw_reading_batches`, migration 0003 says why and what it measured):
+//! one row per call and partition of `telemetry-readings`, holding the
+//! readings as one JSON array of `[timestamp_ms, meter_id, region,
+//! power_kw, voltage, current, frequency, power_factor, temperature,
+//! energy_kwh]` arrays, their values copied from the records' own JSON text
+//! (one scan, no number parsed; a record the scan declines goes through
+//! [`RawReading::from_record`]). A replay is told by its offset: each
+//! partition's archived position is stored in the same transaction, and a
+//! record below it is skipped (so the calls of a partition must come in
+//! offset order; the archive stage keeps them so). Rows written through
+//! the row API ([`ArchiveWriter::insert`]: tests, files from before the
+//! batches) are in `raw_reading_rows`, keyed by (timestamp, meter_id) with
+//! integer milliseconds, where a replayed reading is ignored by the key.
+//! `raw_readings` is a view over both, with the times as RFC 3339 text.
 //!
 //! Why a file of its own: SQLite has one writer per database file, and the
 //! archive (every reading) and the stages (windows, checkpoints, outbox)
@@ -23,14 +33,17 @@
 //! from before the split keeps an empty `raw_readings`; the rows it held are
 //! moved into the archive file the first time it is opened.
 //!
-//! Same semantics as the pool path (still used by `sqlite::memory:` stores,
-//! where a second connection would see another database): one transaction
-//! per call, `ON CONFLICT DO NOTHING` on the (timestamp, meter_id) key (a
-//! replayed reading is ignored), constraint failures (a NaN power) are
-//! [`StoreError::Rejected`], anything else [`StoreError::Database`] (retried
-//! by the stage).
+//! The row API has the pool path's semantics (still used by
+//! `sqlite::memory:` stores, where a second connection would see another
+//! database): one transaction per call, `ON CONFLICT DO NOTHING` on the
+//! (timestamp, meter_id) key, constraint failures (a NaN power) are
+//! [`StoreError::Rejected`], anything else [`StoreError::Database`]
+//! (retried by the stage). Unlike the key, a batch does not fold two
+//! records of one (meter, timestamp) into one: ingest's dedupe does that
+//! before the bus, and the archive keeps what was accepted.
 //!
-//! Must not: hold anything but `raw_reading_rows` and its view.
+//! Must not: hold anything but the raw readings, their positions and the
+//! view.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,11 +51,11 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::{Connection, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use super::sqlite::RETENTION_BATCH;
-use super::{RawReading, StoreError};
+use super::{RawReading, RawRecord, StoreError};
 
 /// The columns of a row; `created_at` (no default) is the same clock
 /// reading for every row of a call.
@@ -56,6 +69,8 @@ type Answer<T> = oneshot::Sender<Result<T, StoreError>>;
 /// What the writer thread is asked to do.
 enum Job {
     Insert(Arc<[RawReading]>, Answer<()>),
+    /// Archives one poll's records as batches; answers the readings stored.
+    Archive(Arc<[RawRecord]>, Answer<u64>),
     Count(Answer<u64>),
     /// Deletes readings older than the cutoff (ms since the epoch);
     /// answers how many.
@@ -136,6 +151,12 @@ impl ArchiveWriter {
     /// Inserts `readings` in one transaction (each reading once).
     pub(super) async fn insert(&self, readings: Arc<[RawReading]>) -> Result<(), StoreError> {
         self.call(|answer| Job::Insert(readings, answer)).await
+    }
+
+    /// Archives the readings among `records` as one batch per partition,
+    /// skipping what a partition has archived already (see [`archive`]).
+    pub(super) async fn archive(&self, records: Arc<[RawRecord]>) -> Result<u64, StoreError> {
+        self.call(|answer| Job::Archive(records, answer)).await
     }
 
     /// Readings in the archive.
@@ -226,11 +247,17 @@ fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
             Job::Insert(rows, answer) => {
                 let _ = answer.send(write(&mut conn, &rows));
             }
+            Job::Archive(records, answer) => {
+                let _ = answer.send(archive(&mut conn, &records));
+            }
             Job::Count(answer) => {
                 let n = conn
-                    .query_row("SELECT COUNT(*) FROM raw_reading_rows", [], |r| {
-                        r.get::<_, i64>(0)
-                    })
+                    .query_row(
+                        "SELECT (SELECT COUNT(*) FROM raw_reading_rows) + \
+                         (SELECT COALESCE(SUM(readings), 0) FROM raw_reading_batches)",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
                     .map(|n| n.max(0) as u64)
                     .map_err(|e| database("cannot count", e));
                 let _ = answer.send(n);
@@ -257,10 +284,37 @@ fn delete_before(conn: &Connection, cutoff_ms: i64) -> Result<u64, StoreError> {
             .map_err(|e| database("cannot delete", e))? as u64;
         total += done;
         if done < RETENTION_BATCH as u64 {
+            break;
+        }
+    }
+    // A batch goes once its newest reading is past the cutoff, a few
+    // batches (thousands of readings each) per statement.
+    let mut delete = conn
+        .prepare_cached(
+            "DELETE FROM raw_reading_batches WHERE rowid IN \
+             (SELECT rowid FROM raw_reading_batches WHERE last_ms < ?1 LIMIT ?2) \
+             RETURNING readings",
+        )
+        .map_err(|e| database("cannot prepare", e))?;
+    loop {
+        let mut batches = 0usize;
+        let mut rows = delete
+            .query(params![cutoff_ms, BATCHES_PER_DELETE])
+            .map_err(|e| database("cannot delete", e))?;
+        while let Some(row) = rows.next().map_err(|e| database("cannot delete", e))? {
+            batches += 1;
+            total += row
+                .get::<_, i64>(0)
+                .map_err(|e| database("cannot delete", e))? as u64;
+        }
+        if batches < BATCHES_PER_DELETE {
             return Ok(total);
         }
     }
 }
+
+/// Batches a retention statement deletes at most.
+const BATCHES_PER_DELETE: usize = 16;
 
 /// Rows per INSERT statement: one statement of many rows costs SQLite less
 /// per row than one statement per row (11 parameters each, far below
@@ -343,6 +397,200 @@ fn bind_rows(
         bind(insert, at + 11, &created_at_ms)?;
     }
     Ok(())
+}
+
+/// Archives one poll's records (see the migration
+/// `0003_raw_reading_batches.sql`): in one transaction, per partition, the
+/// records at or past the partition's archived position, as one row of
+/// `raw_reading_batches`, and the position past the last record. Records
+/// below the position are a replay and are skipped; records that are not
+/// readings are skipped too, their offsets passed.
+fn archive(conn: &mut Connection, records: &[RawRecord]) -> Result<u64, StoreError> {
+    let mut partitions: Vec<u32> = records.iter().map(|r| r.partition).collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| database("cannot begin", e))?;
+    let created_at = crate::time::now_ms();
+    let mut stored = 0u64;
+    // About 100 bytes a reading.
+    let mut rows = Vec::with_capacity(records.len() * 112 + 2);
+    for p in partitions {
+        let position: u64 = tx
+            .prepare_cached("SELECT next_offset FROM raw_archive_positions WHERE partition = ?1")
+            .and_then(|mut q| q.query_row(params![p], |r| r.get::<_, i64>(0)).optional())
+            .map_err(|e| database("cannot read the archived position", e))?
+            .map_or(0, |n| n.max(0) as u64);
+        let mut batch = Batch::default();
+        rows.clear();
+        rows.push(b'[');
+        for r in records
+            .iter()
+            .filter(|r| r.partition == p && r.offset >= position)
+        {
+            batch.add_offset(r.offset);
+            if let Some(ts) = encode_row(&r.value, &mut rows) {
+                batch.add_reading(ts);
+            }
+        }
+        rows.push(b']');
+        let Some((first_offset, next_offset)) = batch.offsets else {
+            continue; // all replayed
+        };
+        if let Some((first_ms, last_ms)) = batch.event_times {
+            tx.prepare_cached(
+                "INSERT INTO raw_reading_batches (partition, first_offset, next_offset, \
+                 first_ms, last_ms, readings, created_at, rows) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut q| {
+                q.execute(params![
+                    p,
+                    offset_col(first_offset),
+                    offset_col(next_offset),
+                    first_ms,
+                    last_ms,
+                    batch.readings as i64,
+                    created_at,
+                    rusqlite::types::ToSqlOutput::Borrowed(rusqlite::types::ValueRef::Text(&rows)),
+                ])
+            })
+            .map_err(|e| database("cannot insert a batch", e))?;
+            stored += batch.readings;
+        }
+        tx.prepare_cached(
+            "INSERT INTO raw_archive_positions (partition, next_offset) VALUES (?1, ?2) \
+             ON CONFLICT (partition) DO UPDATE \
+             SET next_offset = max(next_offset, excluded.next_offset)",
+        )
+        .and_then(|mut q| q.execute(params![p, offset_col(next_offset)]))
+        .map_err(|e| database("cannot store the archived position", e))?;
+    }
+    tx.commit().map_err(|e| database("cannot commit", e))?;
+    Ok(stored)
+}
+
+/// An offset as SQLite's INTEGER (offsets stay far below 2^63).
+fn offset_col(offset: u64) -> i64 {
+    i64::try_from(offset).unwrap_or(i64::MAX)
+}
+
+/// What one partition's batch covers.
+#[derive(Default)]
+struct Batch {
+    /// (first, next) offset of the records taken.
+    offsets: Option<(u64, u64)>,
+    /// (oldest, newest) event time of the readings.
+    event_times: Option<(i64, i64)>,
+    readings: u64,
+}
+
+impl Batch {
+    fn add_offset(&mut self, offset: u64) {
+        let (first, next) = self.offsets.get_or_insert((offset, offset + 1));
+        *first = (*first).min(offset);
+        *next = (*next).max(offset + 1);
+    }
+
+    fn add_reading(&mut self, ts: i64) {
+        let (first, last) = self.event_times.get_or_insert((ts, ts));
+        *first = (*first).min(ts);
+        *last = (*last).max(ts);
+        self.readings += 1;
+    }
+}
+
+/// Appends the reading of `value` to the JSON array `out` (which holds
+/// `[` and the readings before) as `[timestamp_ms, meter_id, region,
+/// power_kw, voltage, current, frequency, power_factor, temperature,
+/// energy_kwh]`; answers its event time, or `None` (and appends nothing)
+/// when it is not a reading. In the plain case the values are the
+/// record's own JSON text, copied; else the record goes through
+/// [`RawReading::from_record`] and the row is written by serde_json.
+fn encode_row(value: &[u8], out: &mut Vec<u8>) -> Option<i64> {
+    let start = out.len();
+    if out.len() > 1 {
+        out.push(b',');
+    }
+    let row = out.len();
+    if let Some(ts) = crate::reading::WireFields::scan(value).and_then(|f| copy_fields(&f, out)) {
+        return Some(ts);
+    }
+    out.truncate(row);
+    let Some(r) = RawReading::from_record(value) else {
+        out.truncate(start);
+        return None;
+    };
+    let columns = (
+        r.timestamp_ms,
+        &r.meter_id,
+        &r.region,
+        r.power_kw,
+        r.voltage,
+        r.current,
+        r.frequency,
+        r.power_factor,
+        r.temperature,
+        r.energy_kwh,
+    );
+    if serde_json::to_writer(&mut *out, &columns).is_err() {
+        out.truncate(start);
+        return None;
+    }
+    Some(r.timestamp_ms)
+}
+
+/// The plain case of [`encode_row`]: every column of the scanned record
+/// has its type (strings the scanner took have no escapes; numbers are
+/// JSON numbers within f64), copied as it is. `None` leaves `out` to be
+/// truncated by the caller.
+fn copy_fields(f: &crate::reading::WireFields<'_>, out: &mut Vec<u8>) -> Option<i64> {
+    use std::io::Write;
+    let ts = crate::time::parse_rfc3339_ms(crate::reading::text(f.timestamp)?)?;
+    let meter = string(f.meter_id)?;
+    let region = string(f.region)?;
+    write!(out, "[{ts},").ok()?;
+    out.extend_from_slice(meter.as_bytes());
+    out.push(b',');
+    out.extend_from_slice(region.as_bytes());
+    out.push(b',');
+    out.extend_from_slice(number(f.power_kw)?.as_bytes());
+    for v in [
+        f.voltage,
+        f.current,
+        f.frequency,
+        f.power_factor,
+        f.temperature,
+        f.energy_kwh,
+    ] {
+        out.push(b',');
+        match v {
+            None | Some("null") => out.extend_from_slice(b"null"),
+            Some(_) => out.extend_from_slice(number(v)?.as_bytes()),
+        }
+    }
+    out.push(b']');
+    Some(ts)
+}
+
+/// A JSON string value as the scanner gave it, quotes included.
+fn string(v: Option<&str>) -> Option<&str> {
+    let v = v?;
+    crate::json_scan::plain_str(v).map(|_| v)
+}
+
+/// A JSON number value as the scanner gave it, when serde_json would read
+/// it into a finite f64: one with an exponent is parsed to be sure.
+fn number(v: Option<&str>) -> Option<&str> {
+    let v = v?;
+    if !matches!(v.as_bytes().first(), Some(b'-' | b'0'..=b'9')) {
+        return None;
+    }
+    if v.bytes().any(|b| b == b'e' || b == b'E') {
+        crate::reading::number(Some(v))?;
+    }
+    Some(v)
 }
 
 /// A rusqlite error as the store reports it: constraint failures are bad
@@ -609,5 +857,215 @@ mod tests {
                 "row {i}"
             );
         }
+    }
+
+    /// `reading(i)` as ingest publishes it on the bus (with fields the
+    /// archive does not keep), at `offset` of `partition`.
+    fn record(i: usize, partition: u32, offset: u64) -> RawRecord {
+        let r = reading(i);
+        let v = serde_json::json!({
+            "readingId": format!("r-{i}"),
+            "meterId": r.meter_id,
+            "timestamp": crate::time::format_rfc3339_ms(r.timestamp_ms),
+            "powerKw": r.power_kw,
+            "voltage": r.voltage,
+            "current": r.current,
+            "frequency": r.frequency,
+            "powerFactor": r.power_factor,
+            "temperature": r.temperature,
+            "energyKwh": r.energy_kwh,
+            "region": r.region,
+            "metadata": {"mode": "normal", "phases": [1, 2]},
+            "receivedAt": "2025-11-12T06:30:00.123Z",
+        });
+        RawRecord {
+            partition,
+            offset,
+            value: serde_json::to_vec(&v).unwrap().into(),
+        }
+    }
+
+    /// Every column of every row of `raw_readings` but `created_at`, in key
+    /// order.
+    fn every_row(conn: &Connection) -> Vec<Vec<rusqlite::types::Value>> {
+        let mut q = conn
+            .prepare(
+                "SELECT meter_id, region, timestamp, power_kw, voltage, current, frequency, \
+                 power_factor, temperature, energy_kwh, timestamp_ms FROM raw_readings \
+                 ORDER BY timestamp_ms, meter_id",
+            )
+            .unwrap();
+        q.query_map([], |r| (0..11).map(|i| r.get(i)).collect())
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    /// Records archived as batches read back through `raw_readings` exactly
+    /// as the same readings inserted as rows do: same columns, same types,
+    /// same values (nulls, integral numbers, escaped strings included).
+    #[tokio::test]
+    async fn archived_records_read_back_as_the_rows_of_their_readings() {
+        use crate::store::Store;
+        let mut records: Vec<RawRecord> = (0..300)
+            .map(|i| record(i, (i % 3) as u32, i as u64))
+            .collect();
+        // Plain and not: an escaped meter id and region (the serde_json
+        // path), integral numbers, an exponent.
+        records.push(RawRecord {
+            partition: 1,
+            offset: 1000,
+            value: br#"{"meterId":"MTR-\u00e9\"q","region":"so\/uth","timestamp":"2025-11-12T06:30:00.5+01:00","powerKw":3,"voltage":2.3e2,"current":null,"energyKwh":0}"#.as_slice().into(),
+        });
+        records.push(RawRecord {
+            partition: 1,
+            offset: 1001,
+            value: br#"{"meterId":"MTR-x","region":"r","timestamp":"2025-11-12T06:30:00Z","powerKw":-0.0,"frequency":1E-3}"#.as_slice().into(),
+        });
+        let rows: Vec<RawReading> = records
+            .iter()
+            .map(|r| RawReading::from_record(&r.value).unwrap())
+            .collect();
+
+        let batches = tempfile::tempdir().unwrap();
+        let (writer, store) = store_in(batches.path()).await;
+        let stored = writer.archive_records(records.into()).await.unwrap();
+        assert_eq!(stored, 302);
+        assert_eq!(writer.count_raw_readings().await.unwrap(), 302);
+        drop(writer);
+        let as_rows = tempfile::tempdir().unwrap();
+        let (writer, rows_store) = store_in(as_rows.path()).await;
+        writer.insert_raw_readings(rows.into()).await.unwrap();
+        drop(writer);
+
+        let batches = Connection::open(ArchiveWriter::path_for(&store)).unwrap();
+        let in_batches: i64 = batches
+            .query_row("SELECT COUNT(*) FROM raw_reading_batches", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(in_batches, 3, "one batch per partition");
+        let rows = Connection::open(ArchiveWriter::path_for(&rows_store)).unwrap();
+        let (a, b) = (every_row(&batches), every_row(&rows));
+        assert_eq!(a.len(), 302);
+        assert_eq!(a, b);
+    }
+
+    /// A record at an offset its partition has archived (a replay after a
+    /// crash, in any cut) is stored once; records that are not readings
+    /// are skipped and their offsets passed.
+    #[tokio::test]
+    async fn a_replayed_record_is_archived_once() {
+        use crate::store::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, _) = store_in(dir.path()).await;
+        let poll = |range: std::ops::Range<usize>| -> Arc<[RawRecord]> {
+            range
+                .map(|i| record(i, (i % 2) as u32, (i / 2) as u64))
+                .collect()
+        };
+        assert_eq!(writer.archive_records(poll(0..100)).await.unwrap(), 100);
+        // From before the last commit: 60..100 again, then 40 new.
+        assert_eq!(writer.archive_records(poll(60..140)).await.unwrap(), 40);
+        assert_eq!(writer.archive_records(poll(0..140)).await.unwrap(), 0);
+        // Partition 2 holds no reading yet.
+        let junk = |offset: u64, value: &'static [u8]| RawRecord {
+            partition: 2,
+            offset,
+            value: value.into(),
+        };
+        let not_readings: Arc<[RawRecord]> = Arc::from([
+            junk(0, b"not json"),
+            junk(1, br#"{"meterId":"MTR-1"}"#),
+            junk(
+                2,
+                br#"{"meterId":"MTR-1","region":"r","timestamp":"2025-11-12T06:30:00Z","powerKw":"5"}"#,
+            ),
+        ]);
+        assert_eq!(writer.archive_records(not_readings).await.unwrap(), 0);
+        // Partition 2's offsets up to 2 are passed, its 3 is new.
+        let mut next = poll(140..148).to_vec();
+        next.push(record(1000, 2, 2));
+        next.push(record(1001, 2, 3));
+        assert_eq!(writer.archive_records(next.into()).await.unwrap(), 9);
+        assert_eq!(writer.count_raw_readings().await.unwrap(), 149);
+    }
+
+    /// Retention deletes a batch once its newest reading is past the
+    /// cutoff, and reports its readings.
+    #[tokio::test]
+    async fn retention_deletes_batches_whose_newest_reading_is_past_the_cutoff() {
+        use crate::store::Store;
+        let dir = tempfile::tempdir().unwrap();
+        let (writer, store) = store_in(dir.path()).await;
+        // reading(i) is at START + (i / 50) * 10 s; one call per 100.
+        for call in 0..40u64 {
+            let records: Arc<[RawRecord]> = (call * 100..call * 100 + 100)
+                .map(|i| record(i as usize, 0, i))
+                .collect();
+            writer.archive_records(records).await.unwrap();
+        }
+        writer
+            .insert_raw_readings(Arc::from([reading(0), reading(3999)]))
+            .await
+            .unwrap();
+        drop(writer);
+        let archive = ArchiveWriter::open(&store, Duration::from_secs(5))
+            .await
+            .unwrap();
+        // Calls 0..=24 end before reading 2500's time, and so does the row
+        // of reading 0.
+        let cutoff = reading(2500).timestamp_ms;
+        let deleted = archive.delete_before(cutoff).await.unwrap();
+        assert_eq!(deleted, 2501);
+        assert_eq!(archive.count().await.unwrap(), 1501);
+        assert_eq!(archive.delete_before(cutoff).await.unwrap(), 0);
+    }
+
+    /// A row [`encode_row`] writes reads back through SQLite's JSON as the
+    /// row [`RawReading::from_record`] gives, for a record and every
+    /// damaged copy of it (either both none, or the same columns).
+    #[test]
+    fn an_encoded_row_is_the_row_of_its_record() {
+        const READING: &str = r#"{"readingId":"r-1","meterId":"MTR-00000001","timestamp":"2025-11-12T06:30:00.000Z","powerKw":5.234,"energyKwh":0.0436,"voltage":230.5,"current":null,"frequency":50,"powerFactor":0.97,"temperature":-3.5,"region":"Mumbai-North","metadata":{"mode":"normal"}}"#;
+        let conn = Connection::open_in_memory().unwrap();
+        let mut read = conn
+            .prepare(
+                "SELECT json_extract(?1, '$[0]'), json_extract(?1, '$[1]'), \
+                 json_extract(?1, '$[2]'), CAST(json_extract(?1, '$[3]') AS REAL), \
+                 CAST(json_extract(?1, '$[4]') AS REAL), CAST(json_extract(?1, '$[5]') AS REAL), \
+                 CAST(json_extract(?1, '$[6]') AS REAL), CAST(json_extract(?1, '$[7]') AS REAL), \
+                 CAST(json_extract(?1, '$[8]') AS REAL), CAST(json_extract(?1, '$[9]') AS REAL)",
+            )
+            .unwrap();
+        let mut rows = 0;
+        for v in std::iter::once(READING.to_owned()).chain(crate::json_scan::damaged(READING)) {
+            let mut out = b"[".to_vec();
+            let ts = encode_row(v.as_bytes(), &mut out);
+            let expected = RawReading::from_record(v.as_bytes());
+            assert_eq!(ts, expected.as_ref().map(|r| r.timestamp_ms), "{v}");
+            let Some(expected) = expected else {
+                assert_eq!(out, b"[", "{v}");
+                continue;
+            };
+            rows += 1;
+            let row = std::str::from_utf8(&out[1..]).unwrap();
+            let got = read
+                .query_row(params![row], |r| {
+                    Ok(RawReading {
+                        timestamp_ms: r.get(0)?,
+                        meter_id: r.get(1)?,
+                        region: r.get(2)?,
+                        power_kw: r.get(3)?,
+                        voltage: r.get(4)?,
+                        current: r.get(5)?,
+                        frequency: r.get(6)?,
+                        power_factor: r.get(7)?,
+                        temperature: r.get(8)?,
+                        energy_kwh: r.get(9)?,
+                    })
+                })
+                .unwrap_or_else(|e| panic!("{v} as {row}: {e}"));
+            assert_eq!(got, expected, "{v} as {row}");
+        }
+        assert!(rows > 1000, "only {rows} rows");
     }
 }
