@@ -2075,7 +2075,9 @@ const STORE_METERS: usize = 10_000;
 /// stream stages make, one transaction per call) into SQLite (a file, the
 /// shipped default) and PostgreSQL (`SEGS_TEST_POSTGRES_URL`, default the
 /// local server; skipped when it does not answer), in the same run: raw
-/// readings (`insert_raw_readings`, new rows) and 1-minute aggregates
+/// readings (`archive_records`, the archive stage's call: new readings as
+/// ingest publishes them; rows in PostgreSQL, batches in a SQLite file)
+/// and 1-minute aggregates
 /// (`upsert_meter_aggregates`, new windows, then the same windows again —
 /// the merge path of a late reading).
 fn store_writes() {
@@ -2110,7 +2112,7 @@ fn store_writes() {
 
 /// Measures one store; returns rows/s (raw, 1m new, 1m merge), medians.
 async fn store_figures(label: &str, store: &dyn segs::store::Store) -> (f64, f64, f64) {
-    use segs::store::{MeterAggregate, RawReading, WindowWidth};
+    use segs::store::{MeterAggregate, RawRecord, WindowWidth};
     let regions = [
         "Mumbai-North",
         "Delhi-South",
@@ -2120,33 +2122,40 @@ async fn store_figures(label: &str, store: &dyn segs::store::Store) -> (f64, f64
     let meters: Vec<String> = (0..STORE_METERS)
         .map(|m| format!("MTR-{:08}", m + 1))
         .collect();
-    // Raw readings: each round a fresh minute of 6 readings per meter.
+    // Raw readings: each round a fresh minute of 6 readings per meter, as
+    // ingest publishes them, handed over as the archive stage does (a
+    // poll's records of three partitions, offsets running on).
     let mut raw_rates = Vec::new();
+    let mut next_offset = [0u64; 3];
     for round in 0..PASSES {
         let base = START_MS + round as i64 * 60_000;
-        let rows: Vec<RawReading> = (0..6)
+        let records: Vec<RawRecord> = (0..6)
             .flat_map(|t| meters.iter().enumerate().map(move |(m, id)| (t, m, id)))
-            .map(|(t, m, id)| RawReading {
-                meter_id: id.clone(),
-                region: regions[m % regions.len()].to_owned(),
-                timestamp_ms: base + t * 10_000,
-                power_kw: 1.0 + (m % 97) as f64 * 0.1,
-                voltage: Some(230.0),
-                current: Some(4.3),
-                frequency: Some(50.0),
-                power_factor: Some(0.95),
-                temperature: Some(28.5),
-                energy_kwh: Some(0.003),
+            .map(|(t, m, id)| {
+                let ts = segs::time::format_rfc3339_ms(base + t * 10_000);
+                let value = format!(
+                    r#"{{"readingId":"r-{round}-{t}-{m}","meterId":"{id}","timestamp":"{ts}","powerKw":{},"voltage":230.0,"current":4.3,"frequency":50.0,"powerFactor":0.95,"temperature":28.5,"energyKwh":0.003,"region":"{}","receivedAt":"{ts}"}}"#,
+                    1.0 + (m % 97) as f64 * 0.1,
+                    regions[m % regions.len()],
+                );
+                let partition = m % 3;
+                next_offset[partition] += 1;
+                RawRecord {
+                    partition: partition as u32,
+                    offset: next_offset[partition] - 1,
+                    value: value.into_bytes().into(),
+                }
             })
             .collect();
         let started = Instant::now();
-        for chunk in rows.chunks(STORE_BATCH) {
-            store
-                .insert_raw_readings(chunk.into())
+        for chunk in records.chunks(STORE_BATCH) {
+            let stored = store
+                .archive_records(chunk.into())
                 .await
-                .expect("raw insert");
+                .expect("raw archive");
+            assert_eq!(stored, chunk.len() as u64, "every reading archived");
         }
-        raw_rates.push(rows.len() as f64 / started.elapsed().as_secs_f64());
+        raw_rates.push(records.len() as f64 / started.elapsed().as_secs_f64());
     }
     // 1-minute aggregates: each round a fresh minute per meter, then the
     // same minute again (merged into the stored rows).
