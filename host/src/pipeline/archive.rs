@@ -41,8 +41,8 @@ pub struct ArchiveStage {
     /// A write task failed (a panic): nothing is committed any more, so
     /// its records are archived again after a restart.
     broken: bool,
-    /// Fires when the newest write under way is stored (or gone): the
-    /// next one waits for it.
+    /// Fires when the newest write under way is stored; the next one waits
+    /// for it (and writes nothing if it is gone unstored).
     newest: Option<oneshot::Receiver<()>>,
 }
 
@@ -83,9 +83,13 @@ impl Stage for ArchiveStage {
         let before = self.newest.replace(next_may_go);
         let write = tokio::spawn(async move {
             if let Some(before) = before {
-                // Stored, or its task is gone (then nothing is committed
-                // any more, and every record is archived again).
-                let _ = before.await;
+                if before.await.is_err() {
+                    // The write before failed (a panic) and stored nothing:
+                    // nothing after it is written either, or its records
+                    // would look replayed when a restart archives them
+                    // again (nothing is committed any more).
+                    return;
+                }
             }
             let store = ctx.store.clone();
             let c = &ctx;
