@@ -2150,7 +2150,7 @@ async fn store_figures(label: &str, store: &dyn segs::store::Store) -> (f64, f64
         let started = Instant::now();
         for chunk in records.chunks(STORE_BATCH) {
             let stored = store
-                .archive_records(chunk.into())
+                .archive_records("bench-log", chunk.into())
                 .await
                 .expect("raw archive");
             assert_eq!(stored, chunk.len() as u64, "every reading archived");

@@ -1013,8 +1013,17 @@ fn published(range: std::ops::Range<u64>) -> std::sync::Arc<[segs::store::RawRec
 /// as the rows of their readings.)
 async fn archived_records_are_stored_once(db: &Db) {
     let store = db.open().await;
-    assert_eq!(store.archive_records(published(0..40)).await.unwrap(), 40);
-    let replayed = store.archive_records(published(20..60)).await.unwrap();
+    assert_eq!(
+        store
+            .archive_records("embedded-test", published(0..40))
+            .await
+            .unwrap(),
+        40
+    );
+    let replayed = store
+        .archive_records("embedded-test", published(20..60))
+        .await
+        .unwrap();
     assert_eq!(store.count_raw_readings().await.unwrap(), 60);
     // PostgreSQL's key makes the replayed half no-ops; a store file skips
     // it by offset. Either way the call stores no more than is new.
@@ -1024,7 +1033,10 @@ async fn archived_records_are_stored_once(db: &Db) {
         offset: 30,
         value: b"{\"meterId\":\"MTR-9\"}".as_slice().into(),
     }]);
-    assert_eq!(store.archive_records(junk).await.unwrap(), 0);
+    assert_eq!(
+        store.archive_records("embedded-test", junk).await.unwrap(),
+        0
+    );
     assert_eq!(store.count_raw_readings().await.unwrap(), 60);
     // Retention reads the batches' times: everything before reading 45.
     let report = store

@@ -8,11 +8,14 @@
 -- JSON functions, beside the rows of raw_reading_rows (written by the
 -- store's row API and by files from before this migration).
 --
--- A replay is told by its offset: `raw_archive_positions` holds, per
--- partition of telemetry-readings, the offset after the last record
--- archived, written in the transaction that archives it.
+-- A replay is told by its offset: `raw_archive_positions` holds, per bus
+-- log (`Bus::log_id`: offsets start over in a new one, as a volatile bus
+-- does in every process) and partition of telemetry-readings, the offset
+-- after the last record archived, written in the transaction that
+-- archives it.
 
 CREATE TABLE raw_reading_batches (
+    log_id       TEXT NOT NULL,      -- the bus log the offsets are in
     partition    INTEGER NOT NULL,   -- of telemetry-readings
     first_offset INTEGER NOT NULL,   -- of the first record archived here
     next_offset  INTEGER NOT NULL,   -- after the last record of the call
@@ -29,9 +32,11 @@ CREATE TABLE raw_reading_batches (
 CREATE INDEX raw_reading_batches_last_ms ON raw_reading_batches (last_ms);
 
 CREATE TABLE raw_archive_positions (
-    partition    INTEGER PRIMARY KEY,
-    next_offset  INTEGER NOT NULL
-);
+    log_id       TEXT NOT NULL,
+    partition    INTEGER NOT NULL,
+    next_offset  INTEGER NOT NULL,
+    PRIMARY KEY (log_id, partition)
+) WITHOUT ROWID;
 
 DROP VIEW raw_readings;
 

@@ -95,7 +95,7 @@ impl Stage for ArchiveStage {
             let c = &ctx;
             let archived = with_retry(c, "archive", "archive raw readings", || async {
                 let started = std::time::Instant::now();
-                let done = store.archive_records(batch.clone()).await;
+                let done = store.archive_records(c.bus.log_id(), batch.clone()).await;
                 c.metrics.store_write("archive", started.elapsed());
                 done
             })

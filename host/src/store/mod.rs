@@ -713,14 +713,22 @@ pub trait Store: Send + Sync {
     /// transaction, and answers how many it stored. A record that is not a
     /// reading is skipped. A replayed record (one already archived, as
     /// after a crash between the write and the commit of its offset) is
-    /// stored once.
+    /// stored once. `log_id` is the bus's [`crate::bus::Bus::log_id`]: the
+    /// records' offsets mean something only in that log.
     ///
     /// By default each record becomes a row ([`RawReading::from_record`])
     /// through [`Store::insert_raw_readings`], whose key makes a replay a
     /// no-op. The embedded store's archive file keeps each call's readings
     /// as one batch and skips a replay by the partition's archived offset
-    /// (see `sqlite_archive`).
-    async fn archive_records(&self, records: Arc<[RawRecord]>) -> Result<u64, StoreError> {
+    /// in that log (see `sqlite_archive`).
+    async fn archive_records(
+        &self,
+        log_id: &str,
+        records: Arc<[RawRecord]>,
+    ) -> Result<u64, StoreError> {
+        // Rows are keyed by (meter, timestamp): a replay is a no-op in any
+        // log.
+        let _ = log_id;
         archive_as_rows(self, &records).await
     }
 

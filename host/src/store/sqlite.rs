@@ -977,10 +977,11 @@ impl Store for SqliteStore {
 
     async fn archive_records(
         &self,
+        log_id: &str,
         records: std::sync::Arc<[super::RawRecord]>,
     ) -> Result<u64, StoreError> {
         match &self.archive {
-            Some(archive) if !records.is_empty() => archive.archive(records).await,
+            Some(archive) if !records.is_empty() => archive.archive(log_id, records).await,
             Some(_) => Ok(0),
             None => super::archive_as_rows(self, &records).await,
         }

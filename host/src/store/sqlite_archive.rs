@@ -10,9 +10,10 @@
 //! power_kw, voltage, current, frequency, power_factor, temperature,
 //! energy_kwh]` arrays, their values copied from the records' own JSON text
 //! (one scan, no number parsed; a record the scan declines goes through
-//! [`RawReading::from_record`]). A replay is told by its offset: each
-//! partition's archived position is stored in the same transaction, and a
-//! record below it is skipped (so the calls of a partition must come in
+//! [`RawReading::from_record`]). A replay is told by its offset: the
+//! archived position of each partition of each bus log (`Bus::log_id`:
+//! offsets start over in a new log) is stored in the same transaction, and
+//! a record below it is skipped (so the calls of a partition must come in
 //! offset order; the archive stage keeps them so). Rows written through
 //! the row API ([`ArchiveWriter::insert`]: tests, files from before the
 //! batches) are in `raw_reading_rows`, keyed by (timestamp, meter_id) with
@@ -69,8 +70,9 @@ type Answer<T> = oneshot::Sender<Result<T, StoreError>>;
 /// What the writer thread is asked to do.
 enum Job {
     Insert(Arc<[RawReading]>, Answer<()>),
-    /// Archives one poll's records as batches; answers the readings stored.
-    Archive(Arc<[RawRecord]>, Answer<u64>),
+    /// Archives one poll's records (offsets of the named bus log) as
+    /// batches; answers the readings stored.
+    Archive(String, Arc<[RawRecord]>, Answer<u64>),
     Count(Answer<u64>),
     /// Deletes readings older than the cutoff (ms since the epoch);
     /// answers how many.
@@ -155,8 +157,14 @@ impl ArchiveWriter {
 
     /// Archives the readings among `records` as one batch per partition,
     /// skipping what a partition has archived already (see [`archive`]).
-    pub(super) async fn archive(&self, records: Arc<[RawRecord]>) -> Result<u64, StoreError> {
-        self.call(|answer| Job::Archive(records, answer)).await
+    pub(super) async fn archive(
+        &self,
+        log_id: &str,
+        records: Arc<[RawRecord]>,
+    ) -> Result<u64, StoreError> {
+        let log_id = log_id.to_owned();
+        self.call(|answer| Job::Archive(log_id, records, answer))
+            .await
     }
 
     /// Readings in the archive.
@@ -247,8 +255,8 @@ fn run(mut conn: Connection, jobs: mpsc::Receiver<Job>) {
             Job::Insert(rows, answer) => {
                 let _ = answer.send(write(&mut conn, &rows));
             }
-            Job::Archive(records, answer) => {
-                let _ = answer.send(archive(&mut conn, &records));
+            Job::Archive(log_id, records, answer) => {
+                let _ = answer.send(archive(&mut conn, &log_id, &records));
             }
             Job::Count(answer) => {
                 let n = conn
@@ -405,7 +413,7 @@ fn bind_rows(
 /// `raw_reading_batches`, and the position past the last record. Records
 /// below the position are a replay and are skipped; records that are not
 /// readings are skipped too, their offsets passed.
-fn archive(conn: &mut Connection, records: &[RawRecord]) -> Result<u64, StoreError> {
+fn archive(conn: &mut Connection, log_id: &str, records: &[RawRecord]) -> Result<u64, StoreError> {
     let mut partitions: Vec<u32> = records.iter().map(|r| r.partition).collect();
     partitions.sort_unstable();
     partitions.dedup();
@@ -418,8 +426,13 @@ fn archive(conn: &mut Connection, records: &[RawRecord]) -> Result<u64, StoreErr
     let mut rows = Vec::with_capacity(records.len() * 112 + 2);
     for p in partitions {
         let position: u64 = tx
-            .prepare_cached("SELECT next_offset FROM raw_archive_positions WHERE partition = ?1")
-            .and_then(|mut q| q.query_row(params![p], |r| r.get::<_, i64>(0)).optional())
+            .prepare_cached(
+                "SELECT next_offset FROM raw_archive_positions WHERE log_id = ?1 AND partition = ?2",
+            )
+            .and_then(|mut q| {
+                q.query_row(params![log_id, p], |r| r.get::<_, i64>(0))
+                    .optional()
+            })
             .map_err(|e| database("cannot read the archived position", e))?
             .map_or(0, |n| n.max(0) as u64);
         let mut batch = Batch::default();
@@ -440,12 +453,13 @@ fn archive(conn: &mut Connection, records: &[RawRecord]) -> Result<u64, StoreErr
         };
         if let Some((first_ms, last_ms)) = batch.event_times {
             tx.prepare_cached(
-                "INSERT INTO raw_reading_batches (partition, first_offset, next_offset, \
-                 first_ms, last_ms, readings, created_at, rows) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO raw_reading_batches (log_id, partition, first_offset, \
+                 next_offset, first_ms, last_ms, readings, created_at, rows) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )
             .and_then(|mut q| {
                 q.execute(params![
+                    log_id,
                     p,
                     offset_col(first_offset),
                     offset_col(next_offset),
@@ -460,11 +474,11 @@ fn archive(conn: &mut Connection, records: &[RawRecord]) -> Result<u64, StoreErr
             stored += batch.readings;
         }
         tx.prepare_cached(
-            "INSERT INTO raw_archive_positions (partition, next_offset) VALUES (?1, ?2) \
-             ON CONFLICT (partition) DO UPDATE \
+            "INSERT INTO raw_archive_positions (log_id, partition, next_offset) \
+             VALUES (?1, ?2, ?3) ON CONFLICT (log_id, partition) DO UPDATE \
              SET next_offset = max(next_offset, excluded.next_offset)",
         )
-        .and_then(|mut q| q.execute(params![p, offset_col(next_offset)]))
+        .and_then(|mut q| q.execute(params![log_id, p, offset_col(next_offset)]))
         .map_err(|e| database("cannot store the archived position", e))?;
     }
     tx.commit().map_err(|e| database("cannot commit", e))?;
@@ -859,6 +873,9 @@ mod tests {
         }
     }
 
+    /// The bus log the tests' offsets are in.
+    const LOG: &str = "embedded-0000000000000001";
+
     /// `reading(i)` as ingest publishes it on the bus (with fields the
     /// archive does not keep), at `offset` of `partition`.
     fn record(i: usize, partition: u32, offset: u64) -> RawRecord {
@@ -929,7 +946,7 @@ mod tests {
 
         let batches = tempfile::tempdir().unwrap();
         let (writer, store) = store_in(batches.path()).await;
-        let stored = writer.archive_records(records.into()).await.unwrap();
+        let stored = writer.archive_records(LOG, records.into()).await.unwrap();
         assert_eq!(stored, 302);
         assert_eq!(writer.count_raw_readings().await.unwrap(), 302);
         drop(writer);
@@ -951,7 +968,8 @@ mod tests {
 
     /// A record at an offset its partition has archived (a replay after a
     /// crash, in any cut) is stored once; records that are not readings
-    /// are skipped and their offsets passed.
+    /// are skipped and their offsets passed; offsets of another bus log
+    /// are another partition's.
     #[tokio::test]
     async fn a_replayed_record_is_archived_once() {
         use crate::store::Store;
@@ -962,10 +980,16 @@ mod tests {
                 .map(|i| record(i, (i % 2) as u32, (i / 2) as u64))
                 .collect()
         };
-        assert_eq!(writer.archive_records(poll(0..100)).await.unwrap(), 100);
+        assert_eq!(
+            writer.archive_records(LOG, poll(0..100)).await.unwrap(),
+            100
+        );
         // From before the last commit: 60..100 again, then 40 new.
-        assert_eq!(writer.archive_records(poll(60..140)).await.unwrap(), 40);
-        assert_eq!(writer.archive_records(poll(0..140)).await.unwrap(), 0);
+        assert_eq!(
+            writer.archive_records(LOG, poll(60..140)).await.unwrap(),
+            40
+        );
+        assert_eq!(writer.archive_records(LOG, poll(0..140)).await.unwrap(), 0);
         // Partition 2 holds no reading yet.
         let junk = |offset: u64, value: &'static [u8]| RawRecord {
             partition: 2,
@@ -980,13 +1004,21 @@ mod tests {
                 br#"{"meterId":"MTR-1","region":"r","timestamp":"2025-11-12T06:30:00Z","powerKw":"5"}"#,
             ),
         ]);
-        assert_eq!(writer.archive_records(not_readings).await.unwrap(), 0);
+        assert_eq!(writer.archive_records(LOG, not_readings).await.unwrap(), 0);
         // Partition 2's offsets up to 2 are passed, its 3 is new.
         let mut next = poll(140..148).to_vec();
         next.push(record(1000, 2, 2));
         next.push(record(1001, 2, 3));
-        assert_eq!(writer.archive_records(next.into()).await.unwrap(), 9);
+        assert_eq!(writer.archive_records(LOG, next.into()).await.unwrap(), 9);
         assert_eq!(writer.count_raw_readings().await.unwrap(), 149);
+        // Offsets of another log (a volatile bus in a new process, a bus
+        // made anew) start over: not a replay.
+        let restarted = writer
+            .archive_records("memory-2", poll(0..10))
+            .await
+            .unwrap();
+        assert_eq!(restarted, 10);
+        assert_eq!(writer.count_raw_readings().await.unwrap(), 159);
     }
 
     /// Retention deletes a batch once its newest reading is past the
@@ -1001,7 +1033,7 @@ mod tests {
             let records: Arc<[RawRecord]> = (call * 100..call * 100 + 100)
                 .map(|i| record(i as usize, 0, i))
                 .collect();
-            writer.archive_records(records).await.unwrap();
+            writer.archive_records(LOG, records).await.unwrap();
         }
         writer
             .insert_raw_readings(Arc::from([reading(0), reading(3999)]))
