@@ -119,11 +119,17 @@ pub fn text(v: Option<&str>) -> Option<&str> {
 /// A required number field, as serde_json reads it into an f64 (a number
 /// beyond f64 is an error there: declined here).
 pub fn number(v: Option<&str>) -> Option<f64> {
+    number_text(v)?
+        .parse::<f64>()
+        .ok()
+        .filter(|x| x.is_finite())
+}
+
+/// A value the scanner took that is a JSON number (not a string, literal,
+/// array or object), as its text; not parsed.
+pub fn number_text(v: Option<&str>) -> Option<&str> {
     let v = v?;
-    if !matches!(v.as_bytes().first(), Some(b'-' | b'0'..=b'9')) {
-        return None;
-    }
-    v.parse::<f64>().ok().filter(|x| x.is_finite())
+    matches!(v.as_bytes().first(), Some(b'-' | b'0'..=b'9')).then_some(v)
 }
 
 /// An optional number field: `Some(None)` when it is missing or `null`,

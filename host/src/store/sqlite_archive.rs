@@ -597,10 +597,7 @@ fn string(v: Option<&str>) -> Option<&str> {
 /// A JSON number value as the scanner gave it, when serde_json would read
 /// it into a finite f64: one with an exponent is parsed to be sure.
 fn number(v: Option<&str>) -> Option<&str> {
-    let v = v?;
-    if !matches!(v.as_bytes().first(), Some(b'-' | b'0'..=b'9')) {
-        return None;
-    }
+    let v = crate::reading::number_text(v)?;
     if v.bytes().any(|b| b == b'e' || b == b'E') {
         crate::reading::number(Some(v))?;
     }
