@@ -275,6 +275,62 @@ async fn a_journal_with_the_keyed_batches_table_converts_and_keeps_its_records()
     assert_eq!(rows, 3, "each produce call's row once");
 }
 
+/// The journal's page size and journal mode, read from the file.
+fn page_size_and_mode(path: &Path) -> (i64, String) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let page = conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .unwrap();
+    let mode = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    (page, mode)
+}
+
+/// A commit writes every page it changed into the WAL whole, so the page
+/// size is what a commit costs at least: a new journal gets 16 KiB pages,
+/// and one made with 64 KiB pages (builds before) is rewritten with them
+/// once, keeping its records and offsets.
+#[tokio::test]
+async fn a_journal_made_with_large_pages_is_rewritten_with_small_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = journal(&dir);
+    let bus = open(&path, 1);
+    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+    bus.produce(T, records(0, 6, 1)).await.expect("produce");
+    bus.produce(T, records(6, 10, 1)).await.expect("produce");
+    assert_eq!(c.poll(100, Duration::ZERO).await.expect("poll").len(), 10);
+    c.commit_positions(&[(T, 0, 3)]).await.expect("commit 3");
+    drop(c);
+    drop(bus);
+    assert_eq!(page_size_and_mode(&path), (16_384, "wal".to_owned()));
+    // As builds before left it.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode = DELETE; PRAGMA page_size = 65536; VACUUM; \
+         PRAGMA journal_mode = WAL;",
+    )
+    .unwrap();
+    drop(conn);
+    assert_eq!(page_size_and_mode(&path), (65_536, "wal".to_owned()));
+
+    let bus = open(&path, 1);
+    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+    assert_eq!(values(&drain(&mut *c).await), (3..10).collect::<Vec<_>>());
+    bus.produce(T, records(10, 12, 1))
+        .await
+        .expect("produce after");
+    assert_eq!(values(&drain(&mut *c).await), [10, 11]);
+    c.commit_positions(&[(T, 0, 12)]).await.expect("commit 12");
+    drop(c);
+    drop(bus);
+    assert_eq!(page_size_and_mode(&path), (16_384, "wal".to_owned()));
+    let bus = open(&path, 1);
+    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+    assert!(drain(&mut *c).await.is_empty(), "resumes at 12");
+    assert_eq!(ends(&bus), [12]);
+}
+
 #[tokio::test]
 async fn commit_positions_on_the_volatile_bus() {
     let bus = MemoryBus::new(1, 10_000);
