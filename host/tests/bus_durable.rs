@@ -224,18 +224,35 @@ async fn commits_that_do_not_wait_land_in_order() {
     assert!(drain(&mut *c).await.is_empty());
 }
 
-#[tokio::test]
-async fn a_journal_with_the_keyed_batches_table_converts_and_keeps_its_records() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = journal(&dir);
-    let bus = open(&path, 1);
+/// A new one-partition journal at `path` holding records 0..10 (two
+/// produce calls), group "g" committed at 3.
+async fn ten_records_committed_at_three(path: &Path) {
+    let bus = open(path, 1);
     let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
     bus.produce(T, records(0, 6, 1)).await.expect("produce");
     bus.produce(T, records(6, 10, 1)).await.expect("produce");
     assert_eq!(c.poll(100, Duration::ZERO).await.expect("poll").len(), 10);
     c.commit_positions(&[(T, 0, 3)]).await.expect("commit 3");
-    drop(c);
-    drop(bus);
+}
+
+/// The journal of [`ten_records_committed_at_three`] reopened: "g" gets
+/// 3..10 again, and records produced now follow at 10.
+async fn resumes_at_three(path: &Path) -> (MemoryBus, Box<dyn Consumer>) {
+    let bus = open(path, 1);
+    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
+    assert_eq!(values(&drain(&mut *c).await), (3..10).collect::<Vec<_>>());
+    bus.produce(T, records(10, 12, 1))
+        .await
+        .expect("produce after");
+    assert_eq!(values(&drain(&mut *c).await), [10, 11]);
+    (bus, c)
+}
+
+#[tokio::test]
+async fn a_journal_with_the_keyed_batches_table_converts_and_keeps_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = journal(&dir);
+    ten_records_committed_at_three(&path).await;
     // As builds before the rowid table left it.
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
@@ -251,13 +268,7 @@ async fn a_journal_with_the_keyed_batches_table_converts_and_keeps_its_records()
     .unwrap();
     drop(conn);
 
-    let bus = open(&path, 1);
-    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
-    assert_eq!(values(&drain(&mut *c).await), (3..10).collect::<Vec<_>>());
-    bus.produce(T, records(10, 12, 1))
-        .await
-        .expect("produce after");
-    assert_eq!(values(&drain(&mut *c).await), [10, 11]);
+    let (bus, c) = resumes_at_three(&path).await;
     drop(c);
     drop(bus);
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -295,14 +306,7 @@ fn page_size_and_mode(path: &Path) -> (i64, String) {
 async fn a_journal_made_with_large_pages_is_rewritten_with_small_ones() {
     let dir = tempfile::tempdir().unwrap();
     let path = journal(&dir);
-    let bus = open(&path, 1);
-    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
-    bus.produce(T, records(0, 6, 1)).await.expect("produce");
-    bus.produce(T, records(6, 10, 1)).await.expect("produce");
-    assert_eq!(c.poll(100, Duration::ZERO).await.expect("poll").len(), 10);
-    c.commit_positions(&[(T, 0, 3)]).await.expect("commit 3");
-    drop(c);
-    drop(bus);
+    ten_records_committed_at_three(&path).await;
     assert_eq!(page_size_and_mode(&path), (16_384, "wal".to_owned()));
     // As builds before left it.
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -314,13 +318,7 @@ async fn a_journal_made_with_large_pages_is_rewritten_with_small_ones() {
     drop(conn);
     assert_eq!(page_size_and_mode(&path), (65_536, "wal".to_owned()));
 
-    let bus = open(&path, 1);
-    let mut c = bus.subscribe("g", &[T]).await.expect("subscribe");
-    assert_eq!(values(&drain(&mut *c).await), (3..10).collect::<Vec<_>>());
-    bus.produce(T, records(10, 12, 1))
-        .await
-        .expect("produce after");
-    assert_eq!(values(&drain(&mut *c).await), [10, 11]);
+    let (bus, mut c) = resumes_at_three(&path).await;
     c.commit_positions(&[(T, 0, 12)]).await.expect("commit 12");
     drop(c);
     drop(bus);
