@@ -190,8 +190,7 @@ fn open_connection(path: &Path, fsync: bool) -> rusqlite::Result<Connection> {
     // WAL checkpoints every 40 MiB instead of every 1,000 pages (16 MiB):
     // under load the WAL takes tens of MB a second, so the default
     // checkpointed several times a second.
-    let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
-    conn.pragma_update(None, "wal_autocheckpoint", (40 << 20) / page.max(512))?;
+    conn.pragma_update(None, "wal_autocheckpoint", (40 << 20) / PAGE_SIZE)?;
     Ok(conn)
 }
 
