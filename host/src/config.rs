@@ -802,6 +802,14 @@ impl PipelineConfig {
             }
         }
         need(
+            self.dedupe.reading_ttl_s <= crate::dedupe::MAX_TTL.as_secs(),
+            format!(
+                "dedupe.reading_ttl_s = {}: at most {} (20 days)",
+                self.dedupe.reading_ttl_s,
+                crate::dedupe::MAX_TTL.as_secs()
+            ),
+        );
+        need(
             (1..self.dedupe.reading_ttl_s.max(2)).contains(&self.dedupe.hold_s),
             format!(
                 "dedupe.hold_s = {}: must be at least 1 and below dedupe.reading_ttl_s ({})",
@@ -1093,6 +1101,22 @@ component = "g.wasm"
             .unwrap_err()
             .to_string();
         assert!(err.contains("embedded"), "{err}");
+    }
+
+    #[test]
+    fn a_dedupe_ttl_past_twenty_days_is_refused_by_name() {
+        let ok = parse(&format!("{MINIMAL}\n[dedupe]\nreading_ttl_s = 1728000\n")).unwrap();
+        assert_eq!(ok.dedupe.reading_ttl_s, 1_728_000);
+        let ConfigError::Invalid { problems, .. } =
+            parse(&format!("{MINIMAL}\n[dedupe]\nreading_ttl_s = 1728001\n")).unwrap_err()
+        else {
+            panic!("a TTL past the cap must be refused");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("dedupe.reading_ttl_s = 1728001: at most 1728000"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     Some(secs * 1000 + millis)
 }
 
+/// The length of [`write_rfc3339_ms`]'s form for years 0 to 9999.
+pub const RFC3339_MS_LEN: usize = "2025-11-12T06:30:00.000Z".len();
+
 /// Appends the canonical form of `ms` (`2025-11-12T06:30:00.000Z`) to `out`.
 pub fn write_rfc3339_ms(out: &mut String, ms: i64) {
     let secs = ms.div_euclid(1000);

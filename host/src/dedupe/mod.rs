@@ -14,7 +14,7 @@ pub mod redis;
 use std::time::Duration;
 
 pub use self::redis::RedisDedupe;
-pub use memory::{Clock, ManualClock, MemoryDedupe, SystemClock};
+pub use memory::{Clock, MAX_TTL, ManualClock, MemoryDedupe, SystemClock};
 
 /// Keys packed in one buffer: no allocation per key.
 ///

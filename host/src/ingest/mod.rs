@@ -431,7 +431,11 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
         Err(e) => return invalid(s, e),
     };
 
-    let mut keys = KeyBatch::default();
+    // Sized for the keys whole: a buffer grown by doubling copies (and on
+    // fresh pages, faults) several times over.
+    let key_bytes: usize = readings.iter().map(|r| key_len(&r.meter_id)).sum();
+    let mut keys =
+        KeyBatch::with_capacity(readings.len(), key_bytes.div_ceil(readings.len().max(1)));
     for r in &readings {
         keys.push_with(|k| write_key(k, &r.meter_id, r.timestamp_ms));
     }
@@ -500,9 +504,14 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
     let duplicates = readings.len() - accepted.len();
 
     // All accepted readings go into one buffer; records are slices of it.
-    let mut values =
-        Vec::with_capacity(accepted.len() * (readings.first().map_or(0, |r| r.raw.len()) + 40));
-    let mut key_buf = Vec::with_capacity(accepted.len() * 16);
+    // Both are sized for what goes in, as the keys are.
+    let value_bytes: usize = accepted
+        .iter()
+        .map(|&i| readings[i].raw.len() + validate::RECEIVED_AT_BYTES)
+        .sum();
+    let mut values = Vec::with_capacity(value_bytes);
+    let mut key_buf =
+        Vec::with_capacity(accepted.iter().map(|&i| readings[i].meter_id.len()).sum());
     let mut spans = Vec::with_capacity(accepted.len());
     for &i in &accepted {
         let r = &readings[i];
@@ -558,6 +567,11 @@ async fn accept(s: &IngestState, validated: Result<Validated<'_>, ValidationErro
 /// that attempt published.
 const ORPHAN_MARGIN_MS: i64 = 60_000;
 
+/// The length of [`write_key`]'s key for `meter_id` (years 0 to 9999).
+fn key_len(meter_id: &str) -> usize {
+    "reading:".len() + meter_id.len() + ":".len() + crate::time::RFC3339_MS_LEN
+}
+
 /// The dedupe key of a reading: `reading:{meterId}:{timestamp}`.
 pub(crate) fn write_key(k: &mut String, meter_id: &str, timestamp_ms: i64) {
     k.push_str("reading:");
@@ -608,6 +622,14 @@ mod tests {
             waiting,
             max_lag: 1000,
         })
+    }
+
+    #[test]
+    fn a_key_is_as_long_as_its_buffer_is_sized_for() {
+        let mut k = String::new();
+        write_key(&mut k, "MTR-00000001", 1_762_929_000_123);
+        assert_eq!(k, "reading:MTR-00000001:2025-11-12T06:30:00.123Z");
+        assert_eq!(k.len(), key_len("MTR-00000001"));
     }
 
     #[test]

@@ -350,6 +350,11 @@ fn scan_one(body: &[u8]) -> Option<(&str, RawFields<'_>)> {
     (ws(b, end) == b.len()).then_some((&body[start..end], fields))
 }
 
+/// What [`write_published`] adds to a reading's own text when it has no
+/// `receivedAt` and a canonical timestamp: a buffer's size for it, not a
+/// bound (a timestamp written canonically may grow).
+pub const RECEIVED_AT_BYTES: usize = ",\"receivedAt\":".len() + 2 + crate::time::RFC3339_MS_LEN;
+
 /// Appends `r` as published on the bus to `out`: the original object with
 /// `timestamp` in canonical form and `"receivedAt":"<received_at>"` (an
 /// incoming `receivedAt` value is replaced in place, never duplicated).
@@ -1493,6 +1498,13 @@ mod tests {
         assert_eq!(
             published(&v.readings[0]),
             "{\n  \"readingId\": \"r1\",\n  \"meterId\": \"m\",\n  \"region\": \"r\",\n  \"timestamp\" :\t\"2025-11-12T06:30:00.000Z\" ,\n  \"powerKw\": 1\n,\"receivedAt\":\"2025-11-12T06:30:01.234Z\"}"
+        );
+        // A reading with a canonical timestamp and no receivedAt grows by
+        // what ingest sizes its buffer for.
+        let v = validate_one(OK.as_bytes(), TimeBounds::UNBOUNDED).expect("valid");
+        assert_eq!(
+            published(&v.readings[0]).len(),
+            OK.len() + RECEIVED_AT_BYTES
         );
         // The output buffer is appended to, not replaced.
         let mut out = b"x".to_vec();
