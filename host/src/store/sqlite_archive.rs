@@ -65,6 +65,20 @@ const INSERT_HEAD: &str = "INSERT INTO raw_reading_rows (timestamp, meter_id, re
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite-archive");
 
+/// The page size of a new archive file. Its rows are batches of thousands
+/// of readings, so most pages are overflow pages written once: with 16 KiB
+/// pages the writer thread took 8 % less CPU than with SQLite's 4 KiB (a
+/// quarter of the writes, WAL and checkpoint alike), for the same bytes a
+/// reading; 64 KiB took 16 % less but wrote 4 % more, and four pages of
+/// 64 KiB a commit whatever it holds when the load is light. A file made
+/// with other pages keeps them (it holds days of readings: rewriting it
+/// at start would take minutes).
+pub(super) const PAGE_SIZE: u32 = 16_384;
+
+/// The WAL's size between automatic checkpoints, bytes (about the store's
+/// 10,000 pages of 4 KiB).
+const WAL_AUTOCHECKPOINT_BYTES: u32 = 40 << 20;
+
 type Answer<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// What the writer thread is asked to do.
@@ -108,6 +122,8 @@ impl ArchiveWriter {
         let path = Self::path_for(store);
         let options = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(&path)
+            // Only a new file takes it: a file in WAL mode keeps its pages.
+            .page_size(PAGE_SIZE)
             .create_if_missing(true)
             .busy_timeout(busy_timeout)
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
@@ -128,10 +144,13 @@ impl ArchiveWriter {
             .map_err(|e| database("cannot set the cache size", e))?;
         conn.pragma_update(None, "temp_store", "MEMORY")
             .map_err(|e| database("cannot set temp_store", e))?;
+        let page_size: u32 = conn
+            .pragma_query_value(None, "page_size", |row| row.get(0))
+            .map_err(|e| database("cannot read the page size", e))?;
         conn.pragma_update(
             None,
             "wal_autocheckpoint",
-            super::sqlite::WAL_AUTOCHECKPOINT,
+            WAL_AUTOCHECKPOINT_BYTES / page_size.max(512),
         )
         .map_err(|e| database("cannot set wal_autocheckpoint", e))?;
         move_legacy_rows(&conn, store)?;
@@ -681,6 +700,33 @@ mod tests {
         .unwrap()
     }
 
+    /// A new archive file is made with [`PAGE_SIZE`] pages, in WAL mode.
+    #[tokio::test]
+    async fn a_new_archive_file_has_large_pages_and_a_wal() {
+        use crate::store::{Store, StoreOptions, sqlite::SqliteStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("segs.db");
+        let url = format!("sqlite://{}", store.display());
+        let writer = SqliteStore::open(&url, &StoreOptions::default())
+            .await
+            .unwrap();
+        writer
+            .insert_raw_readings(Arc::from([reading(1)]))
+            .await
+            .unwrap();
+        assert_eq!(writer.count_raw_readings().await.unwrap(), 1);
+        drop(writer);
+        let conn = Connection::open(ArchiveWriter::path_for(&store)).unwrap();
+        let page_size: u32 = conn
+            .pragma_query_value(None, "page_size", |row| row.get(0))
+            .unwrap();
+        assert_eq!(page_size, PAGE_SIZE);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |row| row.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
     /// An archive file of migration 0001 (text times, a rowid table) is
     /// moved into `raw_reading_rows` when opened: every row once, the same
     /// values, and `raw_readings` reads exactly as the old table did.
@@ -741,6 +787,11 @@ mod tests {
         drop(writer);
 
         let conn = Connection::open(&archive).unwrap();
+        // It keeps the pages it was made with.
+        let page_size: u32 = conn
+            .pragma_query_value(None, "page_size", |row| row.get(0))
+            .unwrap();
+        assert_eq!(page_size, 4096);
         for r in &old {
             let ts = crate::time::format_rfc3339_ms(r.timestamp_ms + 999);
             assert_eq!(stored(&conn, &r.meter_id, &ts), as_stored(r, &ts));
