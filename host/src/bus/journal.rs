@@ -665,7 +665,7 @@ impl Writer {
     /// `retain_min`, and rows of unsubscribed topics past the newest
     /// `retain_unconsumed` records.
     ///
-    /// On a subscribed topic the first row (by base) to keep ends what is
+    /// The first row (by base) to keep ends what is
     /// deleted: rows are appended in base order with their newest record's
     /// time, so that is every deletable row but one whose time is a little
     /// older than a row's before it, which goes at a later trim. Found by
@@ -673,7 +673,7 @@ impl Writer {
     /// deleted; a `DELETE` testing every row below the committed offset
     /// also looked, every second, at each row of the last `retain_min`
     /// (under sustained load the journal thread's CPU climbed for the first
-    /// minute, to 0.25 cores, mostly reading those rows' pages back).
+    /// minute, to 0.25-0.27 cores, mostly reading those rows' pages back).
     fn trim(&mut self) -> rusqlite::Result<()> {
         let cutoff = crate::time::now_ms()
             .saturating_sub(i64::try_from(self.retain_min.as_millis()).unwrap_or(i64::MAX));
@@ -695,24 +695,19 @@ impl Writer {
             let mut below = tx.prepare_cached(
                 "DELETE FROM batches WHERE topic = ?1 AND partition = ?2 AND base < ?3",
             )?;
-            let mut unconsumed = tx.prepare_cached(
-                "DELETE FROM batches WHERE topic = ?1 AND partition = ?2 AND base < ?3
-                 AND base + count <= ?3",
-            )?;
             for (topic, p, end, floor) in rows {
-                match floor {
-                    Some(floor) => {
-                        let kept: Option<i64> = first_kept
-                            .query_row(params![topic, p, floor, cutoff], |r| r.get(0))
-                            .optional()?;
-                        // None: no row is to be kept.
-                        below.execute(params![topic, p, kept.unwrap_or(i64::MAX)])?;
-                    }
-                    None => {
-                        let keep_from = end.saturating_sub(self.retain_unconsumed as i64);
-                        unconsumed.execute(params![topic, p, keep_from])?;
-                    }
-                }
+                // Kept: rows reaching the committed offset or newer than the
+                // cutoff; with no group, rows reaching into the newest
+                // `retain_unconsumed` records, whatever their age.
+                let (keep_from, newer_than) = match floor {
+                    Some(floor) => (floor, cutoff),
+                    None => (end.saturating_sub(self.retain_unconsumed as i64), i64::MAX),
+                };
+                let kept: Option<i64> = first_kept
+                    .query_row(params![topic, p, keep_from, newer_than], |r| r.get(0))
+                    .optional()?;
+                // None: no row is to be kept.
+                below.execute(params![topic, p, kept.unwrap_or(i64::MAX)])?;
             }
         }
         tx.commit()
